@@ -1,0 +1,166 @@
+"""Command line: run | validate | ls | report.
+
+Exit codes: 0 done (every selected variant has its record, whatever its status), 2 bad input
+(one line naming file, variant and key; nothing run or written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+from harness.scenario import ScenarioError, list_scenarios, load_scenario
+from harness.units import parse_size
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "_scratch"
+
+
+class BadInput(Exception):
+    pass
+
+
+def _err(line: str) -> None:
+    print(f"harness: error: {line}", file=sys.stderr)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _resolve_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness import report
+    from harness.record import new_run_id
+    from harness.runner import run_scenario
+
+    scenario = load_scenario(args.scenario)
+    variants = list(scenario.variants)
+    if args.variant:
+        names = [v.name for v in variants]
+        for name in args.variant:
+            if name not in names:
+                hint = difflib.get_close_matches(name, names, n=1)
+                raise BadInput(f"{scenario.path}: --variant {name!r}: no such variant" +
+                               (f" (did you mean {hint[0]!r}?)" if hint else
+                                f"; known: {', '.join(names)}"))
+        variants = [v for v in variants if v.name in args.variant]
+    budget = None
+    if args.memory_budget is not None:
+        try:
+            budget = parse_size(args.memory_budget)
+        except ValueError as e:
+            raise BadInput(f"--memory-budget: {e}") from None
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
+    device = _resolve_device(args.device)
+    run_id = new_run_id()
+    run_dir = Path(args.out) / scenario.name / run_id
+    _progress(f"{scenario.name}: {len(variants)} variant(s) on {device} → {run_dir}")
+    outcome = run_scenario(scenario, variants, device=device, run_dir=run_dir, run_id=run_id,
+                           steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
+                           progress=_progress)
+    text = report.write_summary(run_dir)
+    print(text)
+    print(report.run_summary(run_dir, report.load_results_in(run_dir), outcome.interrupted))
+    return 130 if outcome.interrupted else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    paths = args.scenarios or [str(p) for p in list_scenarios()]
+    failed = 0
+    for arg in paths:
+        try:
+            scenario = load_scenario(arg)
+        except ScenarioError as e:
+            _err(str(e))
+            failed += 1
+            continue
+        print(f"ok  {scenario.path}  ({len(scenario.variants)} variants)")
+    return 2 if failed else 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from harness.models import MODEL_DIR
+    from harness.techniques import REGISTRY
+
+    print("scenarios:")
+    for path in list_scenarios():
+        try:
+            s = load_scenario(path)
+            print(f"  {s.name:<22} {s.model.config:<18} {len(s.variants):>2} variants  "
+                  f"{s.description}")
+        except ScenarioError as e:
+            print(f"  {path.stem:<22} INVALID: {e}")
+    print("techniques:")
+    for name, tech in sorted(REGISTRY.items()):
+        print(f"  {name:<24} {tech.stage.name.lower():<6} {tech.doc}")
+    print("models (scenarios/models):")
+    for path in sorted(MODEL_DIR.glob("*.json")):
+        print(f"  {path.stem}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness import report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir() or not any(run_dir.glob("*.json")):
+        raise BadInput(f"{run_dir}: not a run folder (no records)")
+    print(report.write_summary(run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description="Measure the GPU memory of LLM "
+                                     "fine-tuning setups, one technique stack per variant.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run every (or the chosen) variant of a scenario")
+    run.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                     help="auto: cuda if available, else cpu")
+    run.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
+    run.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
+    run.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
+    run.add_argument("--memory-budget", metavar="SIZE",
+                     help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
+    run.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                     help="per-variant wall-clock limit (default 3600)")
+    run.set_defaults(fn=cmd_run)
+
+    validate = sub.add_parser("validate", help="check scenarios without running anything")
+    validate.add_argument("scenarios", nargs="*", metavar="SCENARIO")
+    validate.set_defaults(fn=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list scenarios, techniques and model configs")
+    ls.set_defaults(fn=cmd_ls)
+
+    rep = sub.add_parser("report", help="regenerate summary.csv/summary.md of a run folder")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ScenarioError, BadInput) as e:
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

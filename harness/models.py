@@ -1,0 +1,113 @@
+"""Build a model from a committed config (random weights) or with `from_pretrained`.
+
+Random weights are created directly on the target device and in the target dtype, module by
+module, exactly as `from_pretrained(dtype=...)` lays them out: the load phase never holds a
+second full-precision copy. Training memory does not depend on weight values.
+
+How `model.config` resolves:
+  a bare name                       → scenarios/models/<name>.json (the harness's own)
+  ends in .json, or starts ./ ../ / → a config file, or a folder holding config.json,
+                                      relative to the scenario file
+  anything else                     → a hub id (weights: pretrained, or found in the local cache)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from harness.scenario import ModelSpec
+    from harness.techniques import LoadOptions
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "scenarios" / "models"
+_BARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    kind: str  # "file" | "hub"
+    location: str  # absolute path to config.json, or a hub id
+    label: str  # as written in the scenario
+
+
+def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
+    text = spec.config
+    if text.endswith(".json") or text.startswith(("./", "../", "/")):
+        path = (Path(scenario_path).parent / text).resolve()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ModelConfigError(f"config file not found: {path}")
+        return ConfigSource("file", str(path), text)
+    if _BARE_NAME.match(text):
+        path = MODEL_DIR / f"{text}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in MODEL_DIR.glob("*.json"))
+            hint = difflib.get_close_matches(text, known, n=1)
+            raise ModelConfigError(f"no model config {text!r} under scenarios/models" +
+                                   (f" (did you mean {hint[0]!r}?)" if hint else
+                                    f"; known: {', '.join(known)}"))
+        return ConfigSource("file", str(path), text)
+    # A hub id ("org/name"): usable offline only from the local cache, unless weights come from it.
+    if spec.weights != "pretrained":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(text, "config.json")
+        if not isinstance(cached, str):
+            raise ModelConfigError(f"hub id {text!r} with weights: random needs its config.json "
+                                   "in the local cache (or use weights: pretrained)")
+        return ConfigSource("file", cached, text)
+    return ConfigSource("hub", text, text)
+
+
+def load_config(source: ConfigSource, trust_remote_code: bool = False):
+    """A fresh config object: transformers' from_config mutates the config it is given."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+
+
+def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
+                device: torch.device | str):
+    """The model, on `device`, weights in `load.dtype` (fp32 when None), in train mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = load.dtype or torch.float32
+    common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
+                  trust_remote_code=spec.trust_remote_code)
+    if spec.weights == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(source.location, device_map=str(device),
+                                                     **common)
+    else:
+        config = load_config(source, spec.trust_remote_code)
+        # Under torch.device(...) every parameter is allocated where it will live.
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, **common)
+    model.config.use_cache = False  # a KV cache is inference memory, not training memory
+    model.train()
+    return model
+
+
+def parameter_bytes_on_meta(spec: ModelSpec, source: ConfigSource, load: LoadOptions) -> int:
+    """Bytes the parameters would take, from the model built on the meta device (nothing allocated,
+    nothing downloaded but the config)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(source, spec.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=load.dtype or torch.float32, trust_remote_code=spec.trust_remote_code)
+    return sum(p.numel() * p.element_size() for p in model.parameters())

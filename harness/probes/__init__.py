@@ -1,0 +1,139 @@
+"""How memory is read. One interface, one implementation per device:
+
+    probe = make_probe(device, budget_bytes)
+    probe.start()
+    with probe.phase("load"): ...
+    with probe.phase("forward", step): ...
+    memory = probe.stop()        # the record's `memory` section
+
+cuda.py reads the caching allocator's own statistics (the truth on a GPU); cpu.py replays every
+event of PyTorch's CPU allocator from the profiler. Both name tensors with the same `Tracker`
+and attribute the peak with the same `timeline.analyse`, so a CPU run tests the CUDA path's
+logic everywhere but in the few lines that read the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from harness.probes.timeline import CATEGORIES, Analysis, Kind, Phase
+from harness.probes.tracker import BudgetExceeded, Tracker
+
+PHASES = ("load", "forward", "backward", "optimizer")
+
+__all__ = ["PHASES", "BudgetExceeded", "Kind", "Probe", "make_probe"]
+
+
+class Probe(ABC):
+    method: str
+
+    def __init__(self, device: torch.device, budget_bytes: int | None = None):
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self.tracker = Tracker(budget_bytes if self.enforces_budget_in_tracker else None)
+        self.phases: list[Phase] = []
+        self.current: Phase | None = None
+        self.extra: dict[str, Any] = {}  # device-specific fields for the record
+        self._tracking = False
+
+    enforces_budget_in_tracker = True
+
+    # -- what the loop calls ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._start_device()
+        self.tracker.__enter__()
+        self._tracking = True
+
+    def stop(self) -> dict[str, Any]:
+        if self._tracking:
+            self.tracker.__exit__(None, None, None)
+            self._tracking = False
+        return self._memory()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: int | None = None):
+        assert name in PHASES, name
+        self._enter_phase()
+        start = time.time_ns()
+        self.current = Phase(name, step, start, start)
+        try:
+            yield
+        finally:
+            self._exit_phase()
+            end = time.time_ns()
+            self.phases.append(Phase(name, step, start, end))
+            self._phase_closed(self.phases[-1])
+            self.current = None
+
+    def sight(self, kind: Kind, tensors) -> None:
+        self.tracker.sight(kind, tensors)
+
+    # -- what each device provides ------------------------------------------------------------
+
+    def _start_device(self) -> None: ...
+
+    def _enter_phase(self) -> None: ...
+
+    def _exit_phase(self) -> None: ...
+
+    def _phase_closed(self, phase: Phase) -> None: ...
+
+    @abstractmethod
+    def _memory(self) -> dict[str, Any]: ...
+
+    # -- shared shaping of the record's memory section ----------------------------------------
+
+    def _shape(self, phase_stats: list[tuple[Phase, dict[str, int | None]]],
+               analysis: Analysis | None, breakdown_note: str | None = None) -> dict[str, Any]:
+        """phase_stats: per closed phase, its peak_allocated_bytes (and device extras)."""
+        phases: dict[str, dict[str, Any]] = {}
+        steps: dict[int, int] = {}
+        for phase, stats in phase_stats:
+            slot = phases.setdefault(phase.name, {})
+            for key, value in stats.items():
+                if value is None:
+                    slot.setdefault(key, None)
+                else:
+                    slot[key] = max(value, slot.get(key) or 0)
+            if phase.step is not None:
+                steps[phase.step] = max(steps.get(phase.step, 0), stats["peak_allocated_bytes"])
+        peak_phase, peak = None, -1
+        for phase, stats in phase_stats:
+            if stats["peak_allocated_bytes"] > peak:
+                peak, peak_phase = stats["peak_allocated_bytes"], phase
+        reserved = [s.get("peak_reserved_bytes") for _, s in phase_stats]
+        breakdown = None
+        if analysis is not None and analysis.breakdown:
+            breakdown = {k: analysis.breakdown[k] for k in CATEGORIES}
+            breakdown["unattributed"] = max(peak, 0) - sum(breakdown.values())
+        return {
+            "peak_allocated_bytes": max(peak, 0),
+            "peak_reserved_bytes": None if None in reserved or not reserved else max(reserved),
+            "peak_phase": peak_phase.name if peak_phase else None,
+            "peak_step": peak_phase.step if peak_phase else None,
+            "phases": {name: phases.get(name) for name in PHASES},
+            "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],
+            "breakdown_bytes": breakdown,
+            "breakdown_note": breakdown_note,
+            "tracked_tensor_peak_bytes": self.tracker.peak_live_bytes,
+            "budget_bytes": self.budget_bytes,
+            **self.extra,
+        }
+
+
+def make_probe(device: torch.device, budget_bytes: int | None = None) -> Probe:
+    if device.type == "cuda":
+        from harness.probes.cuda import CudaProbe
+
+        return CudaProbe(device, budget_bytes)
+    if device.type == "cpu":
+        from harness.probes.cpu import CpuProbe
+
+        return CpuProbe(device, budget_bytes)
+    raise ValueError(f"no probe for device {device}")

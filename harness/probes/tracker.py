@@ -1,0 +1,85 @@
+"""Name the tensors behind allocations: what was a parameter, a grad, optimizer state, saved for
+backward — and enforce a memory budget as a real out-of-memory would.
+
+The tracker only *names*; byte counts at the peak come from the allocator trace (see
+timeline.py). It sees every tensor that an op returns (a TorchDispatchMode), every tensor autograd
+packs for backward (saved-tensor hooks), and what the loop hands it (parameters, grads, state).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from harness.probes.timeline import Kind, round_block
+
+
+class BudgetExceeded(torch.OutOfMemoryError):
+    """Raised where a real allocation would fail: the variant ends as an OOM does."""
+
+
+class Tracker(TorchDispatchMode):
+    def __init__(self, budget_bytes: int | None = None):
+        super().__init__()
+        self.sightings: list[tuple[int, int, Kind]] = []
+        self.budget_bytes = budget_bytes
+        self.live_bytes = 0  # tensor storages alive now, 512-byte rounded (for the budget)
+        self.peak_live_bytes = 0
+        self._seen = WeakIdKeyDictionary()
+
+    # -- naming -------------------------------------------------------------------------------
+
+    def sight(self, kind: Kind, tensors) -> None:
+        now = time.time_ns()
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                self.sightings.append((now, storage.data_ptr(), kind))
+                self._count(storage)
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        if storage in self._seen:
+            return
+        size = round_block(storage.nbytes())
+        self._seen[storage] = size
+        self.live_bytes += size
+        weakref.finalize(storage, self._release, size)
+        if self.live_bytes > self.peak_live_bytes:
+            self.peak_live_bytes = self.live_bytes
+        if self.budget_bytes is not None and self.live_bytes > self.budget_bytes:
+            raise BudgetExceeded(
+                f"memory budget exceeded: {self.live_bytes} tracked bytes > budget "
+                f"{self.budget_bytes} bytes")
+
+    def _release(self, size: int) -> None:
+        self.live_bytes -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.sight(Kind.TENSOR, out)
+        return out
+
+    # -- hooks the loop installs --------------------------------------------------------------
+
+    def saved_tensors(self):
+        """Context for forward: every tensor autograd saves for backward is seen as SAVED."""
+
+        def pack(t: torch.Tensor):
+            self.sight(Kind.SAVED, t)
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def watch_grads(self, model: torch.nn.Module) -> list:
+        """Name each grad the moment autograd accumulates it."""
+        handles = []
+        for p in model.parameters():
+            if p.requires_grad:
+                handles.append(p.register_post_accumulate_grad_hook(
+                    lambda param: self.sight(Kind.GRAD, param.grad)))
+        return handles

@@ -1,0 +1,188 @@
+"""Records → a tidy pandas DataFrame → summary.csv and summary.md (always regenerated from the
+records, never the other way round).
+
+    import harness
+    df = harness.load_results("results/_scratch/smoke_tiny")   # one row per record
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.probes.timeline import CATEGORIES
+from harness.record import read_record
+from harness.units import GIB
+
+BREAKDOWN = (*CATEGORIES, "unattributed")
+PHASE_NAMES = ("load", "forward", "backward", "optimizer")
+
+
+def _record_paths(path: Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    # A run folder holds its records at the top; deeper folders are runs of their own.
+    return sorted(p for p in path.rglob("*.json")
+                  if not p.name.startswith(".") and p.parent.name != "logs")
+
+
+def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    memory = record["memory"] or {}
+    breakdown = memory.get("breakdown_bytes") or {}
+    phases = memory.get("phases") or {}
+    env = record.get("env") or {}
+    train = record["train"]
+    row = {
+        "scenario": record["scenario"]["name"],
+        "run_id": record["run_id"],
+        "variant": record["variant"]["name"],
+        "variant_index": record["variant"].get("index"),
+        "baseline": record["scenario"].get("baseline"),
+        "techniques": " + ".join(_technique_label(t) for t in record["variant"]["techniques"])
+        or "(none)",
+        "status": record["status"],
+        "error": record["error"],
+        "device": record["device"],
+        "method": record["method"],
+        "model_config": record["model"]["config"],
+        "params_total": record["model"]["params_total"],
+        "params_trainable": record["model"]["params_trainable"],
+        **{k: train.get(k) for k in ("batch_size", "seq_len", "optimizer", "lr", "steps",
+                                      "warmup_steps", "seed")},
+        "peak_allocated_bytes": memory.get("peak_allocated_bytes"),
+        "peak_reserved_bytes": memory.get("peak_reserved_bytes"),
+        "peak_phase": memory.get("peak_phase"),
+        **{f"{name}_peak_allocated_bytes": (phases.get(name) or {}).get("peak_allocated_bytes")
+           for name in PHASE_NAMES},
+        **{f"{k}_bytes": breakdown.get(k) for k in BREAKDOWN},
+        "step_time_s_median": record["timing"].get("step_time_s_median"),
+        "tokens_per_s": record["timing"].get("tokens_per_s"),
+        "torch": env.get("torch"),
+        "transformers": env.get("transformers"),
+        "gpu_name": env.get("gpu_name"),
+        "git_sha": env.get("git_sha"),
+        "git_dirty": env.get("git_dirty"),
+        "path": str(path),
+    }
+    return row
+
+
+def _technique_label(use: dict[str, Any]) -> str:
+    return use["name"]
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """Every record under `path` (a record, a run folder, or a folder of runs) as one tidy
+    DataFrame: one row per record, bytes as integers, missing values as NA."""
+    return _frame(_record_paths(Path(path)))
+
+
+def _frame(paths: list[Path]) -> pd.DataFrame:
+    frame = pd.DataFrame([_flatten(read_record(p), p) for p in paths])
+    if frame.empty:
+        return frame
+    for col in [c for c in frame.columns if c.endswith("_bytes") or c.startswith("params_")]:
+        frame[col] = frame[col].astype("Int64")
+    return frame.sort_values(["scenario", "run_id", "variant_index", "variant"],
+                             na_position="last").reset_index(drop=True)
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant in scenario order, with % vs baseline and vs the previous row."""
+    table = frame.copy()
+    peak = table["peak_allocated_bytes"].astype("Float64")
+    ok = table["status"] == "ok"
+    baseline_name = table["baseline"].dropna().iloc[0] if table["baseline"].notna().any() else None
+    base = table.loc[(table["variant"] == baseline_name) & ok, "peak_allocated_bytes"]
+    base_peak = float(base.iloc[0]) if len(base) else None
+    table["vs_baseline_pct"] = (peak / base_peak - 1) * 100 if base_peak else pd.NA
+    previous = peak.shift(1).where(ok.shift(1, fill_value=False))
+    table["vs_previous_pct"] = (peak / previous - 1) * 100
+    table.loc[~ok, ["vs_baseline_pct", "vs_previous_pct"]] = pd.NA
+    return table
+
+
+def header_line(frame: pd.DataFrame) -> str:
+    first = frame.iloc[0]
+    return (f"{first['scenario']} · model {first['model_config']} · batch {first['batch_size']} × "
+            f"seq {first['seq_len']} · {first['optimizer']} lr {first['lr']:g} · "
+            f"{first['steps']} steps (+{first['warmup_steps']} warm-up) · device {first['device']} · "
+            f"{first['method']} · run {first['run_id']}")
+
+
+def _gib(value) -> str:
+    return "—" if pd.isna(value) else f"{value / GIB:.3f}"
+
+
+def _pct(value) -> str:
+    return "—" if pd.isna(value) else f"{value:+.1f}%"
+
+
+def markdown(table: pd.DataFrame) -> str:
+    rows = []
+    for _, r in table.iterrows():
+        rows.append({
+            "variant": r["variant"],
+            "techniques": r["techniques"],
+            "status": r["status"],
+            "peak GiB": _gib(r["peak_allocated_bytes"]),
+            "reserved GiB": _gib(r["peak_reserved_bytes"]),
+            "vs baseline": _pct(r["vs_baseline_pct"]),
+            "vs prev": _pct(r["vs_previous_pct"]),
+            **{k: _gib(r[f"{k}_bytes"]) for k in BREAKDOWN},
+            "trainable": "—" if pd.isna(r["params_trainable"]) else f"{r['params_trainable']:,}",
+            "step s": "—" if pd.isna(r["step_time_s_median"]) else f"{r['step_time_s_median']:.3f}",
+            "tok/s": "—" if pd.isna(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}",
+        })
+    body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    notes = [f"- `{r['variant']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
+             for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
+    text = header_line(table) + "\n\n" + body + "\n"
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
+    return text
+
+
+CSV_COLUMNS = ["variant", "techniques", "status", "peak_allocated_bytes", "peak_reserved_bytes",
+               "vs_baseline_pct", "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
+               "params_trainable", "params_total", "step_time_s_median", "tokens_per_s",
+               "peak_phase", "device", "method", "run_id", "error"]
+
+
+def write_summary(run_dir: str | Path) -> str:
+    """Regenerate summary.csv and summary.md from the run folder's records; return the markdown."""
+    run_dir = Path(run_dir)
+    frame = load_results_in(run_dir)
+    if frame.empty:
+        return "no records\n"
+    table = summary_table(frame)
+    table[CSV_COLUMNS].to_csv(run_dir / "summary.csv", index=False)
+    text = markdown(table)
+    (run_dir / "summary.md").write_text(text)
+    return text
+
+
+def load_results_in(run_dir: Path) -> pd.DataFrame:
+    """Only the run folder's own records (its top level)."""
+    return _frame(sorted(p for p in run_dir.glob("*.json") if not p.name.startswith(".")))
+
+
+def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -> str:
+    """The last stdout line of `run`: one JSON object a script can read."""
+    counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+    return json.dumps({
+        "run_dir": str(run_dir),
+        "scenario": None if frame.empty else frame["scenario"].iloc[0],
+        "device": None if frame.empty else frame["device"].iloc[0],
+        "method": None if frame.empty else frame["method"].iloc[0],
+        "interrupted": interrupted,
+        "counts": {k: int(v) for k, v in counts.items()},
+        "variants": {r["variant"]: {"status": r["status"],
+                                    "peak_allocated_bytes": None if pd.isna(r["peak_allocated_bytes"])
+                                    else int(r["peak_allocated_bytes"])}
+                     for _, r in frame.iterrows()},
+    })

@@ -1,0 +1,122 @@
+"""One subprocess per variant; collect every record; never lose one.
+
+The parent only launches, watches and collects. Each variant's worker writes its record to a
+temporary path; the parent moves it into the run folder. A worker that crashes, is killed or
+times out gets an `error` record with its stderr tail. Ctrl-C stops the current worker, keeps
+every finished record, regenerates the summary and returns 130.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.record import RecordError, collect_env, new_record, read_record, write_record
+from harness.scenario import Scenario, Variant
+from harness.worker import method_for
+
+LOG_DIR = "logs"  # per-variant worker output, inside the run folder
+STDERR_TAIL_LINES = 30
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    statuses: dict[str, str]
+    interrupted: bool = False
+
+
+def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str, run_dir: Path,
+                 run_id: str, steps: int | None = None, budget_bytes: int | None = None,
+                 timeout_s: float | None = None,
+                 progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOG_DIR).mkdir(exist_ok=True)
+    outcome = RunOutcome(run_dir, {})
+    for i, variant in enumerate(variants, 1):
+        progress(f"[{i}/{len(variants)}] {variant.name} ...")
+        started = time.monotonic()
+        try:
+            record = _run_one(scenario, variant, device=device, run_dir=run_dir, run_id=run_id,
+                              steps=steps, budget_bytes=budget_bytes, timeout_s=timeout_s)
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+            progress(f"[{i}/{len(variants)}] {variant.name} interrupted: no record written")
+            break
+        outcome.statuses[variant.name] = record["status"]
+        peak = record["memory"].get("peak_allocated_bytes")
+        shown = f"{peak / 2**30:.3f} GiB peak" if peak is not None else "no peak"
+        note = f" ({record['error'].splitlines()[0][:120]})" if record["error"] else ""
+        progress(f"[{i}/{len(variants)}] {variant.name}: {record['status']}, {shown}, "
+                 f"{time.monotonic() - started:.1f} s{note}")
+    return outcome
+
+
+def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path, run_id: str,
+             steps: int | None, budget_bytes: int | None, timeout_s: float | None) -> dict:
+    final = run_dir / f"{variant.name}.json"
+    pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
+    log = run_dir / LOG_DIR / f"{variant.name}.log"
+    pending.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "harness.worker", "--scenario", str(scenario.path),
+           "--variant", variant.name, "--device", device, "--run-id", run_id,
+           "--result", str(pending)]
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
+    if budget_bytes is not None:
+        cmd += ["--memory-budget", str(budget_bytes)]
+    with open(log, "w") as log_file:
+        # A session of its own: a terminal's Ctrl-C reaches the parent only, which then stops
+        # the worker's whole group (and whatever the worker started).
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        why = None
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code, why = proc.returncode, f"worker timed out after {timeout_s:g} s and was killed"
+        except BaseException:
+            _kill_group(proc)
+            raise
+    if why is None and code == 0 and pending.is_file():
+        try:
+            record = read_record(pending)
+            write_record(final, record)
+            pending.unlink(missing_ok=True)
+            return record
+        except (RecordError, ValueError, KeyError) as e:
+            why = f"worker wrote an unreadable record: {e}"
+    if why is None:
+        why = f"worker exited with code {code}" + (
+            f" (killed by {signal.Signals(-code).name})" if code < 0 else "")
+    pending.unlink(missing_ok=True)
+    record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
+                        method=method_for(device))
+    record["variant"]["index"] = scenario.variants.index(variant)
+    record.update(status="error", error=why + "\n" + _tail(log))
+    record["env"] = collect_env("cpu")  # never touch CUDA here: a context would skew the workers
+    write_record(final, record)
+    return record
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-STDERR_TAIL_LINES:])

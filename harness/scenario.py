@@ -1,0 +1,336 @@
+"""Load and validate a scenario YAML file into frozen dataclasses.
+
+Everything a run needs is checked here, before anything heavy starts: unknown keys at any level,
+unknown techniques (with "did you mean"), types and ranges, duplicate variants, a baseline that
+names no variant, techniques that conflict or lack what they require. Each problem is a
+`ScenarioError` whose text is one line naming the file, the variant and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.techniques import REGISTRY, TechniqueArgError, TechniqueUse, check_stack
+
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+MODEL_DIR = SCENARIO_DIR / "models"
+
+WEIGHTS = ("random", "pretrained")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+OPTIMIZERS = ("adamw",)
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class ScenarioError(ValueError):
+    """Bad input: one line naming the file, the variant (if any) and the key."""
+
+    def __init__(self, path: Path | str, message: str, key: str | None = None,
+                 variant: str | None = None):
+        self.path, self.key, self.variant, self.message = str(path), key, variant, message
+        where = [self.path]
+        if variant is not None:
+            where.append(f"variant {variant!r}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(": ".join(where) + ": " + message)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: str  # as written in the scenario
+    weights: str = "random"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    batch_size: int = 1
+    seq_len: int = 512
+    optimizer: str = "adamw"
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    steps: int = 3  # measured steps
+    warmup_steps: int = 1  # run first; excluded from step time, included in peaks
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    techniques: tuple[TechniqueUse, ...]
+    train: TrainSpec  # scenario train with this variant's overrides applied
+    train_overrides: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    path: Path
+    sha256: str
+    model: ModelSpec
+    train: TrainSpec
+    baseline: str
+    variants: tuple[Variant, ...]
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML: safe loading (no tags, no code) and duplicate keys are errors, not silent overwrites.
+
+
+class _StrictLoader(yaml.SafeLoader):
+    pass
+
+
+def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
+
+
+def resolve_scenario_path(arg: str | Path) -> Path:
+    """A path to a file, or the name of a scenario under `scenarios/`."""
+    path = Path(arg)
+    if path.is_file():
+        return path.resolve()
+    candidate = SCENARIO_DIR / f"{arg}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
+    hint = difflib.get_close_matches(str(arg), known, n=1)
+    raise ScenarioError(arg, "no such scenario file or name" +
+                        (f" (did you mean {hint[0]!r}?)" if hint else f"; known: {', '.join(known)}"))
+
+
+def list_scenarios() -> list[Path]:
+    return sorted(SCENARIO_DIR.glob("*.yaml"))
+
+
+def load_scenario(arg: str | Path) -> Scenario:
+    path = resolve_scenario_path(arg)
+    raw_bytes = path.read_bytes()
+    try:
+        raw = yaml.load(raw_bytes.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - safe subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ScenarioError(path, "not valid YAML: " + " ".join(str(e).split())) from None
+    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: every check names the file, variant and key.
+
+
+def _unknown_keys(path, given: Mapping, allowed, where: str, variant: str | None = None):
+    for key in given:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), list(allowed), n=1)
+            msg = f"unknown key {key!r} in {where}" + (f" (did you mean {hint[0]!r}?)" if hint
+                                                      else f"; allowed: {', '.join(allowed)}")
+            raise ScenarioError(path, msg, key=f"{where}.{key}" if where != "scenario" else str(key),
+                                variant=variant)
+
+
+def _require_mapping(path, value, key, variant=None) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ScenarioError(path, f"must be a mapping, got {_type_name(value)}", key=key,
+                            variant=variant)
+    return value
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_type(path, key, value, kind, variant=None):
+    ok = {
+        "str": isinstance(value, str) and value.strip() != "",
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[kind]
+    if not ok:
+        raise ScenarioError(path, f"must be {'a non-empty string' if kind == 'str' else kind}, "
+                                  f"got {value!r}", key=key, variant=variant)
+
+
+def _parse_model(path, raw) -> ModelSpec:
+    model = _require_mapping(path, raw, "model")
+    _unknown_keys(path, model, [f.name for f in dataclasses.fields(ModelSpec)], "model")
+    if "config" not in model:
+        raise ScenarioError(path, "missing (a name under scenarios/models, a config path or a hub id)",
+                            key="model.config")
+    _check_type(path, "model.config", model["config"], "str")
+    weights = model.get("weights", "random")
+    if weights not in WEIGHTS:
+        raise ScenarioError(path, f"must be one of {', '.join(WEIGHTS)}, got {weights!r}",
+                            key="model.weights")
+    attn = model.get("attn_implementation", "sdpa")
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise ScenarioError(path, f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}",
+                            key="model.attn_implementation")
+    trust = model.get("trust_remote_code", False)
+    _check_type(path, "model.trust_remote_code", trust, "bool")
+    spec = ModelSpec(config=model["config"], weights=weights, attn_implementation=attn,
+                     trust_remote_code=trust)
+    # Imported here: models.py pulls in transformers, which validation of the rest does not need.
+    from harness.models import ModelConfigError, resolve_config
+
+    try:
+        resolve_config(spec, path)
+    except ModelConfigError as e:
+        raise ScenarioError(path, str(e), key="model.config") from None
+    return spec
+
+
+_TRAIN_TYPES = {
+    "batch_size": ("int", 1),
+    "seq_len": ("int", 1),
+    "optimizer": ("str", None),
+    "lr": ("float", None),
+    "weight_decay": ("float", 0),
+    "max_grad_norm": ("float", None),
+    "steps": ("int", 1),
+    "warmup_steps": ("int", 0),
+    "seed": ("int", 0),
+}
+
+
+def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[TrainSpec, dict]:
+    train = _require_mapping(path, raw, where, variant)
+    _unknown_keys(path, train, list(_TRAIN_TYPES), where, variant)
+    for key, value in train.items():
+        kind, minimum = _TRAIN_TYPES[key]
+        full = f"{where}.{key}"
+        if key == "max_grad_norm" and value is None:
+            continue
+        _check_type(path, full, value, kind, variant)
+        if minimum is not None and value < minimum:
+            raise ScenarioError(path, f"must be ≥ {minimum}, got {value!r}", key=full, variant=variant)
+        if key in ("lr", "max_grad_norm") and value <= 0:
+            raise ScenarioError(path, f"must be > 0, got {value!r}", key=full, variant=variant)
+        if key == "optimizer" and value not in OPTIMIZERS:
+            hint = difflib.get_close_matches(value, OPTIMIZERS, n=1)
+            raise ScenarioError(path, f"unknown optimizer {value!r}" +
+                                (f" (did you mean {hint[0]!r}?)" if hint else
+                                 f"; known: {', '.join(OPTIMIZERS)}"), key=full, variant=variant)
+    values = {k: (float(v) if _TRAIN_TYPES[k][0] == "float" and v is not None else v)
+              for k, v in train.items()}
+    return dataclasses.replace(base, **values), dict(train)
+
+
+def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
+    key = f"techniques[{index}]"
+    if isinstance(entry, str):
+        name, args = entry, {}
+    elif isinstance(entry, Mapping) and len(entry) == 1:
+        name, args = next(iter(entry.items()))
+        args = {} if args is None else args
+        if not isinstance(args, Mapping):
+            raise ScenarioError(path, f"arguments must be a mapping, got {_type_name(args)}",
+                                key=f"{key}.{name}", variant=variant)
+    else:
+        raise ScenarioError(path, "must be a technique name or a one-key mapping "
+                                  "{name: {arguments}}", key=key, variant=variant)
+    if not isinstance(name, str) or name not in REGISTRY:
+        hint = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
+        raise ScenarioError(path, f"unknown technique {name!r}" +
+                            (f" (did you mean {hint[0]!r}?)" if hint else
+                             f"; known: {', '.join(sorted(REGISTRY))}"), key=key, variant=variant)
+    try:
+        resolved = REGISTRY[name].resolve_args(dict(args))
+    except TechniqueArgError as e:
+        raise ScenarioError(path, e.message, key=f"{key}.{name}" + (f".{e.key}" if e.key else ""),
+                            variant=variant) from None
+    return TechniqueUse(name=name, args=resolved)
+
+
+def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set) -> Variant:
+    key = f"variants[{index}]"
+    variant = _require_mapping(path, raw, key)
+    name = variant.get("name")
+    if not isinstance(name, str) or not _VARIANT_NAME.match(name):
+        raise ScenarioError(path, "needs a name of letters, digits and . _ + - (it names a file), "
+                                  f"got {name!r}", key=f"{key}.name")
+    if name in names:
+        raise ScenarioError(path, "duplicate variant name", key=f"{key}.name", variant=name)
+    _unknown_keys(path, variant, ["name", "description", "techniques", "train"], key, name)
+    description = variant.get("description", "")
+    if description:
+        _check_type(path, f"{key}.description", description, "str", name)
+    entries = variant.get("techniques", [])
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise ScenarioError(path, f"must be a list, got {_type_name(entries)}", key="techniques",
+                            variant=name)
+    uses = tuple(_parse_technique(path, entry, i, name) for i, entry in enumerate(entries))
+    try:
+        check_stack(uses)
+    except TechniqueArgError as e:
+        raise ScenarioError(path, e.message, key=e.key or "techniques", variant=name) from None
+    train, overrides = (base_train, {})
+    if "train" in variant:
+        train, overrides = _parse_train(path, variant["train"], base_train, "train", name)
+    return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
+                   description=description)
+
+
+def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
+    top = _require_mapping(path, raw, "scenario")
+    _unknown_keys(path, top, ["name", "description", "model", "train", "baseline", "variants"],
+                  "scenario")
+    for key in ("name", "model", "variants"):
+        if key not in top:
+            raise ScenarioError(path, "missing", key=key)
+    _check_type(path, "name", top["name"], "str")
+    if top["name"] != path.stem:
+        raise ScenarioError(path, f"must equal the file stem {path.stem!r}, got {top['name']!r}",
+                            key="name")
+    description = top.get("description", "")
+    if description:
+        _check_type(path, "description", description, "str")
+    model = _parse_model(path, top["model"])
+    train, _ = _parse_train(path, top.get("train", {}) or {}, TrainSpec(), "train")
+    raw_variants = top["variants"]
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise ScenarioError(path, "must be a non-empty list of variants", key="variants")
+    variants: list[Variant] = []
+    names: set[str] = set()
+    for i, rv in enumerate(raw_variants):
+        v = _parse_variant(path, rv, i, train, names)
+        names.add(v.name)
+        variants.append(v)
+    baseline = top.get("baseline", variants[0].name)
+    if baseline not in names:
+        hint = difflib.get_close_matches(str(baseline), sorted(names), n=1)
+        raise ScenarioError(path, f"names no variant: {baseline!r}" +
+                            (f" (did you mean {hint[0]!r}?)" if hint else ""), key="baseline")
+    return Scenario(name=top["name"], description=description, path=path, sha256=sha256,
+                    model=model, train=train, baseline=baseline, variants=tuple(variants))

@@ -1,0 +1,196 @@
+"""The technique registry: each technique is one small function in its own module.
+
+A technique only changes the `BuildContext` (load options, the model, autocast, ...). It never
+runs training and never reads the scenario file. Each declares the `Stage` where it applies, so
+the order in the YAML does not matter: the runner applies LOAD techniques before the model is
+built, MODEL techniques to the built model, STEP techniques to how the step runs.
+
+Adding one: a new module here with
+
+    @technique("name", stage=Stage.MODEL, conflicts=("other",), args=resolver)
+    def name(ctx: BuildContext, **args) -> None:
+        \"\"\"Expected memory effect, and why.\"\"\"
+
+and an import line at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Stage(enum.IntEnum):
+    LOAD = 0  # how weights are created (dtype, quantization): a load option, as from_pretrained
+    MODEL = 1  # transforms of the built model (adapters, checkpointing)
+    STEP = 2  # how each step runs (autocast)
+
+
+class TechniqueArgError(ValueError):
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.message, self.key = message, key
+
+
+class Unsupported(RuntimeError):
+    """This device or the installed libraries cannot run the technique: a result, not bad input."""
+
+
+@dataclass(frozen=True)
+class TechniqueUse:
+    """One entry of a variant's technique list, arguments resolved (defaults filled in)."""
+
+    name: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadOptions:
+    dtype: torch.dtype | None = None  # None: float32
+
+
+@dataclass
+class BuildContext:
+    device: torch.device
+    load: LoadOptions = field(default_factory=LoadOptions)
+    model: Any = None  # set between the LOAD and MODEL stages
+    autocast_dtype: torch.dtype | None = None
+    # Arguments a technique could only resolve once applied (e.g. LoRA's default target modules).
+    resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _no_args(args: dict) -> dict:
+    if args:
+        raise TechniqueArgError(f"takes no arguments, got {', '.join(map(str, args))}",
+                                key=str(next(iter(args))))
+    return {}
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    stage: Stage
+    apply: Callable[..., None]
+    conflicts: frozenset[str] = frozenset()
+    order: int = 0  # within a stage, lower applies first
+    resolve_args: Callable[[dict], dict] = _no_args
+    supported: Callable[[torch.device], str | None] = lambda device: None  # reason, or None
+
+    @property
+    def doc(self) -> str:
+        return (self.apply.__doc__ or "").strip().splitlines()[0] if self.apply.__doc__ else ""
+
+
+REGISTRY: dict[str, Technique] = {}
+
+
+def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order: int = 0,
+              args: Callable[[dict], dict] | None = None,
+              supported: Callable[[Any], str | None] | None = None):
+    """Register a technique; duplicate names are a programming error."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        if name in REGISTRY:
+            raise RuntimeError(f"technique {name!r} registered twice")
+        REGISTRY[name] = Technique(
+            name=name, stage=stage, apply=fn, conflicts=frozenset(conflicts), order=order,
+            resolve_args=args or _no_args,
+            supported=supported or (lambda device: None),
+        )
+        return fn
+
+    return register
+
+
+def check_stack(uses: tuple[TechniqueUse, ...]) -> None:
+    """Reject a stack that contradicts itself: duplicates and declared conflicts (either side)."""
+    names = [u.name for u in uses]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise TechniqueArgError(f"technique {name!r} listed twice", key=f"techniques[{i}]")
+        for other in names[:i]:
+            if other in REGISTRY[name].conflicts or name in REGISTRY[other].conflicts:
+                raise TechniqueArgError(f"{name!r} conflicts with {other!r}",
+                                        key=f"techniques[{i}]")
+
+
+def ordered(uses: tuple[TechniqueUse, ...]) -> list[tuple[Technique, TechniqueUse]]:
+    pairs = [(REGISTRY[u.name], u) for u in uses]
+    return sorted(pairs, key=lambda p: (p[0].stage, p[0].order, p[0].name))
+
+
+def apply_stage(stage: Stage, ctx: BuildContext, uses: tuple[TechniqueUse, ...]) -> None:
+    for tech, use in ordered(uses):
+        if tech.stage == stage:
+            tech.apply(ctx, **use.args)
+
+
+def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
+    for tech, _ in ordered(uses):
+        reason = tech.supported(device)
+        if reason:
+            return f"{tech.name}: {reason}"
+    return None
+
+
+def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
+                   reserved: tuple[str, ...] = (), shown: tuple[str, ...] = ()) -> Callable:
+    """An argument resolver checked against a library's config dataclass (e.g. LoraConfig).
+
+    Keys must be the dataclass's own field names; values of simple-typed fields must match the
+    type of the field's default; the config is then built once so the library's own checks run.
+    The resolved arguments are `defaults`, then the user's, then the `shown` fields' values
+    from the built config (so the record shows what actually ran).
+    """
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    allowed = [n for n in fields if n not in reserved]
+
+    def resolve(args: dict) -> dict:
+        for key, value in args.items():
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                raise TechniqueArgError(
+                    f"unknown argument {key!r} for {config_cls.__name__}" +
+                    (f" (did you mean {hint[0]!r}?)" if hint else ""), key=str(key))
+            default = fields[key].default
+            # Only plainly typed fields: `init_lora_weights: bool | str` takes either.
+            plain = not any(mark in str(fields[key].type) for mark in ("|", "Union", "Literal"))
+            if (plain and value is not None and type(default) in (int, float, bool, str)
+                    and default is not None and not _same_kind(value, default)):
+                raise TechniqueArgError(f"must be {type(default).__name__}, got {value!r}", key=key)
+        merged = {**dict(defaults), **args}
+        try:
+            built = config_cls(**merged)
+        except (TypeError, ValueError) as e:
+            raise TechniqueArgError(" ".join(str(e).split())) from None
+        for key in shown:
+            value = getattr(built, key)
+            merged[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
+        return merged
+
+    return resolve
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+# One import per technique module: importing registers it.
+from harness.techniques import (  # noqa: E402,F401
+    amp_bf16,
+    bf16,
+    gradient_checkpointing,
+    lora,
+)

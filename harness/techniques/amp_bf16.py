@@ -1,0 +1,17 @@
+"""amp_bf16: fp32 master weights, matmuls in bf16 under torch.autocast."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.techniques import BuildContext, Stage, technique
+from harness.techniques.bf16 import _bf16_supported
+
+
+@technique("amp_bf16", stage=Stage.STEP, conflicts=("bf16",), supported=_bf16_supported)
+def amp_bf16(ctx: BuildContext) -> None:
+    """Mixed precision: weights, grads and optimizer state stay fp32 (no saving there); activations
+    saved for backward are mostly bf16 (about half), but autocast caches a bf16 copy of each
+    weight for the duration of the forward, which adds up to half the fp32 weight bytes.
+    """
+    ctx.autocast_dtype = torch.bfloat16

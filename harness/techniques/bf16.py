@@ -1,0 +1,23 @@
+"""bf16: weights created directly in bfloat16 (a load option, like `from_pretrained(dtype=...)`)."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.techniques import BuildContext, Stage, technique
+
+
+def _bf16_supported(device: torch.device) -> str | None:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16 support"
+    return None
+
+
+@technique("bf16", stage=Stage.LOAD, conflicts=("amp_bf16",), supported=_bf16_supported)
+def bf16(ctx: BuildContext) -> None:
+    """Parameters, grads and AdamW state in bf16: each takes half the bytes of fp32.
+
+    The model is built under bf16 as the default dtype, layer by layer, so the load phase never
+    holds an fp32 copy. PEFT adapters added later stay fp32 (its autocast_adapter_dtype default).
+    """
+    ctx.load.dtype = torch.bfloat16

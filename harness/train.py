@@ -1,0 +1,116 @@
+"""The few training steps every device shares, and the build that precedes them.
+
+Phases, the same on every device:
+  load       model built (weights in their load dtype), techniques applied, optimizer made
+  forward    zero_grad(set_to_none=True), forward, the model's own loss
+  backward   loss.backward()
+  optimizer  clip_grad_norm_, optimizer.step()  (AdamW state is created at the first step)
+
+Fixed-shape synthetic batches, labels = inputs. Warm-up steps run first: they count for the
+peaks (the first optimizer step creates its state), not for step time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.models import ConfigSource, build_model
+from harness.probes import Kind, Probe
+from harness.scenario import ModelSpec, TrainSpec
+from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
+
+
+@dataclass
+class TrainResult:
+    params_total: int = 0
+    params_trainable: int = 0
+    step_times_s: list[float] = field(default_factory=list)  # measured steps only
+    resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def make_optimizer(name: str, params, train: TrainSpec) -> torch.optim.Optimizer:
+    if name == "adamw":
+        # foreach=True is what CUDA picks by default; CPU would pick the for-loop form, whose
+        # step temporaries are far smaller. Same choice on every device keeps runs comparable.
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                                 foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def make_batch(train: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(train.seed)
+    ids = torch.randint(0, vocab_size, (train.batch_size, train.seq_len), generator=generator)
+    ids = ids.to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
+          device: torch.device) -> BuildContext:
+    ctx = BuildContext(device=device)
+    apply_stage(Stage.LOAD, ctx, uses)
+    ctx.model = build_model(spec, source, ctx.load, device)
+    apply_stage(Stage.MODEL, ctx, uses)
+    apply_stage(Stage.STEP, ctx, uses)
+    return ctx
+
+
+def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
+              uses: tuple[TechniqueUse, ...], train: TrainSpec, device: torch.device,
+              result: TrainResult) -> None:
+    """Build, then run warm-up + measured steps under `probe`. Fills `result` as it goes, so
+    an OOM midway still leaves what was known (params, finished step times)."""
+    torch.manual_seed(train.seed)
+    with probe.phase("load"):
+        ctx = build(spec, source, uses, device)
+        model = ctx.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(train.optimizer, params, train)
+        batch = make_batch(train, model.config.vocab_size, device)
+        probe.sight(Kind.PARAM, list(model.parameters()))
+        probe.sight(Kind.BUFFER, list(model.buffers()))
+        probe.sight(Kind.INPUT, batch)
+    result.params_total = sum(p.numel() for p in model.parameters())
+    result.params_trainable = sum(p.numel() for p in params)
+    result.resolved = ctx.resolved
+    grad_hooks = probe.tracker.watch_grads(model)
+    autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
+                else contextlib.nullcontext())
+    try:
+        for step in range(train.warmup_steps + train.steps):
+            started = time.perf_counter()
+            with probe.phase("forward", step):
+                optimizer.zero_grad(set_to_none=True)
+                with autocast, probe.tracker.saved_tensors():
+                    outputs = model(**batch, use_cache=False)
+                loss = outputs.loss
+                probe.sight(Kind.OUTPUT, [loss, outputs.logits])
+                # Keep only the loss, as a training loop does: the logits go unless saved.
+                del outputs
+            with probe.phase("backward", step):
+                loss.backward()
+            with probe.phase("optimizer", step):
+                if train.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                probe.sight(Kind.OPTIMIZER, [v for s in optimizer.state.values()
+                                             for v in s.values() if isinstance(v, torch.Tensor)])
+            del loss
+            if step >= train.warmup_steps:
+                result.step_times_s.append(time.perf_counter() - started)
+    finally:
+        for handle in grad_hooks:
+            handle.remove()
+
+
+def timing(result: TrainResult, train: TrainSpec) -> dict[str, float | None]:
+    if not result.step_times_s:
+        return {"step_time_s_median": None, "tokens_per_s": None}
+    median = statistics.median(result.step_times_s)
+    return {"step_time_s_median": median,
+            "tokens_per_s": train.batch_size * train.seq_len / median if median > 0 else None}

@@ -1,0 +1,46 @@
+"""Byte sizes: parse what users type (``24GiB``, ``512 MB``) and format what tables show.
+
+Records always store whole bytes; GiB appears only in human-facing tables.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+GIB = 2**30
+
+
+def parse_size(text: str | int) -> int:
+    """``"24GiB"`` → 25769803776. Raises ValueError with the accepted units on bad input."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"size must be positive, got {text}")
+        return text
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read size {text!r}: use bytes or a number with B, KiB, MiB, GiB, KB, MB, GB"
+        )
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+def gib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / GIB

@@ -1,0 +1,144 @@
+"""One variant, in its own fresh process: build, train a few steps under the probe, write a record.
+
+The runner starts `python -m harness.worker ...` per variant and only watches. Whatever happens
+here — OOM, an unsupported technique, an exception — ends as a record with that status; only a
+hard crash (segfault, kill) leaves none, and the runner writes that record instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+from harness.record import collect_env, new_record, write_record
+from harness.scenario import load_scenario
+
+
+def method_for(device: str) -> str:
+    return "measured-cuda" if device.startswith("cuda") else "measured-cpu"
+
+
+def _cuda_missing_reason() -> str | None:
+    import torch
+
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def _too_big_for_ram(scenario, variant) -> str | None:
+    """A real CPU run whose parameters alone take more than half the available RAM is not started."""
+    from harness.models import parameter_bytes_on_meta, resolve_config
+    from harness.techniques import BuildContext, Stage, apply_stage
+
+    ctx = BuildContext(device=None)
+    apply_stage(Stage.LOAD, ctx, variant.techniques)
+    source = resolve_config(scenario.model, scenario.path)
+    needed = parameter_bytes_on_meta(scenario.model, source, ctx.load)
+    available = psutil.virtual_memory().available
+    if needed > available / 2:
+        return (f"parameters alone need {needed / 2**30:.1f} GiB, more than half of the "
+                f"{available / 2**30:.1f} GiB of RAM available; run it on a GPU")
+    return None
+
+
+def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
+                result_path: Path, steps: int | None, budget_bytes: int | None) -> str:
+    import torch
+
+    from harness.models import resolve_config
+    from harness.probes import make_probe
+    from harness.techniques import Unsupported, unsupported_reason
+    from harness.train import TrainResult, run_steps, timing
+
+    scenario = load_scenario(scenario_path)
+    variant = scenario.variant(variant_name)
+    if steps is not None:
+        variant = dataclasses.replace(variant, train=dataclasses.replace(variant.train, steps=steps))
+    record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
+                        method=method_for(device))
+    record["variant"]["index"] = scenario.variants.index(scenario.variant(variant_name))
+    record["env"] = collect_env(device if device.startswith("cuda") and torch.cuda.is_available()
+                                else "cpu")
+    started = time.perf_counter()
+
+    reason = _cuda_missing_reason() if device.startswith("cuda") else None
+    torch_device = torch.device(device)
+    reason = reason or unsupported_reason(variant.techniques, torch_device)
+    if reason is None and torch_device.type == "cpu":
+        reason = _too_big_for_ram(scenario, variant)
+    if reason is not None:
+        record.update(status="unsupported", error=reason)
+        write_record(result_path, record)
+        return record["status"]
+
+    source = resolve_config(scenario.model, scenario.path)
+    probe = make_probe(torch_device, budget_bytes)
+    result = TrainResult()
+    probe.start()
+    try:
+        run_steps(probe, scenario.model, source, variant.techniques, variant.train, torch_device,
+                  result)
+        record["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        record.update(status="oom", error=_first_line(e))
+    except Unsupported as e:
+        record.update(status="unsupported", error=str(e))
+    except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
+        if _is_oom(e):
+            record.update(status="oom", error=_first_line(e))
+        else:
+            record.update(status="error", error=_tail(traceback.format_exc()))
+    finally:
+        memory = probe.stop()
+    record["memory"] = memory
+    record["model"].update(params_total=result.params_total or None,
+                           params_trainable=result.params_trainable if result.params_total else None)
+    for use in record["variant"]["techniques"]:
+        use["args"].update(result.resolved.get(use["name"], {}))
+    record["timing"] = {**timing(result, variant.train),
+                        "wall_s": round(time.perf_counter() - started, 3)}
+    write_record(result_path, record)
+    return record["status"]
+
+
+def _is_oom(e: BaseException) -> bool:
+    # OOMs raised inside autograd's engine can come back re-wrapped as a plain RuntimeError.
+    text = str(e)
+    return "out of memory" in text.lower() or "memory budget exceeded" in text
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.worker")
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--result", required=True, type=Path)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--memory-budget", type=int)
+    args = parser.parse_args(argv)
+    status = run_variant(args.scenario, args.variant, args.device, args.run_id, args.result,
+                         args.steps, args.memory_budget)
+    print(status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
