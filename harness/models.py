@@ -14,7 +14,6 @@ How `model.config` resolves:
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +99,18 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
     return model
 
 
-def parameter_bytes_on_meta(spec: ModelSpec, source: ConfigSource, load: LoadOptions) -> int:
-    """Bytes the parameters would take, from the model built on the meta device (nothing allocated,
-    nothing downloaded but the config)."""
+def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None = None):
+    """The model on the meta device: real structure and shapes, no memory, no download."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = (load.dtype if load else None) or torch.float32
     config = load_config(source, spec.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=load.dtype or torch.float32, trust_remote_code=spec.trust_remote_code)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                trust_remote_code=spec.trust_remote_code)
+
+
+def parameter_bytes_on_meta(spec: ModelSpec, source: ConfigSource, load: LoadOptions) -> int:
+    """Bytes the parameters would take in `load.dtype`, from the model built on meta."""
+    return sum(p.numel() * p.element_size() for p in meta_model(spec, source, load).parameters())

@@ -17,9 +17,12 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
     error            null, or why (oom message, stderr tail, the missing capability)
     memory           {peak_allocated_bytes, peak_reserved_bytes (null on CPU), peak_phase,
                       peak_step, phases: {load|forward|backward|optimizer: {peak_allocated_bytes,
-                      peak_reserved_bytes, ...}}, per_step_peak_allocated_bytes (warm-up steps
+                      peak_reserved_bytes, breakdown_bytes (at that phase's own peak), ...}},
+                      per_step_peak_allocated_bytes (warm-up steps
                       first), breakdown_bytes: {params, grads, optimizer, activations, other,
-                      unattributed} at the overall peak, breakdown_note, budget_bytes, ...}
+                      unattributed} at the overall peak, breakdown_note, end_of_step_bytes
+                      (the same categories live after the last optimizer step: what persists
+                      between steps), tracked_tensor_peak_bytes, budget_bytes, device extras}
     timing           {step_time_s_median, tokens_per_s, wall_s}: measured steps only
     env              {python, torch, transformers, peft, bitsandbytes, trl, accelerate, ...,
                       gpu_name, driver, cuda, git_sha, git_dirty, pytorch_cuda_alloc_conf, host}
@@ -36,6 +39,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from harness.techniques import ordered
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "unsupported")
@@ -61,7 +66,9 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> d
         "variant": {
             "name": variant.name,
             "description": variant.description,
-            "techniques": [{"name": u.name, "args": dict(u.args)} for u in variant.techniques],
+            # In the order they are applied (stage by stage), whatever the YAML's order.
+            "techniques": [{"name": u.name, "args": dict(u.args)}
+                           for _, u in ordered(variant.techniques)],
             "train_overrides": dict(variant.train_overrides),
         },
         "model": {
@@ -94,6 +101,7 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are for every reader
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -104,6 +105,10 @@ def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: 
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, got {type(key).__name__}",
+                key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -200,12 +205,18 @@ def _parse_model(path, raw) -> ModelSpec:
     spec = ModelSpec(config=model["config"], weights=weights, attn_implementation=attn,
                      trust_remote_code=trust)
     # Imported here: models.py pulls in transformers, which validation of the rest does not need.
-    from harness.models import ModelConfigError, resolve_config
+    from harness.models import ModelConfigError, load_config, resolve_config
 
     try:
-        resolve_config(spec, path)
+        source = resolve_config(spec, path)
     except ModelConfigError as e:
         raise ScenarioError(path, str(e), key="model.config") from None
+    if source.kind == "file":
+        try:
+            load_config(source, spec.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
+            raise ScenarioError(path, f"cannot read model config {source.location}: "
+                                + " ".join(str(e).split())[:300], key="model.config") from None
     return spec
 
 
@@ -302,6 +313,33 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set) -> 
                    description=description)
 
 
+def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) -> None:
+    """Techniques that need something of the model (LoRA's target modules) are checked against
+    the model built on the meta device: nothing allocated, nothing downloaded."""
+    checks = [(v, u) for v in variants for u in v.techniques if REGISTRY[u.name].check_model]
+    if not checks:
+        return
+    from harness.models import resolve_config
+
+    source = resolve_config(model, path)
+    if source.kind != "file":
+        return  # a hub config we may not fetch here; the run reports what is missing
+    meta = _meta_names(model, source)
+    for variant, use in checks:
+        problem = REGISTRY[use.name].check_model(meta, dict(use.args))
+        if problem:
+            index = variant.techniques.index(use)
+            raise ScenarioError(path, problem, key=f"techniques[{index}].{use.name}",
+                                variant=variant.name)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_names(model: ModelSpec, source):
+    from harness.models import meta_model
+
+    return meta_model(model, source)
+
+
 def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
     _unknown_keys(path, top, ["name", "description", "model", "train", "baseline", "variants"],
@@ -327,7 +365,9 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
         v = _parse_variant(path, rv, i, train, names)
         names.add(v.name)
         variants.append(v)
+    _check_against_model(path, model, variants)
     baseline = top.get("baseline", variants[0].name)
+    _check_type(path, "baseline", baseline, "str")
     if baseline not in names:
         hint = difflib.get_close_matches(str(baseline), sorted(names), n=1)
         raise ScenarioError(path, f"names no variant: {baseline!r}" +

@@ -76,13 +76,17 @@ class Probe(ABC):
 
     # -- what each device provides ------------------------------------------------------------
 
-    def _start_device(self) -> None: ...
+    def _start_device(self) -> None:  # noqa: B027 - optional hook
+        pass
 
-    def _enter_phase(self) -> None: ...
+    def _enter_phase(self) -> None:  # noqa: B027
+        pass
 
-    def _exit_phase(self) -> None: ...
+    def _exit_phase(self) -> None:  # noqa: B027
+        pass
 
-    def _phase_closed(self, phase: Phase) -> None: ...
+    def _phase_closed(self, phase: Phase) -> None:  # noqa: B027
+        pass
 
     @abstractmethod
     def _memory(self) -> dict[str, Any]: ...
@@ -108,10 +112,11 @@ class Probe(ABC):
             if stats["peak_allocated_bytes"] > peak:
                 peak, peak_phase = stats["peak_allocated_bytes"], phase
         reserved = [s.get("peak_reserved_bytes") for _, s in phase_stats]
-        breakdown = None
-        if analysis is not None and analysis.breakdown:
-            breakdown = {k: analysis.breakdown[k] for k in CATEGORIES}
-            breakdown["unattributed"] = max(peak, 0) - sum(breakdown.values())
+        breakdown = _explained(analysis.breakdown, peak) if analysis else None
+        for name, slot in phases.items():
+            slot["breakdown_bytes"] = _explained(
+                analysis.phase_breakdowns.get(name) if analysis else None,
+                slot["peak_allocated_bytes"])
         return {
             "peak_allocated_bytes": max(peak, 0),
             "peak_reserved_bytes": None if None in reserved or not reserved else max(reserved),
@@ -121,10 +126,19 @@ class Probe(ABC):
             "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],
             "breakdown_bytes": breakdown,
             "breakdown_note": breakdown_note,
+            "end_of_step_bytes": (analysis.end_of_step or None) if analysis else None,
             "tracked_tensor_peak_bytes": self.tracker.peak_live_bytes,
             "budget_bytes": self.budget_bytes,
             **self.extra,
         }
+
+
+def _explained(breakdown: dict[str, int] | None, peak: int) -> dict[str, int] | None:
+    """The five named categories, and `unattributed` = the device's peak minus their sum."""
+    if not breakdown:
+        return None
+    named = {k: breakdown[k] for k in CATEGORIES}
+    return {**named, "unattributed": max(peak, 0) - sum(named.values())}
 
 
 def make_probe(device: torch.device, budget_bytes: int | None = None) -> Probe:

@@ -72,6 +72,11 @@ class Analysis:
     peak_ns: int | None
     peak_phase: Phase | None
     breakdown: dict[str, int] = field(default_factory=dict)
+    # What stays between steps: live bytes at the end of the last optimizer phase (grads too,
+    # as zero_grad(set_to_none) frees them only at the next step's start).
+    end_of_step: dict[str, int] = field(default_factory=dict)
+    # Per phase name (load, forward, ...): the breakdown at that phase's highest peak over steps.
+    phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def build_blocks(allocations: Iterable[tuple[int, int, int]]) -> list[Block]:
@@ -117,6 +122,7 @@ def analyse(blocks: Sequence[Block], phases: Sequence[Phase]) -> Analysis:
 
     phase_peaks: list[tuple[Phase, int]] = []
     best = (-1, None, None)  # (bytes, t, phase)
+    best_by_name: dict[str, tuple[int, int]] = {}  # name → (bytes, t)
     for phase in phases:
         lo = bisect.bisect_left(times, phase.start_ns)
         hi = bisect.bisect_right(times, phase.end_ns)
@@ -127,10 +133,17 @@ def analyse(blocks: Sequence[Block], phases: Sequence[Phase]) -> Analysis:
         phase_peaks.append((phase, peak))
         if peak > best[0]:
             best = (peak, peak_t, phase)
+        if peak > best_by_name.get(phase.name, (-1, 0))[0]:
+            best_by_name[phase.name] = (peak, peak_t)
     peak_bytes, peak_ns, peak_phase = best
     analysis = Analysis(phase_peaks, max(peak_bytes, 0), peak_ns, peak_phase)
     if peak_ns is not None:
         analysis.breakdown = breakdown_at(blocks, phases, peak_ns)
+    analysis.phase_breakdowns = {name: breakdown_at(blocks, phases, t)
+                                 for name, (_, t) in best_by_name.items()}
+    ends = [p.end_ns for p in phases if p.name == "optimizer"]
+    if ends:
+        analysis.end_of_step = breakdown_at(blocks, phases, ends[-1])
     return analysis
 
 

@@ -81,6 +81,8 @@ class Technique:
     order: int = 0  # within a stage, lower applies first
     resolve_args: Callable[[dict], dict] = _no_args
     supported: Callable[[torch.device], str | None] = lambda device: None  # reason, or None
+    # Validation-time check against the model built on meta: a problem, or None.
+    check_model: Callable[[Any, dict], str | None] | None = None
 
     @property
     def doc(self) -> str:
@@ -92,7 +94,8 @@ REGISTRY: dict[str, Technique] = {}
 
 def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order: int = 0,
               args: Callable[[dict], dict] | None = None,
-              supported: Callable[[Any], str | None] | None = None):
+              supported: Callable[[Any], str | None] | None = None,
+              check_model: Callable[[Any, dict], str | None] | None = None):
     """Register a technique; duplicate names are a programming error."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
@@ -101,7 +104,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
         REGISTRY[name] = Technique(
             name=name, stage=stage, apply=fn, conflicts=frozenset(conflicts), order=order,
             resolve_args=args or _no_args,
-            supported=supported or (lambda device: None),
+            supported=supported or (lambda device: None), check_model=check_model,
         )
         return fn
 
@@ -140,13 +143,15 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
 
 
 def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
-                   reserved: tuple[str, ...] = (), shown: tuple[str, ...] = ()) -> Callable:
+                   reserved: tuple[str, ...] = (), shown: tuple[str, ...] = (),
+                   aliases: Mapping[str, str] = ()) -> Callable:
     """An argument resolver checked against a library's config dataclass (e.g. LoraConfig).
 
     Keys must be the dataclass's own field names; values of simple-typed fields must match the
     type of the field's default; the config is then built once so the library's own checks run.
     The resolved arguments are `defaults`, then the user's, then the `shown` fields' values
-    from the built config (so the record shows what actually ran).
+    from the built config (so the record shows what actually ran). `aliases` maps names users
+    commonly type (LoRA's "rank") to the library's, for the "did you mean" hint only.
     """
     import dataclasses
 
@@ -156,7 +161,8 @@ def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
     def resolve(args: dict) -> dict:
         for key, value in args.items():
             if key not in allowed:
-                hint = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = [dict(aliases)[key]] if key in dict(aliases) else \
+                    difflib.get_close_matches(str(key), allowed, n=1)
                 raise TechniqueArgError(
                     f"unknown argument {key!r} for {config_cls.__name__}" +
                     (f" (did you mean {hint[0]!r}?)" if hint else ""), key=str(key))
@@ -169,8 +175,8 @@ def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
         merged = {**dict(defaults), **args}
         try:
             built = config_cls(**merged)
-        except (TypeError, ValueError) as e:
-            raise TechniqueArgError(" ".join(str(e).split())) from None
+        except Exception as e:  # noqa: BLE001 - the library's own check, whatever it raises
+            raise TechniqueArgError(" ".join(str(e).split()) or type(e).__name__) from None
         for key in shown:
             value = getattr(built, key)
             merged[key] = sorted(value) if isinstance(value, (set, frozenset)) else value

@@ -10,9 +10,27 @@ _RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_mod
              "revision", "inference_mode")
 
 
-@technique("lora", stage=Stage.MODEL, order=10,
+def _check_targets(model, args: dict) -> str | None:
+    """Names in target_modules must match some module (PEFT matches on the name's last part)."""
+    targets = args.get("target_modules")
+    if not isinstance(targets, (list, tuple)):
+        return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves and not any(
+        name == t or name.endswith("." + t) for name, _ in model.named_modules())]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ == "Linear"})
+        return (f"target_modules {missing} match no module of this model; "
+                f"its linear layers: {', '.join(linear)}")
+    return None
+
+
+@technique("lora", stage=Stage.MODEL, order=10, check_model=_check_targets,
            args=dataclass_args(LoraConfig, reserved=_RESERVED,
-                               shown=("r", "lora_alpha", "lora_dropout", "target_modules")))
+                               shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
+                               aliases={"rank": "r", "alpha": "lora_alpha",
+                                        "dropout": "lora_dropout", "targets": "target_modules"}))
 def lora(ctx: BuildContext, **args) -> None:
     """Only the adapters train: grads and AdamW state shrink to the adapters' (well under 1 % of
     the base for r=16 on q/v), parameters barely change. Activations do not shrink: the frozen

@@ -1,0 +1,61 @@
+"""Shared fixtures: scenarios written in tmp folders, the CLI run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_scenario(folder: Path, name: str, variants: list[dict], *, train: dict | None = None,
+                   model: dict | None = None, baseline: str | None = None) -> Path:
+    body = {
+        "name": name,
+        "description": "test scenario",
+        "model": model or {"config": "tiny-llama", "weights": "random"},
+        "train": {"batch_size": 2, "seq_len": 128, "steps": 1, "warmup_steps": 1, "seed": 0,
+                  **(train or {})},
+        "variants": variants,
+    }
+    if baseline:
+        body["baseline"] = baseline
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def harness(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                          **kwargs)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def records(run_dir: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("*.json"))}
+
+
+@pytest.fixture
+def scenario_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,107 @@
+"""Faults lose nothing: OOM, a killed or hung worker, Ctrl-C, what the device cannot run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import REPO, harness, last_json, records, write_scenario
+
+
+def test_oom_under_a_budget_is_recorded_and_the_next_variant_still_runs(tmp_path):
+    path = write_scenario(tmp_path, "budget", [
+        {"name": "full-fp32", "techniques": []},
+        {"name": "lora-gc", "techniques": ["bf16", {"lora": {"r": 8}}, "gradient_checkpointing"]},
+    ])
+    budget = 48 * 2**20  # between the two peaks (~95 MiB and ~25 MiB at this shape)
+    proc = harness("run", str(path), "--device", "cpu", "--out", str(tmp_path / "out"),
+                   "--memory-budget", "48MiB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = records(Path(last_json(proc.stdout)["run_dir"]))
+    oom, ok = got["full-fp32"], got["lora-gc"]
+    assert oom["status"] == "oom" and "budget" in oom["error"]
+    assert oom["memory"]["budget_bytes"] == budget
+    # The peak reached is recorded: at least the budget's worth of tensors was live.
+    assert oom["memory"]["peak_allocated_bytes"] > budget
+    assert oom["memory"]["tracked_tensor_peak_bytes"] > budget
+    assert ok["status"] == "ok" and ok["memory"]["peak_allocated_bytes"] < budget
+
+
+def _worker_of(parent: subprocess.Popen, timeout: float = 60) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            if "harness.worker" in " ".join(child.cmdline()):
+                return child
+        time.sleep(0.1)
+    raise AssertionError("no worker started")
+
+
+def _start(path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness", "run", str(path), "--device", "cpu",
+                             "--out", str(out), *extra], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_killed_worker_is_recorded_and_the_next_variant_still_runs(tmp_path):
+    path = write_scenario(tmp_path, "kill", [{"name": "a", "techniques": ["bf16"]},
+                                             {"name": "b", "techniques": ["bf16"]}])
+    parent = _start(path, tmp_path / "out")
+    _worker_of(parent).kill()
+    stdout, stderr = parent.communicate(timeout=300)
+    assert parent.returncode == 0, stderr[-2000:]
+    got = records(Path(last_json(stdout)["run_dir"]))
+    assert got["a"]["status"] == "error" and "killed by SIGKILL" in got["a"]["error"]
+    assert got["b"]["status"] == "ok"
+
+
+def test_a_worker_past_its_timeout_is_killed_and_recorded(tmp_path):
+    path = write_scenario(tmp_path, "slow", [{"name": "a", "techniques": []}])
+    proc = harness("run", str(path), "--device", "cpu", "--out", str(tmp_path / "out"),
+                   "--timeout", "1")
+    assert proc.returncode == 0
+    got = records(Path(last_json(proc.stdout)["run_dir"]))
+    assert got["a"]["status"] == "error" and "timed out after 1 s" in got["a"]["error"]
+
+
+def test_ctrl_c_keeps_every_finished_record_and_exits_130(tmp_path):
+    path = write_scenario(tmp_path, "interrupt", [{"name": "a", "techniques": ["bf16"]},
+                                                  {"name": "b", "techniques": ["bf16"]}])
+    parent = _start(path, tmp_path / "out")
+    out = tmp_path / "out" / "interrupt"
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/a.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker = _worker_of(parent)  # b's worker
+    parent.send_signal(signal.SIGINT)
+    stdout, stderr = parent.communicate(timeout=120)
+    assert parent.returncode == 130, stderr[-2000:]
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    summary = last_json(stdout)
+    assert summary["interrupted"] is True and summary["counts"] == {"ok": 1}
+    run_dir = Path(summary["run_dir"])
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["a.json"]
+    assert (run_dir / "summary.md").is_file()
+    assert not list(run_dir.rglob("*.tmp")) and not list(run_dir.rglob("*.pending.json"))
+
+
+def test_what_this_machine_cannot_run_is_an_unsupported_result(tmp_path):
+    import torch
+
+    big = write_scenario(tmp_path, "big", [{"name": "full", "techniques": []}],
+                         model={"config": "mistral-7b-v0.1"})
+    proc = harness("run", str(big), "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = records(Path(last_json(proc.stdout)["run_dir"]))["full"]
+    assert record["status"] == "unsupported" and "half of the" in record["error"]
+    if not torch.cuda.is_available():
+        proc = harness("run", str(big), "--device", "cuda", "--out", str(tmp_path / "out"))
+        assert proc.returncode == 0
+        record = records(Path(last_json(proc.stdout)["run_dir"]))["full"]
+        assert record["status"] == "unsupported" and record["method"] == "measured-cuda"
+        assert "CUDA" in record["error"]

@@ -1,0 +1,215 @@
+"""Scenario loading: strict validation, one-line errors naming file, variant and key."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.scenario import ScenarioError, list_scenarios, load_scenario
+from harness.techniques import ordered
+from tests.conftest import harness, write_scenario
+
+GOOD = {
+    "name": "s",
+    "description": "d",
+    "model": {"config": "tiny-llama", "weights": "random", "attn_implementation": "sdpa"},
+    "train": {"batch_size": 2, "seq_len": 64, "optimizer": "adamw", "lr": 1e-4, "steps": 1,
+              "warmup_steps": 1, "seed": 0},
+    "baseline": "full",
+    "variants": [
+        {"name": "full", "techniques": []},
+        {"name": "lora", "techniques": ["bf16", {"lora": {"r": 8, "target_modules": ["q_proj"]}}],
+         "train": {"batch_size": 4}},
+        {"name": "gc", "techniques": ["gradient_checkpointing", "bf16", {"lora": None}]},
+    ],
+}
+
+
+def _write(folder: Path, body, name: str = "s") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def test_every_shipped_scenario_is_valid():
+    paths = list_scenarios()
+    assert paths, "no scenarios shipped"
+    for path in paths:
+        load_scenario(path)
+
+
+def test_good_scenario_loads_with_resolved_arguments_and_overrides(tmp_path):
+    s = load_scenario(_write(tmp_path, GOOD))
+    assert [v.name for v in s.variants] == ["full", "lora", "gc"]
+    lora = s.variant("lora")
+    assert lora.train.batch_size == 4 and s.variant("full").train.batch_size == 2
+    assert lora.train_overrides == {"batch_size": 4}
+    args = dict(lora.techniques[1].args)
+    assert args["r"] == 8 and args["lora_alpha"] == 8  # PEFT's own default, resolved
+    assert len(s.sha256) == 64
+
+
+def test_technique_order_in_the_yaml_does_not_matter(tmp_path):
+    s = load_scenario(_write(tmp_path, GOOD))
+    gc = s.variant("gc").techniques
+    assert [t.name for t, _ in ordered(gc)] == ["bf16", "lora", "gradient_checkpointing"]
+    assert [t.name for t, _ in ordered(tuple(reversed(gc)))] == [t.name for t, _ in ordered(gc)]
+
+
+def _mutate(path_keys, value):
+    body = copy.deepcopy(GOOD)
+    target = body
+    for key in path_keys[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path_keys[-1]]
+    else:
+        target[path_keys[-1]] = value
+    return body
+
+
+_DELETE = object()
+
+BAD = [
+    # (mutation, variant named in the message or None, key named, words in the message)
+    ((["modle"], {}), None, "modle", "did you mean 'model'"),
+    ((["model", "weights"], "pretrainde"), None, "model.weights", "random, pretrained"),
+    ((["model", "config"], "tiny-lama"), None, "model.config", "did you mean 'tiny-llama'"),
+    ((["model", "config"], "./nowhere.json"), None, "model.config", "not found"),
+    ((["model", "config"], "org/some-model"), None, "model.config", "local cache"),
+    ((["train", "batch_size"], "2"), None, "train.batch_size", "must be int"),
+    ((["train", "seq_len"], 0), None, "train.seq_len", "≥ 1"),
+    ((["train", "optimizer"], "adamww"), None, "train.optimizer", "did you mean 'adamw'"),
+    ((["train", "lr"], -1.0), None, "train.lr", "> 0"),
+    ((["train", "sequence_length"], 5), None, "train.sequence_length", "unknown key"),
+    ((["baseline"], "ful"), None, "baseline", "did you mean 'full'"),
+    ((["name"], "other"), None, "name", "file stem"),
+    ((["variants"], []), None, "variants", "non-empty"),
+    ((["variants", 1, "name"], "full"), "full", "variants[1].name", "duplicate"),
+    ((["variants", 1, "name"], "a/b"), None, "variants[1].name", "letters"),
+    ((["variants", 0, "techniques"], ["bf17"]), "full", "techniques[0]", "did you mean 'bf16'"),
+    ((["variants", 0, "techniques"], ["bf16", "amp_bf16"]), "full", "techniques[1]", "conflicts"),
+    ((["variants", 0, "techniques"], ["bf16", "bf16"]), "full", "techniques[1]", "twice"),
+    ((["variants", 0, "techniques"], [{"lora": {"rank": 8}}]), "full", "techniques[0].lora.rank",
+     "did you mean 'r'"),
+    ((["variants", 0, "techniques"], [{"lora": {"r": "8"}}]), "full", "techniques[0].lora.r",
+     "must be int"),
+    ((["variants", 0, "techniques"], [{"lora": {"target_modules": ["qkv_proj"]}}]), "full",
+     "techniques[0].lora", "match no module"),
+    ((["variants", 0, "techniques"], [{"bf16": {"x": 1}}]), "full", "techniques[0].bf16.x",
+     "takes no arguments"),
+    ((["variants", 0, "techniques"], [{"lora": {}, "bf16": {}}]), "full", "techniques[0]",
+     "one-key mapping"),
+    ((["variants", 0, "train"], {"steps": 0}), "full", "train.steps", "≥ 1"),
+    ((["variants", 0, "colour"], "red"), "full", "variants[0].colour", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("mutation, variant, key, words", BAD, ids=[b[2] + ":" + b[3] for b in BAD])
+def test_bad_input_is_one_line_naming_file_variant_and_key(tmp_path, mutation, variant, key, words):
+    path = _write(tmp_path, _mutate(*mutation))
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(path)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert text.startswith(str(path))
+    assert f"key {key!r}" in text
+    assert words in text
+    if variant:
+        assert f"variant {variant!r}" in text
+
+
+@pytest.mark.parametrize("body, words", [
+    ("name: s\nmodel: {config: tiny-llama}\nmodel: {config: tiny-llama}\nvariants: [{name: a}]\n",
+     "duplicate key 'model'"),
+    ("name: s\nvariants: [\n", "not valid YAML"),
+    ("!!python/object:os.system {}\n", "not valid YAML"),  # scenario files cannot run code
+    ("- just\n- a list\n", "must be a mapping"),
+])
+def test_malformed_files(tmp_path, body, words):
+    with pytest.raises(ScenarioError, match=words):
+        load_scenario(_write(tmp_path, body))
+
+
+def test_model_config_by_relative_path_and_folder(tmp_path):
+    config = json.loads((Path(__file__).parent.parent / "scenarios/models/tiny-mistral.json")
+                        .read_text())
+    (tmp_path / "cfgs" / "m").mkdir(parents=True)
+    (tmp_path / "cfgs" / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "cfgs" / "mine.json").write_text(json.dumps(config))
+    for ref in ("./cfgs/m", "cfgs/mine.json"):
+        body = _mutate(["model", "config"], ref)
+        assert load_scenario(_write(tmp_path, body)).model.config == ref
+
+
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    path = _write(tmp_path, _mutate(["variants", 0, "techniques"], ["lorra"]), name="s")
+    out = tmp_path / "out"
+    for args in (["validate", str(path)], ["run", str(path), "--out", str(out)]):
+        proc = harness(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr
+        assert "variant 'full'" in lines[0] and "did you mean 'lora'" in lines[0]
+    assert not out.exists()
+
+
+def test_cli_bad_flags_exit_2(tmp_path):
+    path = write_scenario(tmp_path, "s", [{"name": "a"}])
+    for extra in (["--variant", "b"], ["--memory-budget", "lots"], ["--steps", "0"]):
+        proc = harness("run", str(path), "--out", str(tmp_path / "out"), *extra)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# Property: whatever the file holds, the loader answers with a Scenario or a one-line
+# ScenarioError — never another exception.
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
+                  st.text(max_size=12), st.sampled_from(["bf16", "lora", "q_proj", "adamw",
+                                                         "tiny-llama", "full", "r", "sdpa"]))
+_value = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8) | st.sampled_from(
+        ["r", "lora", "name", "techniques", "train", "steps"]), inner, max_size=3)), max_leaves=8)
+
+
+def _paths(body, prefix=()):
+    yield prefix
+    if isinstance(body, dict):
+        for k, v in body.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            yield from _paths(v, (*prefix, i))
+
+
+_ALL_PATHS = [p for p in _paths(GOOD) if p]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(_ALL_PATHS), st.one_of(st.just(_DELETE), _value)),
+                      min_size=1, max_size=3))
+def test_property_malformed_scenarios_never_raise_anything_else(tmp_path, edits):
+    body = copy.deepcopy(GOOD)
+    for path, value in edits:
+        target = body
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            if value is _DELETE:
+                del target[path[-1]]
+            else:
+                target[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit removed this path
+    file = _write(tmp_path, body)
+    try:
+        load_scenario(file)
+    except ScenarioError as e:
+        assert "\n" not in str(e) and str(e).startswith(str(file))
