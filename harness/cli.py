@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import signal
 import sys
 from pathlib import Path
 
@@ -150,8 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a CI job's cancel) stops as cleanly as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.fn(args)
     except (ScenarioError, BadInput) as e:

@@ -48,9 +48,15 @@ def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
             path = path / "config.json"
         if not path.is_file():
             raise ModelConfigError(f"config file not found: {path}")
+        if spec.weights == "pretrained" and not _has_weights(path.parent):
+            raise ModelConfigError(f"weights: pretrained, but {path.parent} holds no "
+                                   "*.safetensors or *.bin weights")
         return ConfigSource("file", str(path), text)
     if _BARE_NAME.match(text):
         path = MODEL_DIR / f"{text}.json"
+        if spec.weights == "pretrained" and path.is_file():
+            raise ModelConfigError(f"{text!r} is a shipped config without weights: use "
+                                   "weights: random, or a hub id or folder with weights")
         if not path.is_file():
             known = sorted(p.stem for p in MODEL_DIR.glob("*.json"))
             hint = difflib.get_close_matches(text, known, n=1)
@@ -62,12 +68,19 @@ def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
     if spec.weights != "pretrained":
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(text, "config.json")
+        try:
+            cached = try_to_load_from_cache(text, "config.json")
+        except Exception as e:  # noqa: BLE001 - huggingface_hub rejects malformed ids
+            raise ModelConfigError(f"not a config name, path or valid hub id: {e}") from None
         if not isinstance(cached, str):
             raise ModelConfigError(f"hub id {text!r} with weights: random needs its config.json "
                                    "in the local cache (or use weights: pretrained)")
         return ConfigSource("file", cached, text)
     return ConfigSource("hub", text, text)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
 def load_config(source: ConfigSource, trust_remote_code: bool = False):
@@ -87,8 +100,11 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
     if spec.weights == "pretrained":
-        model = AutoModelForCausalLM.from_pretrained(source.location, device_map=str(device),
-                                                     **common)
+        # A hub id, or the folder holding config.json and the weights.
+        where = source.location if source.kind == "hub" else str(Path(source.location).parent)
+        model = AutoModelForCausalLM.from_pretrained(where, device_map=str(device), **common)
+        if torch.device(device).type == "cpu":
+            _own_memory(model)
     else:
         config = load_config(source, spec.trust_remote_code)
         # Under torch.device(...) every parameter is allocated where it will live.
@@ -109,6 +125,16 @@ def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None =
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                 trust_remote_code=spec.trust_remote_code)
+
+
+def _own_memory(model) -> None:
+    """On CPU, safetensors weights stay memory-mapped from the file: no allocator sees them. A
+    GPU holds them in device memory, so copy each one into allocator memory, one at a time."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def parameter_bytes_on_meta(spec: ModelSpec, source: ConfigSource, load: LoadOptions) -> int:

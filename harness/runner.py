@@ -84,8 +84,10 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
             code, why = proc.returncode, f"worker timed out after {timeout_s:g} s and was killed"
         except BaseException:
             _kill_group(proc)
+            pending.unlink(missing_ok=True)
             raise
-    if why is None and code == 0 and pending.is_file():
+    # A record the worker finished is the measurement, even if the process died at exit after.
+    if why is None and pending.is_file():
         try:
             record = read_record(pending)
             write_record(final, record)

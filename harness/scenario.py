@@ -279,6 +279,10 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
     except TechniqueArgError as e:
         raise ScenarioError(path, e.message, key=f"{key}.{name}" + (f".{e.key}" if e.key else ""),
                             variant=variant) from None
+    except Exception as e:  # noqa: BLE001 - whatever the library raised, it is bad input
+        raise ScenarioError(path, f"invalid arguments: {type(e).__name__}: " +
+                            " ".join(str(e).split())[:200], key=f"{key}.{name}",
+                            variant=variant) from None
     return TechniqueUse(name=name, args=resolved)
 
 
@@ -326,7 +330,10 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
         return  # a hub config we may not fetch here; the run reports what is missing
     meta = _meta_names(model, source)
     for variant, use in checks:
-        problem = REGISTRY[use.name].check_model(meta, dict(use.args))
+        try:
+            problem = REGISTRY[use.name].check_model(meta, dict(use.args))
+        except Exception as e:  # noqa: BLE001 - a value no check foresaw is still bad input
+            problem = f"cannot check against the model: {type(e).__name__}: {e}"
         if problem:
             index = variant.techniques.index(use)
             raise ScenarioError(path, problem, key=f"techniques[{index}].{use.name}",

@@ -71,6 +71,8 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     started = time.perf_counter()
 
     reason = _cuda_missing_reason() if device.startswith("cuda") else None
+    if device == "cuda" and reason is None:
+        device = record["device"] = f"cuda:{torch.cuda.current_device()}"
     torch_device = torch.device(device)
     reason = reason or unsupported_reason(variant.techniques, torch_device)
     if reason is None and torch_device.type == "cpu":

@@ -156,3 +156,25 @@ def test_record_carries_what_ran_what_was_measured_and_where(measured):
     env = record["env"]
     assert env["torch"] and env["transformers"] and env["peft"] and "git_dirty" in env
     assert record["run_id"].split("-")[0].endswith("Z")
+
+
+def test_pretrained_weights_load_from_a_local_folder(tmp_path):
+    """`weights: pretrained` goes through from_pretrained (here a folder; a hub id works alike)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(Path(__file__).parent.parent /
+                                        "scenarios/models/tiny-llama.json")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "tiny")
+    path = write_scenario(tmp_path, "pretrained", [{"name": "lora", "techniques": ["bf16", LORA]}],
+                          model={"config": "./tiny", "weights": "pretrained"})
+    proc = run_cli("run", str(path), "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = records(Path(last_json(proc.stdout)["run_dir"]))["lora"]
+    assert record["status"] == "ok", record["error"]
+    base = sum(p.numel() for p in model.parameters())
+    adapters = record["model"]["params_total"] - base
+    # bf16 base weights in allocator memory (not left memory-mapped), fp32 adapters.
+    assert record["memory"]["breakdown_bytes"]["params"] == pytest.approx(
+        2 * base + 4 * adapters, rel=0.01)

@@ -192,7 +192,7 @@ def _paths(body, prefix=()):
 _ALL_PATHS = [p for p in _paths(GOOD) if p]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.sampled_from(_ALL_PATHS), st.one_of(st.just(_DELETE), _value)),
                       min_size=1, max_size=3))
 def test_property_malformed_scenarios_never_raise_anything_else(tmp_path, edits):

@@ -46,7 +46,10 @@ class CudaProbe(Probe):
                                                        self.device)
         self._retries_at_start = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
         self._stats: list[tuple[Phase, dict[str, int | None]]] = []
-        torch.cuda.memory._record_memory_history(max_entries=_TRACE_ENTRIES, stacks="python")
+        # context=None: no stack traces, only (action, addr, size, time_us) — cheap enough to
+        # leave on for every step. time_us is unix time, the clock the tracker's sightings use.
+        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python",
+                                                 max_entries=_TRACE_ENTRIES)
 
     def _enter_phase(self) -> None:
         torch.cuda.synchronize(self.device)

@@ -179,7 +179,7 @@ def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
             raise TechniqueArgError(" ".join(str(e).split()) or type(e).__name__) from None
         for key in shown:
             value = getattr(built, key)
-            merged[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
+            merged[key] = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return merged
 
     return resolve

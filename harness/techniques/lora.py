@@ -15,6 +15,8 @@ def _check_targets(model, args: dict) -> str | None:
     targets = args.get("target_modules")
     if not isinstance(targets, (list, tuple)):
         return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
+    if not all(isinstance(t, str) and t for t in targets):
+        return f"target_modules must be module names, got {targets!r}"
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaves and not any(
         name == t or name.endswith("." + t) for name, _ in model.named_modules())]
