@@ -114,8 +114,15 @@ def header_line(frame: pd.DataFrame) -> str:
             f"{first['method']} · run {first['run_id']}")
 
 
-def _gib(value) -> str:
-    return "—" if pd.isna(value) else f"{value / GIB:.3f}"
+def _unit(table: pd.DataFrame) -> tuple[str, int]:
+    """GiB for real models; MiB when every peak is under 1 GiB (tiny models), so that small
+    terms do not all print as 0.000."""
+    peaks = table["peak_allocated_bytes"].dropna()
+    return ("GiB", GIB) if len(peaks) and peaks.max() >= GIB else ("MiB", 2**20)
+
+
+def _size(value, scale: int) -> str:
+    return "—" if pd.isna(value) else f"{value / scale:.3f}" if scale == GIB else f"{value / scale:.1f}"
 
 
 def _pct(value) -> str:
@@ -123,17 +130,18 @@ def _pct(value) -> str:
 
 
 def markdown(table: pd.DataFrame) -> str:
+    unit, scale = _unit(table)
     rows = []
     for _, r in table.iterrows():
         rows.append({
             "variant": r["variant"],
             "techniques": r["techniques"],
             "status": r["status"],
-            "peak GiB": _gib(r["peak_allocated_bytes"]),
-            "reserved GiB": _gib(r["peak_reserved_bytes"]),
+            f"peak {unit}": _size(r["peak_allocated_bytes"], scale),
+            f"reserved {unit}": _size(r["peak_reserved_bytes"], scale),
             "vs baseline": _pct(r["vs_baseline_pct"]),
             "vs prev": _pct(r["vs_previous_pct"]),
-            **{k: _gib(r[f"{k}_bytes"]) for k in BREAKDOWN},
+            **{k: _size(r[f"{k}_bytes"], scale) for k in BREAKDOWN},
             "trainable": "—" if pd.isna(r["params_trainable"]) else f"{r['params_trainable']:,}",
             "step s": "—" if pd.isna(r["step_time_s_median"]) else f"{r['step_time_s_median']:.3f}",
             "tok/s": "—" if pd.isna(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}",
@@ -141,7 +149,8 @@ def markdown(table: pd.DataFrame) -> str:
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
     notes = [f"- `{r['variant']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
              for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
-    text = header_line(table) + "\n\n" + body + "\n"
+    text = (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak.\n\n"
+            + body + "\n")
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
     return text
