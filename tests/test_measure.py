@@ -57,6 +57,13 @@ def test_bf16_parameters_take_half_the_bytes_of_fp32(measured):
     assert bf16 == pytest.approx(fp32 / 2, rel=0.01)
 
 
+def test_bf16_weights_are_created_in_bf16_without_an_fp32_copy_at_load(measured):
+    memory = _mem(measured, "full-bf16")
+    # Load holds the bf16 parameters (+ the batch, buffers, AdamW's empty shell): no fp32 copy,
+    # which alone would be twice the parameter bytes.
+    assert memory["phases"]["load"]["peak_allocated_bytes"] < 1.1 * memory["breakdown_bytes"]["params"]
+
+
 def test_adamw_state_is_twice_the_trainable_parameters_and_grads_match_them(measured):
     end = _mem(measured, "full-fp32")["end_of_step_bytes"]
     assert end["optimizer"] == pytest.approx(2 * end["params"], rel=0.02)

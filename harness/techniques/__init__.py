@@ -86,7 +86,8 @@ class Technique:
 
     @property
     def doc(self) -> str:
-        return (self.apply.__doc__ or "").strip().splitlines()[0] if self.apply.__doc__ else ""
+        """The docstring's first paragraph, on one line."""
+        return " ".join((self.apply.__doc__ or "").strip().split("\n\n")[0].split())
 
 
 REGISTRY: dict[str, Technique] = {}
