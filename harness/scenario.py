@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from harness.optimizers import OPTIMIZERS
 from harness.techniques import REGISTRY, TechniqueArgError, TechniqueUse, check_stack
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
@@ -27,7 +28,6 @@ MODEL_DIR = SCENARIO_DIR / "models"
 
 WEIGHTS = ("random", "pretrained")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-OPTIMIZERS = ("adamw",)
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -138,14 +138,16 @@ def list_scenarios() -> list[Path]:
     return sorted(SCENARIO_DIR.glob("*.yaml"))
 
 
-def load_scenario(arg: str | Path) -> Scenario:
+def load_scenario(arg: str | Path, only: str | None = None) -> Scenario:
+    """Load and validate a scenario. `only`: resolve the technique arguments of that variant
+    alone (a worker re-checking the one variant it runs; the file was validated whole before)."""
     path = resolve_scenario_path(arg)
     raw_bytes = path.read_bytes()
     try:
         raw = yaml.load(raw_bytes.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - safe subclass
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ScenarioError(path, "not valid YAML: " + " ".join(str(e).split())) from None
-    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest())
+    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest(), only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +187,8 @@ def _check_type(path, key, value, kind, variant=None):
                                   f"got {value!r}", key=key, variant=variant)
 
 
-def _parse_model(path, raw) -> ModelSpec:
+def _parse_model(path, raw, deep: bool = True) -> ModelSpec:
+    """deep: also read the config file (transformers, seconds); a worker skips it."""
     model = _require_mapping(path, raw, "model")
     _unknown_keys(path, model, [f.name for f in dataclasses.fields(ModelSpec)], "model")
     if "config" not in model:
@@ -211,7 +214,7 @@ def _parse_model(path, raw) -> ModelSpec:
         source = resolve_config(spec, path)
     except ModelConfigError as e:
         raise ScenarioError(path, str(e), key="model.config") from None
-    if source.kind == "file":
+    if source.kind == "file" and deep:
         try:
             load_config(source, spec.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
@@ -247,7 +250,7 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
         if key in ("lr", "max_grad_norm") and value <= 0:
             raise ScenarioError(path, f"must be > 0, got {value!r}", key=full, variant=variant)
         if key == "optimizer" and value not in OPTIMIZERS:
-            hint = difflib.get_close_matches(value, OPTIMIZERS, n=1)
+            hint = difflib.get_close_matches(value, list(OPTIMIZERS), n=1)
             raise ScenarioError(path, f"unknown optimizer {value!r}" +
                                 (f" (did you mean {hint[0]!r}?)" if hint else
                                  f"; known: {', '.join(OPTIMIZERS)}"), key=full, variant=variant)
@@ -286,7 +289,8 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
     return TechniqueUse(name=name, args=resolved)
 
 
-def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set) -> Variant:
+def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
+                   only: str | None = None) -> Variant:
     key = f"variants[{index}]"
     variant = _require_mapping(path, raw, key)
     name = variant.get("name")
@@ -305,6 +309,8 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set) -> 
     if not isinstance(entries, list):
         raise ScenarioError(path, f"must be a list, got {_type_name(entries)}", key="techniques",
                             variant=name)
+    if only is not None and name != only:
+        entries = []  # another variant: the worker does not need its techniques
     uses = tuple(_parse_technique(path, entry, i, name) for i, entry in enumerate(entries))
     try:
         check_stack(uses)
@@ -347,7 +353,7 @@ def _meta_names(model: ModelSpec, source):
     return meta_model(model, source)
 
 
-def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
+def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
     _unknown_keys(path, top, ["name", "description", "model", "train", "baseline", "variants"],
                   "scenario")
@@ -361,7 +367,7 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     description = top.get("description", "")
     if description:
         _check_type(path, "description", description, "str")
-    model = _parse_model(path, top["model"])
+    model = _parse_model(path, top["model"], deep=only is None)
     train, _ = _parse_train(path, top.get("train", {}) or {}, TrainSpec(), "train")
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
@@ -369,10 +375,11 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     variants: list[Variant] = []
     names: set[str] = set()
     for i, rv in enumerate(raw_variants):
-        v = _parse_variant(path, rv, i, train, names)
+        v = _parse_variant(path, rv, i, train, names, only)
         names.add(v.name)
         variants.append(v)
-    _check_against_model(path, model, variants)
+    if only is None:
+        _check_against_model(path, model, variants)
     baseline = top.get("baseline", variants[0].name)
     _check_type(path, "baseline", baseline, "str")
     if baseline not in names:

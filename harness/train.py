@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from harness.models import ConfigSource, build_model
+from harness.optimizers import make_optimizer, paged_state_bytes, state_tensors
 from harness.probes import Kind, Probe
 from harness.scenario import ModelSpec, TrainSpec
 from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
@@ -32,15 +33,7 @@ class TrainResult:
     params_trainable: int = 0
     step_times_s: list[float] = field(default_factory=list)  # measured steps only
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-def make_optimizer(name: str, params, train: TrainSpec) -> torch.optim.Optimizer:
-    if name == "adamw":
-        # foreach=True is what CUDA picks by default; CPU would pick the for-loop form, whose
-        # step temporaries are far smaller. Same choice on every device keeps runs comparable.
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                                 foreach=True)
-    raise ValueError(f"unknown optimizer {name!r}")
+    paged_optimizer_bytes: int | None = None  # state in unified memory: no allocator sees it
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -81,25 +74,36 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     grad_hooks = probe.tracker.watch_grads(model)
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type) if ctx.grad_scaler else None
     try:
         for step in range(train.warmup_steps + train.steps):
             started = time.perf_counter()
             with probe.phase("forward", step):
                 optimizer.zero_grad(set_to_none=True)
                 with autocast, probe.tracker.saved_tensors():
-                    outputs = model(**batch, use_cache=False)
-                loss = outputs.loss
-                probe.sight(Kind.OUTPUT, [loss, outputs.logits])
-                # Keep only the loss, as a training loop does: the logits go unless saved.
-                del outputs
+                    if ctx.loss_fn is None:
+                        outputs = model(**batch, use_cache=False)
+                        loss = outputs.loss
+                        probe.sight(Kind.OUTPUT, [loss, outputs.logits])
+                        # Keep only the loss, as a training loop does: the logits go unless saved.
+                        del outputs
+                    else:
+                        loss = ctx.loss_fn(model, batch)
+                        probe.sight(Kind.OUTPUT, loss)
             with probe.phase("backward", step):
-                loss.backward()
+                (scaler.scale(loss) if scaler else loss).backward()
             with probe.phase("optimizer", step):
+                if scaler:
+                    scaler.unscale_(optimizer)
                 if train.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                probe.sight(Kind.OPTIMIZER, [v for s in optimizer.state.values()
-                                             for v in s.values() if isinstance(v, torch.Tensor)])
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                probe.sight(Kind.OPTIMIZER, state_tensors(optimizer))
+                result.paged_optimizer_bytes = paged_state_bytes(optimizer)
             del loss
             if step >= train.warmup_steps:
                 result.step_times_s.append(time.perf_counter() - started)

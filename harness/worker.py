@@ -12,6 +12,7 @@ import dataclasses
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import psutil
@@ -59,7 +60,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     from harness.techniques import Unsupported, unsupported_reason
     from harness.train import TrainResult, run_steps, timing
 
-    scenario = load_scenario(scenario_path)
+    scenario = load_scenario(scenario_path, only=variant_name)
     variant = scenario.variant(variant_name)
     if steps is not None:
         variant = dataclasses.replace(variant, train=dataclasses.replace(variant.train, steps=steps))
@@ -85,6 +86,9 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     source = resolve_config(scenario.model, scenario.path)
     probe = make_probe(torch_device, budget_bytes)
     result = TrainResult()
+    caught = warnings.catch_warnings(record=True)
+    seen = caught.__enter__()
+    warnings.simplefilter("default")
     probe.start()
     try:
         run_steps(probe, scenario.model, source, variant.techniques, variant.train, torch_device,
@@ -101,7 +105,10 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
             record.update(status="error", error=_tail(traceback.format_exc()))
     finally:
         memory = probe.stop()
+        caught.__exit__(None, None, None)
+    record["notes"] = _notes(seen)
     record["memory"] = memory
+    memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
     record["model"].update(params_total=result.params_total or None,
                            params_trainable=result.params_trainable if result.params_total else None)
     for use in record["variant"]["techniques"]:
@@ -110,6 +117,17 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                         "wall_s": round(time.perf_counter() - started, 3)}
     write_record(result_path, record)
     return record["status"]
+
+
+def _notes(caught: list[warnings.WarningMessage], limit: int = 20) -> list[str]:
+    """What the libraries warned about while the variant ran (e.g. bitsandbytes falling back to
+    non-paged state on CPU): it can change what the numbers mean, so it goes in the record."""
+    notes: list[str] = []
+    for w in caught:
+        line = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:300]}"
+        if line not in notes:
+            notes.append(line)
+    return notes[:limit]
 
 
 def _is_oom(e: BaseException) -> bool:

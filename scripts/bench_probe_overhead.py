@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from harness.models import resolve_config
+from harness.optimizers import make_optimizer
 from harness.probes import make_probe
 from harness.scenario import ModelSpec, TrainSpec
 from harness.techniques import REGISTRY, TechniqueUse
-from harness.train import TrainResult, make_batch, make_optimizer, run_steps
+from harness.train import TrainResult, make_batch, run_steps
 
 CASES = [
     # (label, model config, techniques, batch, seq)

@@ -23,6 +23,10 @@ VARIANTS = [
     {"name": "full-bf16-again", "techniques": ["bf16"]},
     {"name": "lora", "techniques": ["bf16", LORA]},
     {"name": "lora-gc", "techniques": ["gradient_checkpointing", LORA, "bf16"]},
+    {"name": "fp32-adamw-8bit", "techniques": [], "train": {"optimizer": "adamw_8bit"}},
+    {"name": "bf16-paged-adamw-8bit", "techniques": ["bf16"],
+     "train": {"optimizer": "paged_adamw_8bit"}},
+    {"name": "bf16-sgd", "techniques": ["bf16"], "train": {"optimizer": "sgd"}},
 ]
 
 
@@ -103,11 +107,23 @@ def test_the_breakdown_explains_the_peak(measured):
         memory = _mem(measured, name)
         breakdown = memory["breakdown_bytes"]
         assert sum(breakdown.values()) == memory["peak_allocated_bytes"]
-        assert 0 <= breakdown["unattributed"] <= 0.05 * memory["peak_allocated_bytes"], name
-        assert breakdown["params"] > 0
+        assert breakdown["params"] > 0 and breakdown["unattributed"] >= 0
         for phase in memory["phases"].values():
             assert sum(phase["breakdown_bytes"].values()) == phase["peak_allocated_bytes"]
+        if "8bit" in name:
+            continue  # bitsandbytes' CPU kernels allocate inside C++: see the next test
+        assert breakdown["unattributed"] <= 0.05 * memory["peak_allocated_bytes"], name
+        for phase in memory["phases"].values():
             assert phase["breakdown_bytes"]["unattributed"] <= 0.05 * phase["peak_allocated_bytes"]
+
+
+def test_what_no_tensor_names_shows_as_unattributed(measured):
+    # bitsandbytes' 8-bit step on CPU dequantizes into buffers its C++ code allocates: the
+    # allocator counts them, no op returns them. They surface in the optimizer phase only.
+    phases = _mem(measured, "fp32-adamw-8bit")["phases"]
+    assert phases["optimizer"]["breakdown_bytes"]["unattributed"] > 0
+    assert phases["forward"]["breakdown_bytes"]["unattributed"] <= \
+        0.05 * phases["forward"]["peak_allocated_bytes"]
 
 
 def test_phases_and_steps_are_consistent(measured):
@@ -185,3 +201,25 @@ def test_pretrained_weights_load_from_a_local_folder(tmp_path):
     # bf16 base weights in allocator memory (not left memory-mapped), fp32 adapters.
     assert record["memory"]["breakdown_bytes"]["params"] == pytest.approx(
         2 * base + 4 * adapters, rel=0.01)
+
+
+def test_8bit_adamw_state_is_about_a_quarter_of_fp32_adamw(measured):
+    fp32 = _mem(measured, "full-fp32")["end_of_step_bytes"]["optimizer"]
+    eight_bit = _mem(measured, "fp32-adamw-8bit")["end_of_step_bytes"]["optimizer"]
+    # 1 byte per moment instead of 4, plus per-block absmax and the small fp32 norm states.
+    assert 0.24 * fp32 <= eight_bit <= 0.30 * fp32, eight_bit / fp32
+
+
+def test_paged_state_on_cpu_is_ordinary_memory_and_the_record_says_so(measured):
+    record = measured["records"]["bf16-paged-adamw-8bit"]
+    memory = _mem(measured, "bf16-paged-adamw-8bit")
+    assert memory["paged_optimizer_bytes"] == 0
+    assert memory["end_of_step_bytes"]["optimizer"] == \
+        _mem(measured, "fp32-adamw-8bit")["end_of_step_bytes"]["optimizer"]  # same 8-bit state
+    assert any("Paged optimizers are not supported on CPU" in n for n in record["notes"])
+
+
+def test_sgd_keeps_no_optimizer_state(measured):
+    memory = _mem(measured, "bf16-sgd")
+    assert memory["end_of_step_bytes"]["optimizer"] == 0
+    assert memory["peak_allocated_bytes"] < _mem(measured, "full-bf16")["peak_allocated_bytes"]

@@ -93,14 +93,22 @@ def test_ctrl_c_keeps_every_finished_record_and_exits_130(tmp_path):
 def test_what_this_machine_cannot_run_is_an_unsupported_result(tmp_path):
     import torch
 
-    big = write_scenario(tmp_path, "big", [{"name": "full", "techniques": []}],
-                         model={"config": "mistral-7b-v0.1"})
+    big = write_scenario(tmp_path, "big", [
+        {"name": "full", "techniques": []},
+        {"name": "liger", "techniques": ["bf16", "liger"]},
+        {"name": "offload", "techniques": ["bf16", "activation_offload"]},
+    ], model={"config": "mistral-7b-v0.1"})
     proc = harness("run", str(big), "--device", "cpu", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    record = records(Path(last_json(proc.stdout)["run_dir"]))["full"]
+    got = records(Path(last_json(proc.stdout)["run_dir"]))
+    record = got["full"]
     assert record["status"] == "unsupported" and "half of the" in record["error"]
+    assert got["liger"]["status"] == "unsupported"
+    assert got["liger"]["error"].startswith("liger: ") and "GPU" in got["liger"]["error"]
+    assert got["offload"]["status"] == "unsupported" and "host RAM" in got["offload"]["error"]
     if not torch.cuda.is_available():
-        proc = harness("run", str(big), "--device", "cuda", "--out", str(tmp_path / "out"))
+        proc = harness("run", str(big), "--device", "cuda", "--variant", "full",
+                       "--out", str(tmp_path / "out"))
         assert proc.returncode == 0
         record = records(Path(last_json(proc.stdout)["run_dir"]))["full"]
         assert record["status"] == "unsupported" and record["method"] == "measured-cuda"

@@ -61,6 +61,9 @@ class BuildContext:
     load: LoadOptions = field(default_factory=LoadOptions)
     model: Any = None  # set between the LOAD and MODEL stages
     autocast_dtype: torch.dtype | None = None
+    grad_scaler: bool = False  # fp16 autocast: scale the loss, unscale grads before clipping
+    # (model, batch) → loss; None: the model's own loss, `model(**batch).loss`.
+    loss_fn: Callable[[Any, dict], Any] | None = None
     # Arguments a technique could only resolve once applied (e.g. LoRA's default target modules).
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -143,10 +146,12 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
     return None
 
 
-def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
+def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any] = (),
                    reserved: tuple[str, ...] = (), shown: tuple[str, ...] = (),
                    aliases: Mapping[str, str] = ()) -> Callable:
-    """An argument resolver checked against a library's config dataclass (e.g. LoraConfig).
+    """An argument resolver checked against a library's config dataclass (e.g. LoraConfig),
+    given as a function returning the class, so the library is imported only when a scenario
+    uses the technique.
 
     Keys must be the dataclass's own field names; values of simple-typed fields must match the
     type of the field's default; the config is then built once so the library's own checks run.
@@ -156,16 +161,16 @@ def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
     """
     import dataclasses
 
-    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
-    allowed = [n for n in fields if n not in reserved]
-
     def resolve(args: dict) -> dict:
+        cls = config_cls()
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        allowed = [n for n in fields if n not in reserved]
         for key, value in args.items():
             if key not in allowed:
                 hint = [dict(aliases)[key]] if key in dict(aliases) else \
                     difflib.get_close_matches(str(key), allowed, n=1)
                 raise TechniqueArgError(
-                    f"unknown argument {key!r} for {config_cls.__name__}" +
+                    f"unknown argument {key!r} for {cls.__name__}" +
                     (f" (did you mean {hint[0]!r}?)" if hint else ""), key=str(key))
             default = fields[key].default
             # Only plainly typed fields: `init_lora_weights: bool | str` takes either.
@@ -175,7 +180,7 @@ def dataclass_args(config_cls: type, *, defaults: Mapping[str, Any] = (),
                 raise TechniqueArgError(f"must be {type(default).__name__}, got {value!r}", key=key)
         merged = {**dict(defaults), **args}
         try:
-            built = config_cls(**merged)
+            built = cls(**merged)
         except Exception as e:  # noqa: BLE001 - the library's own check, whatever it raises
             raise TechniqueArgError(" ".join(str(e).split()) or type(e).__name__) from None
         for key in shown:
@@ -196,8 +201,13 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 # One import per technique module: importing registers it.
 from harness.techniques import (  # noqa: E402,F401
+    activation_offload,
     amp_bf16,
+    amp_fp16,
     bf16,
+    chunked_nll,
+    fp16,
     gradient_checkpointing,
+    liger,
     lora,
 )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from harness.techniques import BuildContext, Stage, technique
-from harness.techniques.bf16 import _bf16_supported
+from harness.techniques.bf16 import bf16_supported, others
 
 
-@technique("amp_bf16", stage=Stage.STEP, conflicts=("bf16",), supported=_bf16_supported)
+@technique("amp_bf16", stage=Stage.STEP, conflicts=others("amp_bf16"), supported=bf16_supported)
 def amp_bf16(ctx: BuildContext) -> None:
-    """Mixed precision: weights, grads and optimizer state stay fp32 (no saving there); activations
-    saved for backward are mostly bf16 (about half), but autocast caches a bf16 copy of each
-    weight for the duration of the forward, which adds up to half the fp32 weight bytes.
+    """Mixed precision: weights, grads and optimizer state stay fp32 (no saving there);
+    activations saved for backward are mostly bf16 (about half), but autocast caches a bf16
+    copy of each weight for the duration of the forward, which adds up to half the fp32 weight
+    bytes.
     """
     ctx.autocast_dtype = torch.bfloat16

@@ -6,14 +6,21 @@ import torch
 
 from harness.techniques import BuildContext, Stage, technique
 
+# One precision per variant: weight dtypes and autocast modes exclude each other.
+PRECISIONS = ("bf16", "fp16", "amp_bf16", "amp_fp16")
 
-def _bf16_supported(device: torch.device) -> str | None:
+
+def others(name: str) -> tuple[str, ...]:
+    return tuple(p for p in PRECISIONS if p != name)
+
+
+def bf16_supported(device: torch.device) -> str | None:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return f"{torch.cuda.get_device_name(device)} has no bfloat16 support"
     return None
 
 
-@technique("bf16", stage=Stage.LOAD, conflicts=("amp_bf16",), supported=_bf16_supported)
+@technique("bf16", stage=Stage.LOAD, conflicts=others("bf16"), supported=bf16_supported)
 def bf16(ctx: BuildContext) -> None:
     """Parameters, grads and AdamW state in bf16: each takes half the bytes of fp32.
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig, get_peft_model
-
 from harness.techniques import BuildContext, Stage, dataclass_args, technique
+
+
+def _peft():
+    import peft  # imported on use: it costs seconds, and pulls in bitsandbytes
+
+    return peft
+
 
 _RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
              "revision", "inference_mode")
@@ -29,7 +34,7 @@ def _check_targets(model, args: dict) -> str | None:
 
 
 @technique("lora", stage=Stage.MODEL, order=10, check_model=_check_targets,
-           args=dataclass_args(LoraConfig, reserved=_RESERVED,
+           args=dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
                                shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
                                aliases={"rank": "r", "alpha": "lora_alpha",
                                         "dropout": "lora_dropout", "targets": "target_modules"}))
@@ -38,6 +43,7 @@ def lora(ctx: BuildContext, **args) -> None:
     the base for r=16 on q/v), parameters barely change. Activations do not shrink: the frozen
     base still saves what backward needs to reach the adapters.
     """
-    ctx.model = get_peft_model(ctx.model, LoraConfig(task_type="CAUSAL_LM", **args))
+    peft = _peft()
+    ctx.model = peft.get_peft_model(ctx.model, peft.LoraConfig(task_type="CAUSAL_LM", **args))
     config = ctx.model.peft_config["default"]
     ctx.resolved["lora"] = {"target_modules": sorted(config.target_modules)}

@@ -1,0 +1,87 @@
+"""Optimizers by name (the scenario's `train.optimizer`): how much state each keeps.
+
+Paged optimizers (bitsandbytes) keep their state in CUDA unified memory, which PyTorch's
+allocator never sees: `paged_state_bytes` counts it from the state tensors themselves so the
+record can show it beside `max_memory_allocated` instead of silently dropping it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    make: Callable[[list, Any], torch.optim.Optimizer]  # (params, TrainSpec) → optimizer
+    doc: str
+
+
+def _adamw(params, train):
+    # foreach=True is what CUDA picks by default; CPU would pick the for-loop form, whose step
+    # temporaries are far smaller. The same choice on every device keeps runs comparable.
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+
+
+def _adamw_fused(params, train):
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
+
+
+def _sgd(params, train):
+    return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
+
+
+def _adafactor(params, train):
+    from transformers.optimization import Adafactor
+
+    # As transformers' Trainer sets it up for optim="adafactor": a fixed learning rate.
+    return Adafactor(params, lr=train.lr, weight_decay=train.weight_decay,
+                     scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def _bnb(cls_name: str):
+    def make(params, train):
+        from harness.techniques import Unsupported
+
+        try:
+            import bitsandbytes as bnb
+        except Exception as e:  # noqa: BLE001 - a missing or broken native library
+            raise Unsupported(f"bitsandbytes cannot be imported here: {e}") from None
+        return getattr(bnb.optim, cls_name)(params, lr=train.lr, weight_decay=train.weight_decay)
+
+    return make
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
+    OptimizerSpec("adamw", _adamw, "torch AdamW, foreach: two fp32-or-param-dtype moments per "
+                  "parameter (2× the trainable bytes), plus foreach step temporaries"),
+    OptimizerSpec("adamw_fused", _adamw_fused, "torch AdamW, fused kernel: the same state, "
+                  "without foreach's per-step temporaries"),
+    OptimizerSpec("sgd", _sgd, "torch SGD without momentum: no state at all"),
+    OptimizerSpec("adafactor", _adafactor, "transformers Adafactor: factored second moment "
+                  "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)"),
+    OptimizerSpec("adamw_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit: both moments in "
+                  "block-wise 8-bit (≈ ¼ of fp32 AdamW's state) plus small absmax tables"),
+    OptimizerSpec("paged_adamw_8bit", _bnb("PagedAdamW8bit"), "bitsandbytes PagedAdamW8bit: 8-bit "
+                  "state in CUDA unified memory, paged to CPU under pressure; invisible to "
+                  "PyTorch's allocator (counted separately)"),
+)}
+
+
+def make_optimizer(name: str, params: list, train) -> torch.optim.Optimizer:
+    return OPTIMIZERS[name].make(params, train)
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)]
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state living in bitsandbytes' paged (unified) memory."""
+    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer)
+               if getattr(t, "is_paged", False))

@@ -1,0 +1,27 @@
+"""activation_offload: gradient checkpointing whose saved layer inputs live in host RAM."""
+
+from __future__ import annotations
+
+from harness.techniques import BuildContext, Stage, technique
+
+
+def _needs_a_gpu(device) -> str | None:
+    if device.type != "cuda":
+        return (f"offloading moves saved activations from GPU memory to host RAM; on a "
+                f"{device.type} run host RAM is the measured memory, so the effect cannot show")
+    return None
+
+
+@technique("activation_offload", stage=Stage.MODEL, order=20,
+           conflicts=("gradient_checkpointing",), supported=_needs_a_gpu)
+def activation_offload(ctx: BuildContext) -> None:
+    """Checkpointing as gradient_checkpointing, and the one hidden state kept per layer is copied
+    to (pinned) host memory in forward and back in backward: GPU activations fall to about one
+    layer's worth, at the cost of host↔device copies.
+    """
+    model = ctx.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5: activation_checkpointing_enable(offload=True); non-reentrant as for
+    # gradient_checkpointing.
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                         offload=True)

@@ -1,0 +1,18 @@
+"""fp16: weights created directly in float16 (pure half precision, no loss scaling)."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.techniques import BuildContext, Stage, technique
+from harness.techniques.bf16 import others
+
+
+@technique("fp16", stage=Stage.LOAD, conflicts=others("fp16"))
+def fp16(ctx: BuildContext) -> None:
+    """Parameters, grads and AdamW state in fp16: half the bytes of fp32, as bf16.
+
+    Same memory as bf16; pure fp16 training without a loss scaler is numerically fragile, which
+    is why amp_fp16 exists. Kept for GPUs without bf16 (V100, T4).
+    """
+    ctx.load.dtype = torch.float16

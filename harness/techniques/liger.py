@@ -1,0 +1,49 @@
+"""liger: liger-kernel's Triton kernels patched into the model (RMSNorm, SwiGLU, RoPE, fused
+linear cross-entropy), each switchable."""
+
+from __future__ import annotations
+
+from harness.techniques import BuildContext, Stage, TechniqueArgError, Unsupported, technique
+
+_SWITCHES = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True,
+             "cross_entropy": False}  # liger-kernel's own defaults for Llama/Mistral/Qwen2
+
+
+def _resolve(args: dict) -> dict:
+    for key, value in args.items():
+        if key not in _SWITCHES:
+            raise TechniqueArgError(f"unknown switch {key!r}; liger has {', '.join(_SWITCHES)}",
+                                    key=str(key))
+        if not isinstance(value, bool):
+            raise TechniqueArgError(f"must be true or false, got {value!r}", key=key)
+    merged = {**_SWITCHES, **args}
+    if merged["cross_entropy"] and merged["fused_linear_cross_entropy"]:
+        raise TechniqueArgError("cross_entropy and fused_linear_cross_entropy exclude each other",
+                                key="cross_entropy")
+    return merged
+
+
+def _supported(device) -> str | None:
+    if device.type != "cuda":
+        return (f"liger-kernel's Triton kernels need a GPU; this run is on {device.type} "
+                "(its patched forward fails without one)")
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"liger-kernel cannot be imported: {e}"
+    return None
+
+
+@technique("liger", stage=Stage.MODEL, order=5, args=_resolve, supported=_supported)
+def liger(ctx: BuildContext, **switches) -> None:
+    """Fused kernels: fused linear cross-entropy never materialises the [tokens, vocab] logits
+    (the largest activation of a big-vocabulary model), RMSNorm/SwiGLU/RoPE kernels save fewer
+    intermediates for backward. Applied to the base model before any adapter.
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(ctx.model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise Unsupported(f"liger-kernel has no kernels for model type {model_type!r}")
+    _apply_liger_kernel_to_instance(model=ctx.model, **switches)
