@@ -102,9 +102,14 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
     if spec.weights == "pretrained":
         # A hub id, or the folder holding config.json and the weights.
         where = source.location if source.kind == "hub" else str(Path(source.location).parent)
+        if load.quantization is not None:
+            common["quantization_config"] = load.quantization
         model = AutoModelForCausalLM.from_pretrained(where, device_map=str(device), **common)
         if torch.device(device).type == "cpu":
             _own_memory(model)
+    elif load.quantization is not None:
+        model = _random_quantized(load_config(source, spec.trust_remote_code), load.quantization,
+                                  torch.device(device), common)
     else:
         config = load_config(source, spec.trust_remote_code)
         # Under torch.device(...) every parameter is allocated where it will live.
@@ -125,6 +130,65 @@ def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None =
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                 trust_remote_code=spec.trust_remote_code)
+
+
+def _random_quantized(config, quantization, device, common: dict):
+    """A bitsandbytes-quantized model with random weights, nothing downloaded, as
+    `from_pretrained(quantization_config=...)` lays it out: transformers' own quantizer swaps
+    the linear layers on a meta skeleton, then each weight is drawn in the compute dtype and
+    quantized on the device one layer at a time — never a whole unquantized copy.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed
+        model = AutoModelForCausalLM.from_config(config, **common)
+    quantizer.preprocess_model(model, device_map={"": device}, dtype=common["dtype"])
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and \
+                    weight is not None and weight.device.type == "meta":
+                drawn = torch.empty(weight.shape, dtype=common["dtype"], device=device).normal_(0, std)
+                if isinstance(module, bnb.nn.Linear4bit):
+                    module.weight = bnb.nn.Params4bit(
+                        drawn, requires_grad=False, quant_type=quantization.bnb_4bit_quant_type,
+                        compress_statistics=quantization.bnb_4bit_use_double_quant,
+                        quant_storage=quantization.bnb_4bit_quant_storage).to(device)
+                else:
+                    module.weight = bnb.nn.Int8Params(drawn, requires_grad=False,
+                                                      has_fp16_weights=False).to(device)
+                del drawn  # quantized: the compute-dtype draw goes now
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.device.type == "meta":
+                    fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                    fresh.fill_(1.0) if fresh.dim() == 1 else fresh.normal_(0, std)  # norms: 1
+                    setattr(module, name, torch.nn.Parameter(fresh, requires_grad=param.requires_grad))
+    model.to(device)  # the buffers (rotary tables) computed on CPU
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model
+
+
+def quantized_weights(model) -> list:
+    """The bitsandbytes weights and the tensors of their quantization state (absmax, code, the
+    double-quant constants; LLM.int8's row scales): what the quantized base weights occupy."""
+    tensors = []
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            tensors.append(param)
+            tensors += [state.absmax, state.code]
+            if getattr(state, "state2", None) is not None:
+                tensors += [state.state2.absmax, state.state2.code]
+        elif getattr(param, "SCB", None) is not None:
+            tensors += [param, param.SCB]
+    return [t for t in tensors if t is not None]
 
 
 def _own_memory(model) -> None:

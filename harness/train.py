@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from harness.models import ConfigSource, build_model
+from harness.models import ConfigSource, build_model, quantized_weights
 from harness.optimizers import make_optimizer, paged_state_bytes, state_tensors
 from harness.probes import Kind, Probe
 from harness.scenario import ModelSpec, TrainSpec
@@ -34,6 +34,8 @@ class TrainResult:
     step_times_s: list[float] = field(default_factory=list)  # measured steps only
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
     paged_optimizer_bytes: int | None = None  # state in unified memory: no allocator sees it
+    quantized_weight_bytes: int | None = None  # bitsandbytes weights + their quantization state
+    quantized_params: int | None = None  # how many original weights those hold
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -65,10 +67,16 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(train.optimizer, params, train)
         batch = make_batch(train, model.config.vocab_size, device)
-        probe.sight(Kind.PARAM, list(model.parameters()))
+        probe.sight(Kind.PARAM, list(model.parameters()) + quantized_weights(model))
         probe.sight(Kind.BUFFER, list(model.buffers()))
         probe.sight(Kind.INPUT, batch)
-    result.params_total = sum(p.numel() for p in model.parameters())
+    result.params_total = sum(_unpacked_numel(p) for p in model.parameters())
+    quantized = quantized_weights(model)
+    if quantized:
+        ids = {id(t) for t in quantized}
+        result.quantized_weight_bytes = sum(t.numel() * t.element_size() for t in quantized)
+        result.quantized_params = sum(_unpacked_numel(p) for p in model.parameters()
+                                      if id(p) in ids)
     result.params_trainable = sum(p.numel() for p in params)
     result.resolved = ctx.resolved
     grad_hooks = probe.tracker.watch_grads(model)
@@ -110,6 +118,12 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     finally:
         for handle in grad_hooks:
             handle.remove()
+
+
+def _unpacked_numel(param) -> int:
+    """A packed 4-bit weight's original element count (its quant_state keeps the shape)."""
+    state = getattr(param, "quant_state", None)
+    return state.shape.numel() if state is not None else param.numel()
 
 
 def timing(result: TrainResult, train: TrainSpec) -> dict[str, float | None]:

@@ -109,6 +109,8 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     record["notes"] = _notes(seen)
     record["memory"] = memory
     memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
+    memory["quantized_weight_bytes"] = result.quantized_weight_bytes
+    record["model"]["quantized_params"] = result.quantized_params
     record["model"].update(params_total=result.params_total or None,
                            params_trainable=result.params_trainable if result.params_total else None)
     for use in record["variant"]["techniques"]:

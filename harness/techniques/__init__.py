@@ -53,6 +53,7 @@ class TechniqueUse:
 @dataclass
 class LoadOptions:
     dtype: torch.dtype | None = None  # None: float32
+    quantization: Any = None  # a transformers BitsAndBytesConfig: weights quantized at load
 
 
 @dataclass
@@ -86,6 +87,10 @@ class Technique:
     supported: Callable[[torch.device], str | None] = lambda device: None  # reason, or None
     # Validation-time check against the model built on meta: a problem, or None.
     check_model: Callable[[Any, dict], str | None] | None = None
+    # Runs at the LOAD stage for a technique whose main stage is later (QLoRA: quantize at
+    # load, add adapters to the built model). Same arguments as `apply`.
+    load: Callable[..., None] | None = None
+    requires: tuple[str, ...] = ()  # at least one of these must be in the same stack
 
     @property
     def doc(self) -> str:
@@ -99,7 +104,8 @@ REGISTRY: dict[str, Technique] = {}
 def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order: int = 0,
               args: Callable[[dict], dict] | None = None,
               supported: Callable[[Any], str | None] | None = None,
-              check_model: Callable[[Any, dict], str | None] | None = None):
+              check_model: Callable[[Any, dict], str | None] | None = None,
+              load: Callable[..., None] | None = None, requires: tuple[str, ...] = ()):
     """Register a technique; duplicate names are a programming error."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
@@ -109,6 +115,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
             name=name, stage=stage, apply=fn, conflicts=frozenset(conflicts), order=order,
             resolve_args=args or _no_args,
             supported=supported or (lambda device: None), check_model=check_model,
+            load=load, requires=tuple(requires),
         )
         return fn
 
@@ -119,6 +126,10 @@ def check_stack(uses: tuple[TechniqueUse, ...]) -> None:
     """Reject a stack that contradicts itself: duplicates and declared conflicts (either side)."""
     names = [u.name for u in uses]
     for i, name in enumerate(names):
+        needs = REGISTRY[name].requires
+        if needs and not any(n in names for n in needs):
+            raise TechniqueArgError(f"{name!r} needs one of {', '.join(map(repr, needs))} in the "
+                                    "same variant", key=f"techniques[{i}]")
         if name in names[:i]:
             raise TechniqueArgError(f"technique {name!r} listed twice", key=f"techniques[{i}]")
         for other in names[:i]:
@@ -134,6 +145,8 @@ def ordered(uses: tuple[TechniqueUse, ...]) -> list[tuple[Technique, TechniqueUs
 
 def apply_stage(stage: Stage, ctx: BuildContext, uses: tuple[TechniqueUse, ...]) -> None:
     for tech, use in ordered(uses):
+        if stage == Stage.LOAD and tech.load is not None:
+            tech.load(ctx, **use.args)
         if tech.stage == stage:
             tech.apply(ctx, **use.args)
 
@@ -208,6 +221,8 @@ from harness.techniques import (  # noqa: E402,F401
     chunked_nll,
     fp16,
     gradient_checkpointing,
+    int8,
     liger,
     lora,
+    qlora,
 )

@@ -43,7 +43,18 @@ def lora(ctx: BuildContext, **args) -> None:
     the base for r=16 on q/v), parameters barely change. Activations do not shrink: the frozen
     base still saves what backward needs to reach the adapters.
     """
+    add_lora(ctx, args, prepare_kbit=True)
+
+
+def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lora") -> None:
+    """LoRA on ctx.model; on a quantized base, PEFT's k-bit preparation first (if chosen), and
+    its fp32 up-cast of the non-quantized weights with it. Gradient checkpointing stays its own
+    technique: the preparation is asked not to turn it on."""
     peft = _peft()
+    quantized = getattr(ctx.model, "is_quantized", False)
+    if quantized and prepare_kbit:
+        ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
+                                                         use_gradient_checkpointing=False)
     ctx.model = peft.get_peft_model(ctx.model, peft.LoraConfig(task_type="CAUSAL_LM", **args))
     config = ctx.model.peft_config["default"]
-    ctx.resolved["lora"] = {"target_modules": sorted(config.target_modules)}
+    ctx.resolved[name] = {"target_modules": sorted(config.target_modules)}

@@ -1,0 +1,81 @@
+"""qlora: bitsandbytes 4-bit base weights + LoRA adapters, PEFT's k-bit training preparation."""
+
+from __future__ import annotations
+
+import inspect
+
+from harness.techniques import (
+    BuildContext,
+    Stage,
+    TechniqueArgError,
+    Unsupported,
+    dataclass_args,
+    technique,
+)
+from harness.techniques.lora import _RESERVED, _check_targets, _peft, add_lora
+
+# BitsAndBytesConfig's 4-bit arguments, spelled as it spells them, with QLoRA's usual values.
+BNB_4BIT = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": None}
+_LORA = dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
+                       shown=("r", "lora_alpha", "lora_dropout", "target_modules"))
+
+
+def bnb_supported(device) -> str | None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a missing native library, an unsupported CPU
+        return f"bitsandbytes cannot be imported: {e}"
+    return None
+
+
+def bnb_config(**kwargs):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**kwargs)
+
+
+def _resolve(args: dict) -> dict:
+    bnb = {k: v for k, v in args.items() if k in BNB_4BIT}
+    prepare = args.get("prepare_model_for_kbit_training", True)
+    if not isinstance(prepare, bool):
+        raise TechniqueArgError(f"must be true or false, got {prepare!r}",
+                                key="prepare_model_for_kbit_training")
+    lora = {k: v for k, v in args.items()
+            if k not in BNB_4BIT and k != "prepare_model_for_kbit_training"}
+    if bnb.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+        raise TechniqueArgError(f"must be nf4 or fp4, got {bnb['bnb_4bit_quant_type']!r}",
+                                key="bnb_4bit_quant_type")
+    merged_bnb = {**BNB_4BIT, **bnb}
+    try:
+        bnb_config(load_in_4bit=True, **merged_bnb)
+    except Exception as e:  # noqa: BLE001 - BitsAndBytesConfig's own checks
+        raise TechniqueArgError(" ".join(str(e).split())) from None
+    return {**merged_bnb, "prepare_model_for_kbit_training": prepare, **_LORA(lora)}
+
+
+def _quantize_at_load(ctx: BuildContext, **args) -> None:
+    import torch
+
+    bnb = {k: args[k] for k in BNB_4BIT}
+    ctx.load.quantization = bnb_config(load_in_4bit=True, **bnb)
+    # Non-quantized weights (embeddings, norms, LM head) are created in the compute dtype.
+    ctx.load.dtype = ctx.load.dtype or getattr(torch, args["bnb_4bit_compute_dtype"])
+
+
+@technique("qlora", stage=Stage.MODEL, order=10, conflicts=("lora", "int8", "fp16"),
+           args=_resolve, load=_quantize_at_load, supported=bnb_supported,
+           check_model=_check_targets)
+def qlora(ctx: BuildContext, prepare_model_for_kbit_training: bool, **args) -> None:
+    """Base linear weights in 4-bit NF4 (≈ 0.5 byte per weight plus block constants, about a
+    quarter to a third of bf16's bytes); LoRA adapters train in fp32 on top. PEFT's
+    prepare_model_for_kbit_training (default on) up-casts every non-quantized weight —
+    embeddings, norms, LM head — to fp32: that costs memory, so it is an explicit argument.
+    The linear layers dequantize their weight for each matmul, in forward and in backward.
+    """
+    if not getattr(ctx.model, "is_quantized", False):
+        raise Unsupported("the model did not load quantized")
+    lora_args = {k: v for k, v in args.items() if k in inspect.signature(
+        _peft().LoraConfig).parameters}
+    add_lora(ctx, lora_args, prepare_model_for_kbit_training, name="qlora")

@@ -1,0 +1,83 @@
+"""QLoRA and LLM.int8 base weights, quantized by bitsandbytes on CPU from random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.models import resolve_config
+from harness.scenario import ModelSpec, ScenarioError, load_scenario
+from harness.techniques import REGISTRY, TechniqueUse
+from harness.train import build
+from tests.conftest import harness, last_json, records, write_scenario
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quantized")
+    path = write_scenario(folder, "quantized", [
+        {"name": "lora", "techniques": ["bf16", {"lora": {"r": 16, "target_modules": ALL_LINEAR}}]},
+        {"name": "qlora", "techniques": [{"qlora": {"r": 16, "target_modules": ALL_LINEAR}}]},
+        {"name": "qlora-no-upcast", "techniques": [{"qlora": {
+            "r": 16, "target_modules": ALL_LINEAR, "prepare_model_for_kbit_training": False}}]},
+        {"name": "int8-lora", "techniques": ["int8", {"lora": {"r": 16, "target_modules": ALL_LINEAR}}]},
+    ])
+    proc = harness("run", str(path), "--device", "cpu", "--out", str(folder / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = records(Path(last_json(proc.stdout)["run_dir"]))
+    for name, record in got.items():
+        assert record["status"] == "ok", (name, record["error"])
+    return got
+
+
+def _ratio_to_bf16(record) -> float:
+    return record["memory"]["quantized_weight_bytes"] / (2 * record["model"]["quantized_params"])
+
+
+def test_qlora_base_weights_take_a_quarter_to_a_third_of_bf16(quantized):
+    assert 0.25 <= _ratio_to_bf16(quantized["qlora"]) <= 1 / 3
+    assert quantized["qlora"]["model"]["params_total"] == quantized["lora"]["model"]["params_total"]
+
+
+def test_int8_base_weights_take_about_half_of_bf16(quantized):
+    assert 0.5 <= _ratio_to_bf16(quantized["int8-lora"]) <= 0.55
+
+
+def test_the_fp32_upcast_of_kbit_preparation_is_visible(quantized):
+    upcast, plain = quantized["qlora"], quantized["qlora-no-upcast"]
+    model = upcast["model"]
+    # Embeddings, norms and the LM head go from bf16 to fp32: 2 more bytes each.
+    not_quantized = model["params_total"] - model["quantized_params"] - model["params_trainable"]
+    extra = (upcast["memory"]["breakdown_bytes"]["params"]
+             - plain["memory"]["breakdown_bytes"]["params"])
+    assert extra == pytest.approx(2 * not_quantized, rel=0.05)
+
+
+def test_the_model_is_4bit_as_peft_and_transformers_see_it():
+    import bitsandbytes as bnb
+
+    spec = ModelSpec(config="tiny-llama")
+    use = TechniqueUse("qlora", REGISTRY["qlora"].resolve_args({"r": 8}))
+    ctx = build(spec, resolve_config(spec, Path("x.yaml")), (use,), torch.device("cpu"))
+    base = ctx.model.get_base_model()
+    assert base.is_quantized and base.is_loaded_in_4bit
+    assert base.config.quantization_config.load_in_4bit
+    q_proj = base.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.base_layer.weight.quant_state.quant_type == "nf4"
+
+
+@pytest.mark.parametrize("techniques, words", [
+    (["int8"], "needs one of 'lora'"),
+    ([{"qlora": {}}, {"lora": {}}], "conflicts"),
+    ([{"qlora": {"bnb_4bit_quant_type": "nf5"}}], "nf4 or fp4"),
+    ([{"qlora": {"prepare_model_for_kbit_training": "yes"}}], "true or false"),
+])
+def test_contradicting_quantization_stacks_are_bad_input(tmp_path, techniques, words):
+    path = write_scenario(tmp_path, "bad", [{"name": "v", "techniques": techniques}])
+    with pytest.raises(ScenarioError, match=words):
+        load_scenario(path)
