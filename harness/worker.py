@@ -46,8 +46,10 @@ def _too_big_for_ram(scenario, variant) -> str | None:
     needed = parameter_bytes_on_meta(scenario.model, source, ctx.load)
     available = psutil.virtual_memory().available
     if needed > available / 2:
-        return (f"parameters alone need {needed / 2**30:.1f} GiB, more than half of the "
-                f"{available / 2**30:.1f} GiB of RAM available; run it on a GPU")
+        dtype = str(ctx.load.dtype or "torch.float32").replace("torch.", "")
+        before = " before quantization" if ctx.load.quantization is not None else ""
+        return (f"parameters alone need {needed / 2**30:.1f} GiB in {dtype}{before}, more than "
+                f"half of the {available / 2**30:.1f} GiB of RAM available; run it on a GPU")
     return None
 
 
