@@ -67,11 +67,11 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(train.optimizer, params, train)
         batch = make_batch(train, model.config.vocab_size, device)
-        probe.sight(Kind.PARAM, list(model.parameters()) + quantized_weights(model))
+        quantized = quantized_weights(model)
+        probe.sight(Kind.PARAM, list(model.parameters()) + quantized)
         probe.sight(Kind.BUFFER, list(model.buffers()))
         probe.sight(Kind.INPUT, batch)
     result.params_total = sum(_unpacked_numel(p) for p in model.parameters())
-    quantized = quantized_weights(model)
     if quantized:
         ids = {id(t) for t in quantized}
         result.quantized_weight_bytes = sum(t.numel() * t.element_size() for t in quantized)

@@ -225,4 +225,5 @@ from harness.techniques import (  # noqa: E402,F401
     liger,
     lora,
     qlora,
+    trainable_tokens,
 )
