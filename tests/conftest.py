@@ -54,6 +54,17 @@ def harness(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedP
                           **kwargs)
 
 
+def run_cpu(folder: Path, name: str, variants: list[dict], **scenario) -> dict[str, dict]:
+    """Write a scenario, run every variant on CPU as a user would, insist each ended `ok`."""
+    path = write_scenario(folder, name, variants, **scenario)
+    proc = harness("run", str(path), "--device", "cpu", "--out", str(folder / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = records(Path(last_json(proc.stdout)["run_dir"]))
+    for variant, record in got.items():
+        assert record["status"] == "ok", (variant, record["error"])
+    return got
+
+
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 

@@ -11,27 +11,20 @@ from harness.models import resolve_config
 from harness.scenario import ModelSpec, ScenarioError, load_scenario
 from harness.techniques import REGISTRY, TechniqueUse
 from harness.train import build
-from tests.conftest import harness, last_json, records, write_scenario
+from tests.conftest import run_cpu, write_scenario
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quantized")
-    path = write_scenario(folder, "quantized", [
+    return run_cpu(tmp_path_factory.mktemp("quantized"), "quantized", [
         {"name": "lora", "techniques": ["bf16", {"lora": {"r": 16, "target_modules": ALL_LINEAR}}]},
         {"name": "qlora", "techniques": [{"qlora": {"r": 16, "target_modules": ALL_LINEAR}}]},
         {"name": "qlora-no-upcast", "techniques": [{"qlora": {
             "r": 16, "target_modules": ALL_LINEAR, "prepare_model_for_kbit_training": False}}]},
         {"name": "int8-lora", "techniques": ["int8", {"lora": {"r": 16, "target_modules": ALL_LINEAR}}]},
     ])
-    proc = harness("run", str(path), "--device", "cpu", "--out", str(folder / "out"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = records(Path(last_json(proc.stdout)["run_dir"]))
-    for name, record in got.items():
-        assert record["status"] == "ok", (name, record["error"])
-    return got
 
 
 def _ratio_to_bf16(record) -> float:

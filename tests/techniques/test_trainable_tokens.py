@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from harness.scenario import ScenarioError, load_scenario
-from tests.conftest import harness, last_json, records, write_scenario
+from tests.conftest import run_cpu, write_scenario
 
 TOKENS = list(range(32))
 LORA = {"r": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -15,8 +13,7 @@ LORA = {"r": 8, "target_modules": ["q_proj", "v_proj"]}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokens")
-    path = write_scenario(folder, "tokens", [
+    return run_cpu(tmp_path_factory.mktemp("tokens"), "tokens", [
         {"name": "lora-whole-embedding",
          "techniques": ["bf16", {"lora": {**LORA, "modules_to_save": ["embed_tokens"]}}]},
         {"name": "lora-trainable-tokens",
@@ -25,12 +22,6 @@ def runs(tmp_path_factory):
         {"name": "trainable-tokens", "techniques": ["bf16", {"trainable_tokens": {
             "token_indices": TOKENS}}]},
     ])
-    proc = harness("run", str(path), "--device", "cpu", "--out", str(folder / "out"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = records(Path(last_json(proc.stdout)["run_dir"]))
-    for name, record in got.items():
-        assert record["status"] == "ok", (name, record["error"])
-    return got
 
 
 def _state(record) -> int:
