@@ -334,7 +334,7 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
     source = resolve_config(model, path)
     if source.kind != "file":
         return  # a hub config we may not fetch here; the run reports what is missing
-    meta = _meta_names(model, source)
+    meta = _cached_meta_model(model, source)
     for variant, use in checks:
         try:
             problem = REGISTRY[use.name].check_model(meta, dict(use.args))
@@ -347,7 +347,7 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_names(model: ModelSpec, source):
+def _cached_meta_model(model: ModelSpec, source):
     from harness.models import meta_model
 
     return meta_model(model, source)

@@ -111,11 +111,12 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 else:
                     optimizer.step()
                 probe.sight(Kind.OPTIMIZER, state_tensors(optimizer))
-                result.paged_optimizer_bytes = paged_state_bytes(optimizer)
             del loss
             if step >= train.warmup_steps:
                 result.step_times_s.append(time.perf_counter() - started)
     finally:
+        # Outside the measured steps; the state exists once the first step has run.
+        result.paged_optimizer_bytes = paged_state_bytes(optimizer)
         for handle in grad_hooks:
             handle.remove()
 

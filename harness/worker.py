@@ -88,26 +88,24 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     source = resolve_config(scenario.model, scenario.path)
     probe = make_probe(torch_device, budget_bytes)
     result = TrainResult()
-    caught = warnings.catch_warnings(record=True)
-    seen = caught.__enter__()
-    warnings.simplefilter("default")
-    probe.start()
-    try:
-        run_steps(probe, scenario.model, source, variant.techniques, variant.train, torch_device,
-                  result)
-        record["status"] = "ok"
-    except torch.OutOfMemoryError as e:
-        record.update(status="oom", error=_first_line(e))
-    except Unsupported as e:
-        record.update(status="unsupported", error=str(e))
-    except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
-        if _is_oom(e):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        probe.start()
+        try:
+            run_steps(probe, scenario.model, source, variant.techniques, variant.train,
+                      torch_device, result)
+            record["status"] = "ok"
+        except torch.OutOfMemoryError as e:
             record.update(status="oom", error=_first_line(e))
-        else:
-            record.update(status="error", error=_tail(traceback.format_exc()))
-    finally:
-        memory = probe.stop()
-        caught.__exit__(None, None, None)
+        except Unsupported as e:
+            record.update(status="unsupported", error=str(e))
+        except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
+            if _is_oom(e):
+                record.update(status="oom", error=_first_line(e))
+            else:
+                record.update(status="error", error=_tail(traceback.format_exc()))
+        finally:
+            memory = probe.stop()
     record["notes"] = _notes(seen)
     record["memory"] = memory
     memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes

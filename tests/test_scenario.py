@@ -62,8 +62,8 @@ def test_technique_order_in_the_yaml_does_not_matter(tmp_path):
     assert [t.name for t, _ in ordered(tuple(reversed(gc)))] == [t.name for t, _ in ordered(gc)]
 
 
-def _mutate(path_keys, value):
-    body = copy.deepcopy(GOOD)
+def _edit(body, path_keys, value) -> None:
+    """Set (or, with _DELETE, remove) the value at a path of keys and indices, in place."""
     target = body
     for key in path_keys[:-1]:
         target = target[key]
@@ -71,6 +71,11 @@ def _mutate(path_keys, value):
         del target[path_keys[-1]]
     else:
         target[path_keys[-1]] = value
+
+
+def _mutate(path_keys, value):
+    body = copy.deepcopy(GOOD)
+    _edit(body, path_keys, value)
     return body
 
 
@@ -198,14 +203,8 @@ _ALL_PATHS = [p for p in _paths(GOOD) if p]
 def test_property_malformed_scenarios_never_raise_anything_else(tmp_path, edits):
     body = copy.deepcopy(GOOD)
     for path, value in edits:
-        target = body
         try:
-            for key in path[:-1]:
-                target = target[key]
-            if value is _DELETE:
-                del target[path[-1]]
-            else:
-                target[path[-1]] = value
+            _edit(body, path, value)
         except (KeyError, IndexError, TypeError):
             continue  # an earlier edit removed this path
     file = _write(tmp_path, body)

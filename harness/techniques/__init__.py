@@ -151,6 +151,11 @@ def apply_stage(stage: Stage, ctx: BuildContext, uses: tuple[TechniqueUse, ...])
             tech.apply(ctx, **use.args)
 
 
+def base_model(model):
+    """The transformers model itself, under a PEFT wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
     for tech, _ in ordered(uses):
         reason = tech.supported(device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.techniques import BuildContext, Stage, technique
+from harness.techniques import BuildContext, Stage, base_model, technique
 
 
 def _needs_a_gpu(device) -> str | None:
@@ -19,8 +19,7 @@ def activation_offload(ctx: BuildContext) -> None:
     to (pinned) host memory in forward and back in backward: GPU activations fall to about one
     layer's worth, at the cost of host↔device copies.
     """
-    model = ctx.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(ctx.model)
     # transformers 5: activation_checkpointing_enable(offload=True); non-reentrant as for
     # gradient_checkpointing.
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.techniques import BuildContext, Stage, TechniqueArgError, Unsupported, technique
+from harness.techniques import (
+    BuildContext,
+    Stage,
+    TechniqueArgError,
+    Unsupported,
+    base_model,
+    technique,
+)
 
 IMPLS = ("harness", "trl")
 
@@ -44,7 +51,7 @@ def chunked_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     backward recomputes them one chunk at a time: the `[tokens, vocab]` fp32 logits (and their
     gradient) never exist whole — at most one `[chunk_size, vocab]` block does.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     head = base.get_output_embeddings()
     hidden = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
@@ -73,8 +80,7 @@ def chunked_nll(ctx: BuildContext, chunk_size: int, impl: str) -> None:
             from trl.trainer.utils import add_fused_lm_head
         except ImportError as e:
             raise Unsupported(f"the installed trl has no fused LM head: {e}") from None
-        base = ctx.model.get_base_model() if hasattr(ctx.model, "get_base_model") else ctx.model
-        add_fused_lm_head(base)  # before PEFT wraps the model, as SFTTrainer does
+        add_fused_lm_head(base_model(ctx.model))  # before PEFT wraps the model, as SFTTrainer does
         ctx.loss_fn = lambda model, batch: model(**batch, use_cache=False, fused_lm_head=True).loss
         return
     ctx.loss_fn = lambda model, batch: chunked_causal_lm_loss(

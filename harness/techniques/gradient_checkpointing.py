@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.techniques import BuildContext, Stage, technique
+from harness.techniques import BuildContext, Stage, base_model, technique
 
 
 @technique("gradient_checkpointing", stage=Stage.MODEL, order=20)
@@ -11,8 +11,7 @@ def gradient_checkpointing(ctx: BuildContext) -> None:
     layer's worth, live while that layer is recomputed in backward); costs about one extra
     forward of compute.
     """
-    model = ctx.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(ctx.model)
     # use_reentrant=False: the reentrant form needs inputs that require grad and silently drops
     # grads of frozen-base (LoRA) models. (transformers 5 renamed gradient_checkpointing_enable.)
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 from harness.techniques import (
     BuildContext,
     Stage,
@@ -76,6 +74,5 @@ def qlora(ctx: BuildContext, prepare_model_for_kbit_training: bool, **args) -> N
     """
     if not getattr(ctx.model, "is_quantized", False):
         raise Unsupported("the model did not load quantized")
-    lora_args = {k: v for k, v in args.items() if k in inspect.signature(
-        _peft().LoraConfig).parameters}
+    lora_args = {k: v for k, v in args.items() if k not in BNB_4BIT}
     add_lora(ctx, lora_args, prepare_model_for_kbit_training, name="qlora")
