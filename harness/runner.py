@@ -1,13 +1,20 @@
-"""One subprocess per variant; collect every record; never lose one.
+"""One process per variant; collect every record; never lose one.
 
 The parent only launches, watches and collects. Each variant's worker writes its record to a
 temporary path; the parent moves it into the run folder. A worker that crashes, is killed or
-times out gets an `error` record with its stderr tail. Ctrl-C stops the current worker, keeps
+times out gets an `error` record with its log tail. Ctrl-C stops the current worker, keeps
 every finished record, regenerates the summary and returns 130.
+
+Where a worker starts: importing torch, transformers and PEFT takes 6–8 s, longer than a tiny
+variant runs. For devices that never touch CUDA, workers are forked from a fork server that
+imported them once (a fresh process per variant all the same: nothing it does reaches the next).
+CUDA workers start as fresh interpreters: a driver initialised before a fork is not safe to use
+after it, and a GPU variant's run dwarfs the import.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -64,28 +71,23 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
     pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
     log = run_dir / LOG_DIR / f"{variant.name}.log"
     pending.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "harness.worker", "--scenario", str(scenario.path),
-           "--variant", variant.name, "--device", device, "--run-id", run_id,
-           "--result", str(pending)]
+    argv = ["--scenario", str(scenario.path), "--variant", variant.name, "--device", device,
+            "--run-id", run_id, "--result", str(pending)]
     if steps is not None:
-        cmd += ["--steps", str(steps)]
+        argv += ["--steps", str(steps)]
     if budget_bytes is not None:
-        cmd += ["--memory-budget", str(budget_bytes)]
-    with open(log, "w") as log_file:
-        # A session of its own: a terminal's Ctrl-C reaches the parent only, which then stops
-        # the worker's whole group (and whatever the worker started).
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        why = None
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            code, why = proc.returncode, f"worker timed out after {timeout_s:g} s and was killed"
-        except BaseException:
-            _kill_group(proc)
-            pending.unlink(missing_ok=True)
-            raise
+        argv += ["--memory-budget", str(budget_bytes)]
+    worker = _start_worker(argv, log, fork=not device.startswith("cuda"))
+    why = None
+    try:
+        code = worker.wait(timeout_s)
+        if code is None:
+            worker.kill_group()
+            code, why = worker.wait(None), f"worker timed out after {timeout_s:g} s and was killed"
+    except BaseException:
+        worker.kill_group()
+        pending.unlink(missing_ok=True)
+        raise
     # A record the worker finished is the measurement, even if the process died at exit after.
     if why is None and pending.is_file():
         try:
@@ -108,12 +110,52 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
     return record
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+class _Worker:
+    """A started worker, in a session (process group) of its own: a terminal's Ctrl-C reaches
+    the parent only, which then stops the worker's whole group (and whatever it started)."""
+
+    def __init__(self, proc: subprocess.Popen | multiprocessing.process.BaseProcess):
+        self.proc = proc
+
+    def wait(self, timeout: float | None) -> int | None:
+        """The exit code (negative: killed by that signal); None if still running at timeout."""
+        if isinstance(self.proc, subprocess.Popen):
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        self.proc.join(timeout)
+        return self.proc.exitcode
+
+    def kill_group(self) -> None:
+        pid = self.proc.pid
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the worker leads its own group (setsid)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.kill()  # in case it was not yet its own group's leader
+        self.wait(None)
+
+
+_PRELOAD = ["harness.worker", "harness.train", "harness.probes.cpu", "harness.techniques.lora",
+            "peft", "transformers.models.llama.modeling_llama",
+            "transformers.models.mistral.modeling_mistral"]
+
+
+def _start_worker(argv: list[str], log: Path, *, fork: bool) -> _Worker:
+    if fork:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        from harness.worker import forked_main
+
+        proc = context.Process(target=forked_main, args=(argv, str(log)), daemon=False)
+        proc.start()
+        return _Worker(proc)
+    with open(log, "w") as log_file:
+        return _Worker(subprocess.Popen(
+            [sys.executable, "-m", "harness.worker", *argv], stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}))
 
 
 def _tail(path: Path) -> str:

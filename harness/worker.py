@@ -1,6 +1,7 @@
 """One variant, in its own fresh process: build, train a few steps under the probe, write a record.
 
-The runner starts `python -m harness.worker ...` per variant and only watches. Whatever happens
+The runner starts `python -m harness.worker ...` per variant (or forks `forked_main` from a
+server that has the libraries imported; see runner.py) and only watches. Whatever happens
 here — OOM, an unsupported technique, an exception — ends as a record with that status; only a
 hard crash (segfault, kill) leaves none, and the runner writes that record instead.
 """
@@ -160,6 +161,23 @@ def main(argv: list[str] | None = None) -> int:
                          args.steps, args.memory_budget)
     print(status)
     return 0
+
+
+def forked_main(argv: list[str], log_path: str) -> None:
+    """Entry of a worker forked from the runner's fork server: what a fresh
+    `python -m harness.worker` gets from its command line — its own session, output to its log."""
+    import faulthandler
+    import os
+
+    os.setsid()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    faulthandler.enable()  # a segfault's stack goes to the log, as in a fresh interpreter
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":
