@@ -25,7 +25,8 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       between steps), paged_optimizer_bytes (bitsandbytes paged state in CUDA
                       unified memory, which no allocator figure includes; 0 when none),
                       tracked_tensor_peak_bytes, budget_bytes, device extras}
-    timing           {step_time_s_median, tokens_per_s, wall_s}: measured steps only
+    timing           {step_time_s_median, tokens_per_s}: measured steps only; warmup_s: the
+                     warm-up steps together (compilation included); wall_s: the whole variant
     notes            [str]: warnings the libraries raised while the variant ran
     env              {python, torch, transformers, peft, bitsandbytes, trl, accelerate, ...,
                       gpu_name, driver, cuda, git_sha, git_dirty, pytorch_cuda_alloc_conf, host}
@@ -88,7 +89,8 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> d
         "error": None,
         "memory": {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
                    "phases": {}, "per_step_peak_allocated_bytes": [], "breakdown_bytes": None},
-        "timing": {"step_time_s_median": None, "tokens_per_s": None, "wall_s": None},
+        "timing": {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,
+                   "wall_s": None},
         "notes": [],
         "env": None,
     }

@@ -319,6 +319,11 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
     train, overrides = (base_train, {})
     if "train" in variant:
         train, overrides = _parse_train(path, variant["train"], base_train, "train", name)
+    warm = [u.name for u in uses if REGISTRY[u.name].needs_warmup]
+    if warm and train.warmup_steps < 1:
+        raise ScenarioError(path, f"{warm[0]} needs warmup_steps ≥ 1 (its first step compiles; "
+                                  "step time would include it)", key="train.warmup_steps",
+                            variant=name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
                    description=description)
 

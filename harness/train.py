@@ -32,6 +32,7 @@ class TrainResult:
     params_total: int = 0
     params_trainable: int = 0
     step_times_s: list[float] = field(default_factory=list)  # measured steps only
+    warmup_times_s: list[float] = field(default_factory=list)  # compilation happens here
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
     paged_optimizer_bytes: int | None = None  # state in unified memory: no allocator sees it
     quantized_weight_bytes: int | None = None  # bitsandbytes weights + their quantization state
@@ -112,8 +113,9 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                     optimizer.step()
                 probe.sight(Kind.OPTIMIZER, state_tensors(optimizer))
             del loss
-            if step >= train.warmup_steps:
-                result.step_times_s.append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            (result.step_times_s if step >= train.warmup_steps else
+             result.warmup_times_s).append(elapsed)
     finally:
         # Outside the measured steps; the state exists once the first step has run.
         result.paged_optimizer_bytes = paged_state_bytes(optimizer)
@@ -128,8 +130,10 @@ def _unpacked_numel(param) -> int:
 
 
 def timing(result: TrainResult, train: TrainSpec) -> dict[str, float | None]:
+    warmup = round(sum(result.warmup_times_s), 3) if result.warmup_times_s else None
     if not result.step_times_s:
-        return {"step_time_s_median": None, "tokens_per_s": None}
+        return {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": warmup}
     median = statistics.median(result.step_times_s)
     return {"step_time_s_median": median,
-            "tokens_per_s": train.batch_size * train.seq_len / median if median > 0 else None}
+            "tokens_per_s": train.batch_size * train.seq_len / median if median > 0 else None,
+            "warmup_s": warmup}

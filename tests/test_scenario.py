@@ -112,6 +112,19 @@ BAD = [
     ((["variants", 0, "techniques"], [{"lora": {}, "bf16": {}}]), "full", "techniques[0]",
      "one-key mapping"),
     ((["variants", 0, "train"], {"steps": 0}), "full", "train.steps", "≥ 1"),
+    # Stacks that contradict themselves.
+    ((["variants", 0, "techniques"], ["int8"]), "full", "techniques[0]", "needs one of 'lora'"),
+    ((["variants", 0, "techniques"], ["bf16", "chunked_nll", "liger"]), "full",
+     "techniques[2].liger", "both replace the loss"),
+    ((["variants", 0, "techniques"], ["bf16", "chunked_nll", "compile"]), "full",
+     "techniques[2].compile", "use scope: layers"),
+    ((["variants", 0, "techniques"], [{"compile": {"backend": "inductr"}}]), "full",
+     "techniques[0].compile.backend", "did you mean 'inductor'"),
+    ((["variants", 0, "techniques"], [{"compile": {"backend": "aot_eager",
+                                                   "mode": "max-autotune"}}]), "full",
+     "techniques[0].compile.mode", "inductor mode"),
+    ((["variants", 0], {"name": "full", "techniques": ["compile"], "train": {"warmup_steps": 0}}),
+     "full", "train.warmup_steps", "compile needs warmup_steps ≥ 1"),
     ((["variants", 0, "colour"], "red"), "full", "variants[0].colour", "unknown key"),
 ]
 

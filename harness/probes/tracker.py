@@ -24,6 +24,10 @@ class BudgetExceeded(torch.OutOfMemoryError):
 
 
 class Tracker(TorchDispatchMode):
+    # Higher-order operators (compiled checkpointing's rng save/restore, ...) pass through
+    # __torch_dispatch__ like any op: run them, name what they return.
+    supports_higher_order_operators = True
+
     def __init__(self, budget_bytes: int | None = None):
         super().__init__()
         self.sightings: list[tuple[int, int, Kind]] = []
@@ -58,6 +62,14 @@ class Tracker(TorchDispatchMode):
 
     def _release(self, size: int) -> None:
         self.live_bytes -= size
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Otherwise torch.compile falls back to eager under any active dispatch mode, and a
+        # compiled variant would silently measure eager. With this, the mode is off while
+        # compiling and on around the compiled graphs: it sees what they return and the extern
+        # kernels they call; allocations inside fused kernels are seen by the allocator trace.
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

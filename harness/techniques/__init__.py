@@ -91,6 +91,10 @@ class Technique:
     # load, add adapters to the built model). Same arguments as `apply`.
     load: Callable[..., None] | None = None
     requires: tuple[str, ...] = ()  # at least one of these must be in the same stack
+    # A check of the whole stack, {name: resolved args} (e.g. two techniques that both replace
+    # the loss): a problem, or None.
+    check_stack: Callable[[dict[str, dict]], str | None] | None = None
+    needs_warmup: bool = False  # its first step is not representative (compilation)
 
     @property
     def doc(self) -> str:
@@ -105,7 +109,9 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
               args: Callable[[dict], dict] | None = None,
               supported: Callable[[Any], str | None] | None = None,
               check_model: Callable[[Any, dict], str | None] | None = None,
-              load: Callable[..., None] | None = None, requires: tuple[str, ...] = ()):
+              load: Callable[..., None] | None = None, requires: tuple[str, ...] = (),
+              check_stack: Callable[[dict[str, dict]], str | None] | None = None,
+              needs_warmup: bool = False):
     """Register a technique; duplicate names are a programming error."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
@@ -115,7 +121,8 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
             name=name, stage=stage, apply=fn, conflicts=frozenset(conflicts), order=order,
             resolve_args=args or _no_args,
             supported=supported or (lambda device: None), check_model=check_model,
-            load=load, requires=tuple(requires),
+            load=load, requires=tuple(requires), check_stack=check_stack,
+            needs_warmup=needs_warmup,
         )
         return fn
 
@@ -123,7 +130,8 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
 
 
 def check_stack(uses: tuple[TechniqueUse, ...]) -> None:
-    """Reject a stack that contradicts itself: duplicates and declared conflicts (either side)."""
+    """Reject a stack that contradicts itself: duplicates, missing requirements, declared
+    conflicts (either side) and each technique's own check of the whole stack."""
     names = [u.name for u in uses]
     for i, name in enumerate(names):
         needs = REGISTRY[name].requires
@@ -136,6 +144,12 @@ def check_stack(uses: tuple[TechniqueUse, ...]) -> None:
             if other in REGISTRY[name].conflicts or name in REGISTRY[other].conflicts:
                 raise TechniqueArgError(f"{name!r} conflicts with {other!r}",
                                         key=f"techniques[{i}]")
+    stack = {u.name: dict(u.args) for u in uses}
+    for i, name in enumerate(names):
+        check = REGISTRY[name].check_stack
+        problem = check(stack) if check else None
+        if problem:
+            raise TechniqueArgError(problem, key=f"techniques[{i}].{name}")
 
 
 def ordered(uses: tuple[TechniqueUse, ...]) -> list[tuple[Technique, TechniqueUse]]:
@@ -224,6 +238,7 @@ from harness.techniques import (  # noqa: E402,F401
     amp_fp16,
     bf16,
     chunked_nll,
+    compile,
     fp16,
     gradient_checkpointing,
     int8,

@@ -23,6 +23,13 @@ def _resolve(args: dict) -> dict:
     return merged
 
 
+def _check_stack(stack: dict[str, dict]) -> str | None:
+    if stack["liger"]["fused_linear_cross_entropy"] and "chunked_nll" in stack:
+        return ("fused_linear_cross_entropy and chunked_nll both replace the loss (chunked_nll's "
+                "would run and Liger's never); set fused_linear_cross_entropy: false")
+    return None
+
+
 def _supported(device) -> str | None:
     if device.type != "cuda":
         return (f"liger-kernel's Triton kernels need a GPU; this run is on {device.type} "
@@ -34,7 +41,8 @@ def _supported(device) -> str | None:
     return None
 
 
-@technique("liger", stage=Stage.MODEL, order=5, args=_resolve, supported=_supported)
+@technique("liger", stage=Stage.MODEL, order=5, args=_resolve, supported=_supported,
+           check_stack=_check_stack)
 def liger(ctx: BuildContext, **switches) -> None:
     """Fused kernels: fused linear cross-entropy never materialises the [tokens, vocab] logits
     (the largest activation of a big-vocabulary model), RMSNorm/SwiGLU/RoPE kernels save fewer
