@@ -35,7 +35,8 @@ def _resolve_device(choice: str) -> str:
         return choice
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    # Without a GPU, predict what one would need rather than measure this CPU.
+    return "cuda" if torch.cuda.is_available() else "simulate"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -127,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run every (or the chosen) variant of a scenario")
     run.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                     help="auto: cuda if available, else cpu")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu", "simulate"), default="auto",
+                     help="auto: cuda if available, else simulate (fake tensors: nothing "
+                          "allocated); cpu: real steps measured on this CPU")
     run.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
     run.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
     run.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")

@@ -92,14 +92,15 @@ def load_config(source: ConfigSource, trust_remote_code: bool = False):
 
 def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
                 device: torch.device | str):
-    """The model, on `device`, weights in `load.dtype` (fp32 when None), in train mode."""
+    """The model, on `device`, weights in `load.dtype` (fp32 when None), in train mode. On meta
+    (simulation) pretrained weights are not read: their values do not change memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = load.dtype or torch.float32
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
-    if spec.weights == "pretrained":
+    if spec.weights == "pretrained" and torch.device(device).type != "meta":
         # A hub id, or the folder holding config.json and the weights.
         where = source.location if source.kind == "hub" else str(Path(source.location).parent)
         if load.quantization is not None:

@@ -19,6 +19,7 @@ class OptimizerSpec:
     name: str
     make: Callable[[list, Any], torch.optim.Optimizer]  # (params, TrainSpec) → optimizer
     doc: str
+    not_simulated: str | None = None  # why its step cannot run on fake tensors
 
 
 def _adamw(params, train):
@@ -56,6 +57,8 @@ def _bnb(cls_name: str):
     return make
 
 
+_BNB_NOT_SIMULATED = "bitsandbytes' 8-bit step runs native code that fake tensors cannot run"
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adamw", _adamw, "torch AdamW, foreach: two fp32-or-param-dtype moments per "
                   "parameter (2× the trainable bytes), plus foreach step temporaries"),
@@ -65,10 +68,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adafactor", _adafactor, "transformers Adafactor: factored second moment "
                   "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)"),
     OptimizerSpec("adamw_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit: both moments in "
-                  "block-wise 8-bit (≈ ¼ of fp32 AdamW's state) plus small absmax tables"),
+                  "block-wise 8-bit (≈ ¼ of fp32 AdamW's state) plus small absmax tables",
+                  _BNB_NOT_SIMULATED),
     OptimizerSpec("paged_adamw_8bit", _bnb("PagedAdamW8bit"), "bitsandbytes PagedAdamW8bit: 8-bit "
                   "state in CUDA unified memory, paged to CPU under pressure; invisible to "
-                  "PyTorch's allocator (counted separately)"),
+                  "PyTorch's allocator (counted separately)", _BNB_NOT_SIMULATED),
 )}
 
 

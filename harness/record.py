@@ -48,7 +48,7 @@ from harness.techniques import ordered
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "unsupported")
-METHODS = ("measured-cpu", "measured-cuda")
+METHODS = ("measured-cpu", "measured-cuda", "simulated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "liger-kernel")
 

@@ -103,7 +103,34 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     previous = peak.shift(1).where(ok.shift(1, fill_value=False))
     table["vs_previous_pct"] = (peak / previous - 1) * 100
     table.loc[~ok, ["vs_baseline_pct", "vs_previous_pct"]] = pd.NA
+    # What a card must hold: the reserved peak where known (CUDA), else the allocated peak.
+    table["fits_need_bytes"] = table["peak_reserved_bytes"].fillna(table["peak_allocated_bytes"])
+    fits = [fits_on(n) if good else (None, None)
+            for n, good in zip(table["fits_need_bytes"], ok, strict=True)]
+    table["fits_on_gb"] = pd.array([f[0] for f in fits], dtype="Int64")
+    table["fits_margin_bytes"] = pd.array([f[1] for f in fits], dtype="Int64")
     return table
+
+
+CARDS_GB = (24, 40, 48, 80, 141)  # common GPU memory sizes, as sold (GiB on the device)
+
+
+def fits_on(need_bytes) -> tuple[int | None, int | None]:
+    """The smallest common card whose memory holds `need_bytes`, and what is left on it."""
+    if pd.isna(need_bytes):
+        return None, None
+    for card in CARDS_GB:
+        if need_bytes <= card * GIB:
+            return card, int(card * GIB - need_bytes)
+    return None, None
+
+
+def _fits_text(r) -> str:
+    if r["status"] != "ok" or pd.isna(r["fits_need_bytes"]):
+        return "—"
+    if pd.isna(r["fits_on_gb"]):
+        return f"none of {'/'.join(map(str, CARDS_GB))} GB"
+    return f"{int(r['fits_on_gb'])} GB (+{r['fits_margin_bytes'] / GIB:.1f})"
 
 
 def header_line(frame: pd.DataFrame) -> str:
@@ -145,12 +172,15 @@ def markdown(table: pd.DataFrame) -> str:
             "trainable": "—" if pd.isna(r["params_trainable"]) else f"{r['params_trainable']:,}",
             "step s": "—" if pd.isna(r["step_time_s_median"]) else f"{r['step_time_s_median']:.3f}",
             "tok/s": "—" if pd.isna(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}",
+            **({"fits on (GiB left)": _fits_text(r)} if unit == "GiB" else {}),
         })
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
     notes = [f"- `{r['variant']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
              for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
-    text = (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak.\n\n"
-            + body + "\n")
+    fits = (" Fits on: the smallest common card whose memory holds the peak (reserved where "
+            "known, else allocated; the CUDA context comes on top)." if unit == "GiB" else "")
+    text = (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak.{fits}"
+            "\n\n" + body + "\n")
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
     return text
@@ -159,7 +189,8 @@ def markdown(table: pd.DataFrame) -> str:
 CSV_COLUMNS = ["variant", "techniques", "status", "peak_allocated_bytes", "peak_reserved_bytes",
                "vs_baseline_pct", "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
                "params_trainable", "params_total", "step_time_s_median", "tokens_per_s",
-               "peak_phase", "device", "method", "run_id", "error"]
+               "fits_on_gb", "fits_margin_bytes", "peak_phase", "device", "method", "run_id",
+               "error"]
 
 
 def write_summary(run_dir: str | Path) -> str:

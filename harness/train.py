@@ -63,7 +63,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     an OOM midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
-        ctx = build(spec, source, uses, device)
+        ctx = probe.build(lambda where: build(spec, source, uses, where), device)
         model = ctx.model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(train.optimizer, params, train)

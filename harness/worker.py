@@ -23,6 +23,8 @@ from harness.scenario import load_scenario
 
 
 def method_for(device: str) -> str:
+    if device == "simulate":
+        return "simulated"
     return "measured-cuda" if device.startswith("cuda") else "measured-cpu"
 
 
@@ -60,7 +62,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
 
     from harness.models import resolve_config
     from harness.probes import make_probe
-    from harness.techniques import Unsupported, unsupported_reason
+    from harness.techniques import Unsupported, simulation_reason, unsupported_reason
     from harness.train import TrainResult, run_steps, timing
 
     scenario = load_scenario(scenario_path, only=variant_name)
@@ -77,9 +79,13 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     reason = _cuda_missing_reason() if device.startswith("cuda") else None
     if device == "cuda" and reason is None:
         device = record["device"] = f"cuda:{torch.cuda.current_device()}"
-    torch_device = torch.device(device)
-    reason = reason or unsupported_reason(variant.techniques, torch_device)
-    if reason is None and torch_device.type == "cpu":
+    simulate = device == "simulate"
+    torch_device = torch.device("cpu" if simulate else device)  # simulation: fake CPU tensors
+    if simulate:
+        reason = simulation_reason(variant.techniques, variant.train.optimizer)
+    else:
+        reason = reason or unsupported_reason(variant.techniques, torch_device)
+    if reason is None and torch_device.type == "cpu" and not simulate:
         reason = _too_big_for_ram(scenario, variant)
     if reason is not None:
         record.update(status="unsupported", error=reason)
@@ -87,14 +93,23 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
         return record["status"]
 
     source = resolve_config(scenario.model, scenario.path)
-    probe = make_probe(torch_device, budget_bytes)
+    train, sim_note = variant.train, None
+    if simulate and train.warmup_steps + train.steps > 2:
+        # The first step creates the optimizer state, the second runs with it; on fake tensors
+        # every later step repeats the second byte for byte.
+        warmup = min(train.warmup_steps, 1)
+        train = dataclasses.replace(train, warmup_steps=warmup, steps=2 - warmup)
+        sim_note = (f"simulated {train.warmup_steps + train.steps} of "
+                    f"{variant.train.warmup_steps + variant.train.steps} steps: on fake tensors "
+                    "every step after the second repeats it exactly")
+    probe = make_probe(torch_device, budget_bytes, simulate=simulate)
     result = TrainResult()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         probe.start()
         try:
-            run_steps(probe, scenario.model, source, variant.techniques, variant.train,
-                      torch_device, result)
+            run_steps(probe, scenario.model, source, variant.techniques, train, torch_device,
+                      result)
             record["status"] = "ok"
         except torch.OutOfMemoryError as e:
             record.update(status="oom", error=_first_line(e))
@@ -107,7 +122,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                 record.update(status="error", error=_tail(traceback.format_exc()))
         finally:
             memory = probe.stop()
-    record["notes"] = _notes(seen)
+    record["notes"] = ([sim_note] if sim_note else []) + _notes(seen)
     record["memory"] = memory
     memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
     memory["quantized_weight_bytes"] = result.quantized_weight_bytes
@@ -116,7 +131,9 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                            params_trainable=result.params_trainable if result.params_total else None)
     for use in record["variant"]["techniques"]:
         use["args"].update(result.resolved.get(use["name"], {}))
-    record["timing"] = {**timing(result, variant.train),
+    # Fake ops take no device time: a simulated step time would be the simulator's own.
+    record["timing"] = {**(timing(result, train) if not simulate else
+                           {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None}),
                         "wall_s": round(time.perf_counter() - started, 3)}
     write_record(result_path, record)
     return record["status"]

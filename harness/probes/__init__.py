@@ -7,7 +7,8 @@
     memory = probe.stop()        # the record's `memory` section
 
 cuda.py reads the caching allocator's own statistics (the truth on a GPU); cpu.py replays every
-event of PyTorch's CPU allocator from the profiler. Both name tensors with the same `Tracker`
+event of PyTorch's CPU allocator from the profiler; simulate.py runs the step on fake tensors
+and takes each storage's birth and death as the allocation trace. Both name tensors with the same `Tracker`
 and attribute the peak with the same `timeline.analyse`, so a CPU run tests the CUDA path's
 logic everywhere but in the few lines that read the device.
 """
@@ -35,13 +36,15 @@ class Probe(ABC):
     def __init__(self, device: torch.device, budget_bytes: int | None = None):
         self.device = device
         self.budget_bytes = budget_bytes
-        self.tracker = Tracker(budget_bytes if self.enforces_budget_in_tracker else None)
+        self.tracker = Tracker(budget_bytes if self.enforces_budget_in_tracker else None,
+                               trace_allocations=self.traces_allocations)
         self.phases: list[Phase] = []
         self.current: Phase | None = None
         self.extra: dict[str, Any] = {}  # device-specific fields for the record
         self._tracking = False
 
     enforces_budget_in_tracker = True
+    traces_allocations = False  # True where no allocator exists to ask (simulation)
 
     # -- what the loop calls ------------------------------------------------------------------
 
@@ -73,6 +76,11 @@ class Probe(ABC):
 
     def sight(self, kind: Kind, tensors) -> None:
         self.tracker.sight(kind, tensors)
+
+    def build(self, make, device: torch.device):
+        """`make(device)` builds the model and applies the techniques; a probe may build
+        elsewhere first (simulation builds on meta)."""
+        return make(device)
 
     # -- what each device provides ------------------------------------------------------------
 
@@ -141,11 +149,16 @@ def _explained(breakdown: dict[str, int] | None, peak: int) -> dict[str, int] | 
     return {**named, "unattributed": max(peak, 0) - sum(named.values())}
 
 
-def make_probe(device: torch.device, budget_bytes: int | None = None) -> Probe:
+def make_probe(device: torch.device, budget_bytes: int | None = None, *,
+               simulate: bool = False) -> Probe:
     if device.type == "cuda":
         from harness.probes.cuda import CudaProbe
 
         return CudaProbe(device, budget_bytes)
+    if simulate:
+        from harness.probes.simulate import SimulateProbe
+
+        return SimulateProbe(device, budget_bytes)
     if device.type == "cpu":
         from harness.probes.cpu import CpuProbe
 

@@ -28,40 +28,63 @@ class Tracker(TorchDispatchMode):
     # __torch_dispatch__ like any op: run them, name what they return.
     supports_higher_order_operators = True
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, budget_bytes: int | None = None, trace_allocations: bool = False):
         super().__init__()
         self.sightings: list[tuple[int, int, Kind]] = []
         self.budget_bytes = budget_bytes
         self.live_bytes = 0  # tensor storages alive now, 512-byte rounded (for the budget)
         self.peak_live_bytes = 0
+        # With trace_allocations (fake tensors: no allocator to ask), each storage's first
+        # sighting is its allocation and its death its free — (t_ns, id, ±bytes) — and storages
+        # are keyed by a counter instead of an address.
+        self.allocations: list[tuple[int, int, int]] | None = [] if trace_allocations else None
         self._seen = WeakIdKeyDictionary()
+        self._last_ns = 0
 
     # -- naming -------------------------------------------------------------------------------
 
+    def _now(self) -> int:
+        # Strictly increasing: a free and the next allocation never share a timestamp.
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)
+        return self._last_ns
+
     def sight(self, kind: Kind, tensors) -> None:
-        now = time.time_ns()
+        now = self._now()
         for t in tree_leaves(tensors):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
-                self.sightings.append((now, storage.data_ptr(), kind))
-                self._count(storage)
+                key = self._count(storage, now)
+                if self.allocations is None:
+                    key = storage.data_ptr()  # the allocator's own key; resize_ can move it
+                self.sightings.append((now, key, kind))
+                self._check_budget()
 
-    def _count(self, storage: torch.UntypedStorage) -> None:
-        if storage in self._seen:
-            return
+    def _count(self, storage: torch.UntypedStorage, now: int) -> int:
+        """Counts the storage's bytes the first time it is seen; its trace id (0 untraced)."""
+        seen = self._seen.get(storage)
+        if seen is not None:
+            return seen
         size = round_block(storage.nbytes())
-        self._seen[storage] = size
+        key = 0
+        if self.allocations is not None:
+            key = len(self.allocations) + 1
+            self.allocations.append((now, key, size))
+        self._seen[storage] = key
         self.live_bytes += size
-        weakref.finalize(storage, self._release, size)
-        if self.live_bytes > self.peak_live_bytes:
-            self.peak_live_bytes = self.live_bytes
+        weakref.finalize(storage, self._release, size, key)
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        return key
+
+    def _check_budget(self) -> None:
         if self.budget_bytes is not None and self.live_bytes > self.budget_bytes:
             raise BudgetExceeded(
                 f"memory budget exceeded: {self.live_bytes} tracked bytes > budget "
                 f"{self.budget_bytes} bytes")
 
-    def _release(self, size: int) -> None:
+    def _release(self, size: int, key: int) -> None:
         self.live_bytes -= size
+        if self.allocations is not None:
+            self.allocations.append((self._now(), key, -size))
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:

@@ -95,6 +95,8 @@ class Technique:
     # the loss): a problem, or None.
     check_stack: Callable[[dict[str, dict]], str | None] | None = None
     needs_warmup: bool = False  # its first step is not representative (compilation)
+    # Why it cannot run on fake tensors (simulation), or None where it can.
+    not_simulated: str | None = None
 
     @property
     def doc(self) -> str:
@@ -111,7 +113,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
               check_model: Callable[[Any, dict], str | None] | None = None,
               load: Callable[..., None] | None = None, requires: tuple[str, ...] = (),
               check_stack: Callable[[dict[str, dict]], str | None] | None = None,
-              needs_warmup: bool = False):
+              needs_warmup: bool = False, not_simulated: str | None = None):
     """Register a technique; duplicate names are a programming error."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
@@ -122,7 +124,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order
             resolve_args=args or _no_args,
             supported=supported or (lambda device: None), check_model=check_model,
             load=load, requires=tuple(requires), check_stack=check_stack,
-            needs_warmup=needs_warmup,
+            needs_warmup=needs_warmup, not_simulated=not_simulated,
         )
         return fn
 
@@ -176,6 +178,17 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
         if reason:
             return f"{tech.name}: {reason}"
     return None
+
+
+def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer: str) -> str | None:
+    """Why this stack cannot be simulated, or None."""
+    from harness.optimizers import OPTIMIZERS
+
+    for tech, _ in ordered(uses):
+        if tech.not_simulated:
+            return f"{tech.name} cannot be simulated: {tech.not_simulated}"
+    why = OPTIMIZERS[optimizer].not_simulated
+    return f"optimizer {optimizer} cannot be simulated: {why}" if why else None
 
 
 def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any] = (),

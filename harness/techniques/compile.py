@@ -75,7 +75,8 @@ def _inductor_missing(device) -> str | None:
 
 
 @technique("compile", stage=Stage.MODEL, order=90, args=_resolve, check_stack=_check_stack,
-           needs_warmup=True)
+           needs_warmup=True,
+           not_simulated="the memory of generated kernels is known only by running them")
 def compile(ctx: BuildContext, backend: str, mode: str, scope: str, fullgraph: bool,
             dynamic: bool) -> None:
     """torch.compile (in place, `nn.Module.compile`): inductor fuses elementwise chains into one

@@ -42,7 +42,8 @@ def _supported(device) -> str | None:
 
 
 @technique("liger", stage=Stage.MODEL, order=5, args=_resolve, supported=_supported,
-           check_stack=_check_stack)
+           check_stack=_check_stack,
+           not_simulated="liger-kernel's Triton kernels run only on a GPU, not on fake tensors")
 def liger(ctx: BuildContext, **switches) -> None:
     """Fused kernels: fused linear cross-entropy never materialises the [tokens, vocab] logits
     (the largest activation of a big-vocabulary model), RMSNorm/SwiGLU/RoPE kernels save fewer

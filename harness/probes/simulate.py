@@ -1,0 +1,72 @@
+"""Simulation probe: the same step on fake tensors — nothing allocated, full-size models in seconds.
+
+The model is built on the meta device (techniques applied there: dtype, adapters, checkpointing),
+then materialised as fake CPU tensors (`FakeTensorMode`): every op runs its shape/dtype logic
+and no kernel. The tracker (tracker.py) sees every tensor storage an op creates and when its
+last reference dies; with CUDA's 512-byte rounding those births and deaths are the allocation
+trace that `timeline.analyse` turns into phase peaks and a breakdown, exactly as for a real run.
+
+What fake CPU tensors do as CUDA would: SDPA dispatches to the flash kernel (saves output +
+logsumexp, never a [B, H, S, S] matrix); AdamW is foreach, as on CUDA. What no op output shows:
+scratch memory inside a kernel (cuBLAS workspaces, a fused kernel's own buffers) — see README.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+from harness.probes import Probe
+from harness.probes.timeline import analyse, attach_sightings, build_blocks
+
+
+class SimulateProbe(Probe):
+    method = "simulated"
+    traces_allocations = True  # the tracker's storage births and deaths are the trace
+
+    def _start_device(self) -> None:
+        self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self._fake.__enter__()
+        self._unpacked = _batches_are_not_packed()
+        self._unpacked.__enter__()
+
+    def build(self, make, device: torch.device):
+        """Build on meta (outside the fake mode: PEFT and dtype casts swap tensors there, which
+        fake tensors refuse), then give every parameter and buffer a fake CPU storage."""
+        with unset_fake_temporarily():
+            ctx = make(torch.device("meta"))
+        ctx.model.to_empty(device=device)
+        ctx.device = device
+        return ctx
+
+    def _memory(self) -> dict[str, Any]:
+        self._unpacked.__exit__(None, None, None)
+        self._fake.__exit__(None, None, None)
+        blocks = build_blocks(self.tracker.allocations)
+        attach_sightings(blocks, self.tracker.sightings)
+        analysis = analyse(blocks, self.phases)
+        stats = [(phase, {"peak_allocated_bytes": peak, "peak_reserved_bytes": None})
+                 for phase, peak in analysis.phase_peaks]
+        return self._shape(stats, analysis)
+
+
+def _batches_are_not_packed():
+    """transformers asks the position ids whether several sequences are packed into one row
+    (`(mask[:, -1] == 0).all()`), a question about values that fake tensors cannot answer, so it
+    assumes they may be and builds a full [B, 1, S, S] mask — which also turns SDPA's `is_causal`
+    path off. The harness's batches are one sequence per row by construction, and a real run
+    answers "not packed" and passes no mask: answer the same here."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import is_fake
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+
+    def find_packed_sequence_indices(position_ids):
+        return None if is_fake(position_ids) else original(position_ids)
+
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices",
+                             find_packed_sequence_indices)

@@ -1,0 +1,102 @@
+"""--device simulate: the same step on fake tensors agrees with the real CPU run, byte for byte
+where both can run, and says what it cannot simulate instead of guessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.report import CARDS_GB, fits_on
+from tests.conftest import harness, last_json, records, write_scenario
+
+LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj",
+                                                                "o_proj"]}}
+BOTH = [  # every technique and optimizer that both a real CPU run and a simulation can run
+    {"name": "full-fp32", "techniques": []},
+    {"name": "full-bf16", "techniques": ["bf16"]},
+    {"name": "amp-bf16", "techniques": ["amp_bf16"]},
+    {"name": "bf16-fused", "techniques": ["bf16"], "train": {"optimizer": "adamw_fused"}},
+    {"name": "bf16-sgd", "techniques": ["bf16"], "train": {"optimizer": "sgd"}},
+    {"name": "bf16-adafactor", "techniques": ["bf16"], "train": {"optimizer": "adafactor"}},
+    {"name": "lora", "techniques": ["bf16", LORA]},
+    {"name": "lora-tokens", "techniques": ["bf16", {"lora": {
+        **LORA["lora"], "trainable_token_indices": {"embed_tokens": [0, 1, 2, 3]}}}]},
+    {"name": "lora-gc", "techniques": ["bf16", LORA, "gradient_checkpointing"]},
+    {"name": "lora-gc-chunked", "techniques": ["bf16", LORA, "gradient_checkpointing",
+                                               {"chunked_nll": {"chunk_size": 64}}]},
+    {"name": "lora-gc-trl-head", "techniques": ["bf16", LORA, "gradient_checkpointing",
+                                                {"chunked_nll": {"impl": "trl"}}]},
+]
+NOT_SIMULATED = [
+    {"name": "qlora", "techniques": [{"qlora": {"r": 8}}]},
+    {"name": "compiled", "techniques": ["bf16", "compile"]},
+    {"name": "amp-fp16", "techniques": ["amp_fp16"]},
+    {"name": "bf16-adamw-8bit", "techniques": ["bf16"], "train": {"optimizer": "adamw_8bit"}},
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("simulate")
+    path = write_scenario(folder, "both", BOTH + NOT_SIMULATED,
+                          train={"steps": 2, "warmup_steps": 1})
+    got = {}
+    for device, only in (("cpu", BOTH), ("simulate", BOTH + NOT_SIMULATED)):
+        selected = [arg for v in only for arg in ("--variant", v["name"])]
+        proc = harness("run", str(path), "--device", device, "--out", str(folder / device),
+                       *selected)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[device] = records(Path(last_json(proc.stdout)["run_dir"]))
+    return got
+
+
+@pytest.mark.parametrize("name", [v["name"] for v in BOTH])
+def test_simulation_agrees_with_the_real_cpu_run_within_one_percent(runs, name):
+    real, sim = runs["cpu"][name], runs["simulate"][name]
+    assert real["status"] == "ok" and sim["status"] == "ok", (real["error"], sim["error"])
+    assert sim["method"] == "simulated" and real["method"] == "measured-cpu"
+    assert sim["memory"]["peak_allocated_bytes"] == pytest.approx(
+        real["memory"]["peak_allocated_bytes"], rel=0.01)
+    for phase in ("load", "forward", "backward", "optimizer"):
+        assert sim["memory"]["phases"][phase]["peak_allocated_bytes"] == pytest.approx(
+            real["memory"]["phases"][phase]["peak_allocated_bytes"], rel=0.01), phase
+    # The same categories at the peak: what persists exactly, the step's own bytes within 1 %.
+    for key in ("params", "grads", "optimizer"):
+        assert sim["memory"]["end_of_step_bytes"][key] == real["memory"]["end_of_step_bytes"][key]
+
+
+def test_what_fake_tensors_cannot_run_is_unsupported_with_the_reason(runs):
+    for variant in NOT_SIMULATED:
+        record = runs["simulate"][variant["name"]]
+        assert record["status"] == "unsupported" and "cannot be simulated" in record["error"]
+
+
+def test_simulation_runs_two_steps_and_reports_no_step_time(runs):
+    record = runs["simulate"]["full-bf16"]
+    assert len(record["memory"]["per_step_peak_allocated_bytes"]) == 2  # 3 asked: 1 + 2
+    assert any("simulated 2 of 3 steps" in note for note in record["notes"])
+    assert record["timing"]["step_time_s_median"] is None
+    assert record["timing"]["tokens_per_s"] is None
+
+
+def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path):
+    """Mistral-7B LoRA, never allocated: its bf16 base is exactly 2 bytes per parameter and its
+    fp32 adapters 4, and the table names the smallest card that holds the peak."""
+    proc = harness("run", "qlora_mistral", "--device", "simulate", "--variant", "lora",
+                   "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = records(Path(last_json(proc.stdout)["run_dir"]))["lora"]
+    assert record["status"] == "ok", record["error"]
+    total, trainable = record["model"]["params_total"], record["model"]["params_trainable"]
+    assert record["memory"]["end_of_step_bytes"]["params"] == pytest.approx(
+        2 * (total - trainable) + 4 * trainable, abs=512 * 1000)  # 512-B rounding per tensor
+    peak = record["memory"]["peak_allocated_bytes"]
+    card = next(c for c in CARDS_GB if peak <= c * 2**30)
+    assert f"| {card} GB (+{(card * 2**30 - peak) / 2**30:.1f})" in proc.stdout
+
+
+def test_fits_on_picks_the_smallest_card_that_holds_the_peak():
+    assert fits_on(24 * 2**30) == (24, 0)
+    assert fits_on(24 * 2**30 + 1) == (40, 16 * 2**30 - 1)
+    assert fits_on(142 * 2**30) == (None, None)
