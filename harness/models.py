@@ -157,16 +157,20 @@ def _random_quantized(config, quantization, device, common: dict):
                     weight is not None and weight.device.type == "meta":
                 drawn = torch.empty(weight.shape, dtype=common["dtype"], device=device).normal_(0, std)
                 if isinstance(module, bnb.nn.Linear4bit):
-                    module.weight = bnb.nn.Params4bit(
+                    param = bnb.nn.Params4bit(
                         drawn, requires_grad=False, quant_type=quantization.bnb_4bit_quant_type,
                         compress_statistics=quantization.bnb_4bit_use_double_quant,
-                        quant_storage=quantization.bnb_4bit_quant_storage).to(device)
+                        quant_storage=quantization.bnb_4bit_quant_storage)
+                    # `.to("meta")` skips quantization; bitsandbytes' own quantize runs on meta
+                    # tensors and lays out the packed weight and its state exactly (simulation).
+                    module.weight = param._quantize(device) if device.type == "meta" else \
+                        param.to(device)
                 else:
                     module.weight = bnb.nn.Int8Params(drawn, requires_grad=False,
                                                       has_fp16_weights=False).to(device)
                 del drawn  # quantized: the compute-dtype draw goes now
             for name, param in list(module.named_parameters(recurse=False)):
-                if param.device.type == "meta":
+                if param.device.type == "meta" and device.type != "meta":
                     fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
                     fresh.fill_(1.0) if fresh.dim() == 1 else fresh.normal_(0, std)  # norms: 1
                     setattr(module, name, torch.nn.Parameter(fresh, requires_grad=param.requires_grad))

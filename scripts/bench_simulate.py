@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = [("qlora_mistral", "full-bf16"), ("qlora_mistral", "lora")]
+CASES = [("qlora_mistral", "full-bf16"), ("qlora_mistral", "lora"), ("qlora_mistral", "qlora-gc")]
 
 
 def one_variant(scenario: str, variant: str, folder: Path) -> dict:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
+from torch.utils._pytree import tree_leaves
 
 from harness.probes import Probe
 from harness.probes.timeline import analyse, attach_sightings, build_blocks
@@ -28,16 +29,29 @@ class SimulateProbe(Probe):
 
     def _start_device(self) -> None:
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self._copies: list[torch.Tensor] = []
         self._fake.__enter__()
         self._unpacked = _batches_are_not_packed()
         self._unpacked.__enter__()
+
+    def sight(self, kind, tensors) -> None:
+        # A real tensor (the packed 4-bit weights, see _materialize) enters ops as the fake
+        # mode's memoised fake copy: name that copy (the tracker counts only fake storage) and
+        # keep it alive, or the memo forgets it and each op would see a new copy.
+        leaves = []
+        for t in tree_leaves(tensors):
+            if isinstance(t, torch.Tensor) and not is_fake(t):
+                t = self._fake.from_tensor(t)
+                self._copies.append(t)
+            leaves.append(t)
+        self.tracker.sight(kind, leaves)
 
     def build(self, make, device: torch.device):
         """Build on meta (outside the fake mode: PEFT and dtype casts swap tensors there, which
         fake tensors refuse), then give every parameter and buffer a fake CPU storage."""
         with unset_fake_temporarily():
             ctx = make(torch.device("meta"))
-        ctx.model.to_empty(device=device)
+        _materialize(ctx.model, device)
         ctx.device = device
         return ctx
 
@@ -50,6 +64,40 @@ class SimulateProbe(Probe):
         stats = [(phase, {"peak_allocated_bytes": peak, "peak_reserved_bytes": None})
                  for phase, peak in analysis.phase_peaks]
         return self._shape(stats, analysis)
+
+
+def _materialize(model, device: torch.device) -> None:
+    """Fake storage for every parameter and buffer (`to_empty` under the fake mode) — except
+    bitsandbytes' packed 4-bit weights, a Parameter subclass that cannot wrap a fake tensor.
+    Those get real CPU storage that is never written (so never paged in: no RAM used) with the
+    exact layout bitsandbytes' own quantizer produced on meta; the fake mode turns them into
+    memoised fake copies where ops meet them (named in `sight`), and bitsandbytes' fake kernels
+    (dequantize, 4-bit matmul) produce the de-quantised temporaries a real run makes."""
+    packed = {m: m._parameters["weight"] for m in model.modules()  # own, not a PEFT wrapper's
+              if getattr(m._parameters.get("weight"), "quant_state", None) is not None}
+    model.to_empty(device=device)
+    with unset_fake_temporarily():
+        for module, weight in packed.items():
+            module.weight = type(weight)(
+                torch.empty_like(weight, device=device), requires_grad=False,
+                quant_state=_untouched(weight.quant_state, device), blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage, module=module, bnb_quantized=True)
+
+
+def _untouched(state, device):
+    """A copy of a bitsandbytes QuantState whose tensors are unwritten storage on `device`."""
+    import copy
+
+    if state is None:
+        return None
+    state = copy.copy(state)
+    for name in ("absmax", "code", "offset"):
+        value = getattr(state, name, None)
+        if isinstance(value, torch.Tensor):
+            setattr(state, name, torch.empty_like(value, device=device))
+    state.state2 = _untouched(getattr(state, "state2", None), device)
+    return state
 
 
 def _batches_are_not_packed():

@@ -12,6 +12,7 @@ import time
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
@@ -51,7 +52,8 @@ class Tracker(TorchDispatchMode):
     def sight(self, kind: Kind, tensors) -> None:
         now = self._now()
         for t in tree_leaves(tensors):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and (
+                    self.allocations is None or is_fake(t)):  # simulated: only fake is device
                 storage = t.untyped_storage()
                 key = self._count(storage, now)
                 if self.allocations is None:

@@ -64,8 +64,7 @@ def _quantize_at_load(ctx: BuildContext, **args) -> None:
 
 @technique("qlora", stage=Stage.MODEL, order=10, conflicts=("lora", "int8", "fp16"),
            args=_resolve, load=_quantize_at_load, supported=bnb_supported,
-           check_model=_check_targets,
-           not_simulated="bitsandbytes 4-bit layers run native kernels that fake tensors cannot run")
+           check_model=_check_targets)
 def qlora(ctx: BuildContext, prepare_model_for_kbit_training: bool, **args) -> None:
     """Base linear weights in 4-bit NF4 (≈ 0.5 byte per weight plus block constants, about a
     quarter to a third of bf16's bytes); LoRA adapters train in fp32 on top. PEFT's
