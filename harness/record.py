@@ -15,7 +15,7 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
     method           "measured-cpu" | "measured-cuda"
     status           "ok" | "oom" | "error" | "unsupported"
     error            null, or why (oom message, stderr tail, the missing capability)
-    memory           {peak_allocated_bytes, peak_reserved_bytes (null on CPU), peak_phase,
+    memory           {peak_allocated_bytes, peak_reserved_bytes (null on CPU; predicted when simulated), peak_phase,
                       peak_step, phases: {load|forward|backward|optimizer: {peak_allocated_bytes,
                       peak_reserved_bytes, breakdown_bytes (at that phase's own peak), ...}},
                       per_step_peak_allocated_bytes (warm-up steps
@@ -24,7 +24,10 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       (the same categories live after the last optimizer step: what persists
                       between steps), paged_optimizer_bytes (bitsandbytes paged state in CUDA
                       unified memory, which no allocator figure includes; 0 when none),
-                      tracked_tensor_peak_bytes, budget_bytes, device extras}
+                      tracked_tensor_peak_bytes, budget_bytes, device extras (simulated:
+                      reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's
+                      caching allocator — or null where PYTORCH_CUDA_ALLOC_CONF asks for what
+                      it does not model)}
     timing           {step_time_s_median, tokens_per_s}: measured steps only; warmup_s: the
                      warm-up steps together (compilation included); wall_s: the whole variant
     notes            [str]: warnings the libraries raised while the variant ran

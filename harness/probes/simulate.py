@@ -9,6 +9,7 @@ trace that `timeline.analyse` turns into phase peaks and a breakdown, exactly as
 What fake CPU tensors do as CUDA would: SDPA dispatches to the flash kernel (saves output +
 logsumexp, never a [B, H, S, S] matrix); AdamW is foreach, as on CUDA. What no op output shows:
 scratch memory inside a kernel (cuBLAS workspaces, a fused kernel's own buffers) — see README.
+Reserved memory comes from replaying the trace through a model of CUDA's caching allocator.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_te
 from torch.utils._pytree import tree_leaves
 
 from harness.probes import Probe
-from harness.probes.timeline import analyse, attach_sightings, build_blocks
+from harness.probes.allocator import replay
+from harness.probes.timeline import analyse, attach_sightings, build_blocks, peak_within
 
 
 class SimulateProbe(Probe):
@@ -61,9 +63,27 @@ class SimulateProbe(Probe):
         blocks = build_blocks(self.tracker.allocations)
         attach_sightings(blocks, self.tracker.sightings)
         analysis = analyse(blocks, self.phases)
-        stats = [(phase, {"peak_allocated_bytes": peak, "peak_reserved_bytes": None})
+        reserved = _reserved_levels(self.tracker.allocations)
+        stats = [(phase, {"peak_allocated_bytes": peak,
+                          "peak_reserved_bytes": peak_within(*reserved, phase)[0]
+                          if reserved else None})
                  for phase, peak in analysis.phase_peaks]
+        self.extra["reserved_model"] = ("cuda-caching-allocator (default configuration)"
+                                        if reserved else None)
         return self._shape(stats, analysis)
+
+
+def _reserved_levels(allocations) -> tuple[list[int], list[int]] | None:
+    """Reserved bytes over time, from the caching-allocator replay (allocator.py); None where
+    the user's PYTORCH_CUDA_ALLOC_CONF asks for behaviour the replay does not model."""
+    import os
+
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "")
+    if any(key in conf for key in ("expandable_segments:True", "max_split_size_mb",
+                                   "roundup_power2_divisions")):
+        return None
+    levels = replay(allocations)
+    return [t for t, _ in levels], [r for _, r in levels]
 
 
 def _materialize(model, device: torch.device) -> None:

@@ -124,12 +124,7 @@ def analyse(blocks: Sequence[Block], phases: Sequence[Phase]) -> Analysis:
     best = (-1, None, None)  # (bytes, t, phase)
     best_by_name: dict[str, tuple[int, int]] = {}  # name → (bytes, t)
     for phase in phases:
-        lo = bisect.bisect_left(times, phase.start_ns)
-        hi = bisect.bisect_right(times, phase.end_ns)
-        peak, peak_t = (levels[lo - 1] if lo > 0 else 0), phase.start_ns
-        for i in range(lo, hi):
-            if levels[i] > peak:
-                peak, peak_t = levels[i], times[i]
+        peak, peak_t = peak_within(times, levels, phase)
         phase_peaks.append((phase, peak))
         if peak > best[0]:
             best = (peak, peak_t, phase)
@@ -145,6 +140,17 @@ def analyse(blocks: Sequence[Block], phases: Sequence[Phase]) -> Analysis:
     if ends:
         analysis.end_of_step = breakdown_at(blocks, phases, ends[-1])
     return analysis
+
+
+def peak_within(times: Sequence[int], levels: Sequence[int], phase: Phase) -> tuple[int, int]:
+    """The highest level during `phase` (the level it started at included), and when."""
+    lo = bisect.bisect_left(times, phase.start_ns)
+    hi = bisect.bisect_right(times, phase.end_ns)
+    peak, peak_t = (levels[lo - 1] if lo > 0 else 0), phase.start_ns
+    for i in range(lo, hi):
+        if levels[i] > peak:
+            peak, peak_t = levels[i], times[i]
+    return peak, peak_t
 
 
 def breakdown_at(blocks: Sequence[Block], phases: Sequence[Phase], t: int) -> dict[str, int]:
