@@ -69,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _progress(f"{scenario.name}: {len(variants)} variant(s) on {device} → {run_dir}")
     outcome = run_scenario(scenario, variants, device=device, run_dir=run_dir, run_id=run_id,
                            steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
+                           full_depth=args.full_depth,
                            progress=_progress)
     text = report.write_summary(run_dir)
     print(text)
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
     run.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
     run.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
+    run.add_argument("--full-depth", action="store_true",
+                     help="simulate: every decoder layer, not 2 and 3 extrapolated (slower)")
     run.add_argument("--memory-budget", metavar="SIZE",
                      help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
     run.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",

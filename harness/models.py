@@ -38,6 +38,7 @@ class ConfigSource:
     kind: str  # "file" | "hub"
     location: str  # absolute path to config.json, or a hub id
     label: str  # as written in the scenario
+    layers: int | None = None  # build with this many decoder layers (simulation's extrapolation)
 
 
 def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
@@ -87,7 +88,21 @@ def load_config(source: ConfigSource, trust_remote_code: bool = False):
     """A fresh config object: transformers' from_config mutates the config it is given."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    if source.layers is not None:
+        config.num_hidden_layers = source.layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:source.layers]
+    return config
+
+
+def identical_layers(source: ConfigSource, trust_remote_code: bool = False) -> int | None:
+    """The number of decoder layers if they are all alike (no mix of sliding-window and full
+    attention layers, say), else None."""
+    config = load_config(source, trust_remote_code)
+    layers = getattr(config, "num_hidden_layers", None)
+    kinds = getattr(config, "layer_types", None) or ["same"]
+    return layers if isinstance(layers, int) and len(set(kinds)) == 1 else None
 
 
 def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,

@@ -41,7 +41,7 @@ class RunOutcome:
 
 def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str, run_dir: Path,
                  run_id: str, steps: int | None = None, budget_bytes: int | None = None,
-                 timeout_s: float | None = None,
+                 timeout_s: float | None = None, full_depth: bool = False,
                  progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOG_DIR).mkdir(exist_ok=True)
@@ -51,7 +51,8 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
         started = time.monotonic()
         try:
             record = _run_one(scenario, variant, device=device, run_dir=run_dir, run_id=run_id,
-                              steps=steps, budget_bytes=budget_bytes, timeout_s=timeout_s)
+                              steps=steps, budget_bytes=budget_bytes, timeout_s=timeout_s,
+                              full_depth=full_depth)
         except KeyboardInterrupt:
             outcome.interrupted = True
             progress(f"[{i}/{len(variants)}] {variant.name} interrupted: no record written")
@@ -66,7 +67,8 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
 
 
 def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path, run_id: str,
-             steps: int | None, budget_bytes: int | None, timeout_s: float | None) -> dict:
+             steps: int | None, budget_bytes: int | None, timeout_s: float | None,
+             full_depth: bool = False) -> dict:
     final = run_dir / f"{variant.name}.json"
     pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
     log = run_dir / LOG_DIR / f"{variant.name}.log"
@@ -77,6 +79,8 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         argv += ["--steps", str(steps)]
     if budget_bytes is not None:
         argv += ["--memory-budget", str(budget_bytes)]
+    if full_depth:
+        argv += ["--full-depth"]
     worker = _start_worker(argv, log, fork=not device.startswith("cuda"))
     why = None
     try:

@@ -57,13 +57,14 @@ def _too_big_for_ram(scenario, variant) -> str | None:
 
 
 def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
-                result_path: Path, steps: int | None, budget_bytes: int | None) -> str:
+                result_path: Path, steps: int | None, budget_bytes: int | None,
+                full_depth: bool = False) -> str:
     import torch
 
     from harness.models import resolve_config
-    from harness.probes import make_probe
-    from harness.techniques import Unsupported, simulation_reason, unsupported_reason
-    from harness.train import TrainResult, run_steps, timing
+    from harness.probes.simulate import EXTRAPOLATE_FROM, extrapolate, repeak
+    from harness.techniques import simulation_reason, unsupported_reason
+    from harness.train import timing
 
     scenario = load_scenario(scenario_path, only=variant_name)
     variant = scenario.variant(variant_name)
@@ -102,30 +103,35 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
         sim_note = (f"simulated {train.warmup_steps + train.steps} of "
                     f"{variant.train.warmup_steps + variant.train.steps} steps: on fake tensors "
                     "every step after the second repeats it exactly")
-    probe = make_probe(torch_device, budget_bytes, simulate=simulate)
-    result = TrainResult()
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("default")
-        probe.start()
-        try:
-            run_steps(probe, scenario.model, source, variant.techniques, train, torch_device,
-                      result)
-            record["status"] = "ok"
-        except torch.OutOfMemoryError as e:
-            record.update(status="oom", error=_first_line(e))
-        except Unsupported as e:
-            record.update(status="unsupported", error=str(e))
-        except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
-            if _is_oom(e):
-                record.update(status="oom", error=_first_line(e))
-            else:
-                record.update(status="error", error=_tail(traceback.format_exc()))
-        finally:
-            memory = probe.stop()
-    record["notes"] = ([sim_note] if sim_note else []) + _notes(seen)
+    layers = _layers_to_extrapolate(scenario, source) if simulate and not full_depth \
+        and budget_bytes is None else None
+    outcome, memory, result, notes = None, None, None, []
+    if layers is not None:
+        (_, shallow, low, _), (outcome, memory, result, notes) = (
+            _measure(scenario, dataclasses.replace(source, layers=depth), variant, train,
+                     torch_device, budget_bytes, simulate) for depth in EXTRAPOLATE_FROM)
+        if outcome["status"] == "ok" and memory and shallow:
+            memory = extrapolate(shallow, memory, layers)
+            # Reserved memory depends on how segments get reused, not affine in depth.
+            for phase in memory["phases"].values():
+                if phase:
+                    phase["peak_reserved_bytes"] = None
+            memory = repeak({**memory, "reserved_model": None})
+            for key in ("params_total", "params_trainable", "quantized_params",
+                        "quantized_weight_bytes"):
+                setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))
+            sim_note = (f"{sim_note}; " if sim_note else "") + (
+                f"simulated with {EXTRAPOLATE_FROM[0]} and {EXTRAPOLATE_FROM[1]} of the {layers} "
+                "identical decoder layers, every allocated byte count extrapolated one layer "
+                "at a time; reserved memory needs --full-depth, which simulates every layer")
+        else:
+            outcome = None  # whatever went wrong, say it of the real depth
+    if outcome is None:
+        outcome, memory, result, notes = _measure(scenario, source, variant, train, torch_device,
+                                                  budget_bytes, simulate)
+    record.update(outcome)
+    record["notes"] = ([sim_note] if sim_note else []) + notes
     record["memory"] = memory
-    memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
-    memory["quantized_weight_bytes"] = result.quantized_weight_bytes
     record["model"]["quantized_params"] = result.quantized_params
     record["model"].update(params_total=result.params_total or None,
                            params_trainable=result.params_trainable if result.params_total else None)
@@ -137,6 +143,48 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                         "wall_s": round(time.perf_counter() - started, 3)}
     write_record(result_path, record)
     return record["status"]
+
+
+def _measure(scenario, source, variant, train, torch_device, budget_bytes: int | None,
+             simulate: bool):
+    """Build and train under a fresh probe: ({status, error}, memory, TrainResult, notes)."""
+    import torch
+
+    from harness.probes import make_probe
+    from harness.techniques import Unsupported
+    from harness.train import TrainResult, run_steps
+
+    probe = make_probe(torch_device, budget_bytes, simulate=simulate)
+    result = TrainResult()
+    outcome = {"status": "ok", "error": None}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        probe.start()
+        try:
+            run_steps(probe, scenario.model, source, variant.techniques, train, torch_device,
+                      result)
+        except torch.OutOfMemoryError as e:
+            outcome = {"status": "oom", "error": _first_line(e)}
+        except Unsupported as e:
+            outcome = {"status": "unsupported", "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
+            outcome = ({"status": "oom", "error": _first_line(e)} if _is_oom(e) else
+                       {"status": "error", "error": _tail(traceback.format_exc())})
+        finally:
+            memory = probe.stop()
+    memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
+    memory["quantized_weight_bytes"] = result.quantized_weight_bytes
+    return outcome, memory, result, _notes(seen)
+
+
+def _layers_to_extrapolate(scenario, source) -> int | None:
+    """A deep model whose decoder layers are all alike is simulated at a few layers and
+    extrapolated: the depth to extrapolate to, or None to simulate every layer."""
+    from harness.models import identical_layers
+    from harness.probes.simulate import EXTRAPOLATE_FROM
+
+    layers = identical_layers(source, scenario.model.trust_remote_code)
+    return layers if layers is not None and layers > EXTRAPOLATE_FROM[1] + 1 else None
 
 
 def _notes(caught: list[warnings.WarningMessage], limit: int = 20) -> list[str]:
@@ -173,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True, type=Path)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--memory-budget", type=int)
+    parser.add_argument("--full-depth", action="store_true")
     args = parser.parse_args(argv)
     status = run_variant(args.scenario, args.variant, args.device, args.run_id, args.result,
-                         args.steps, args.memory_budget)
+                         args.steps, args.memory_budget, args.full_depth)
     print(status)
     return 0
 

@@ -3,12 +3,13 @@ where both can run, and says what it cannot simulate instead of guessing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from harness.report import CARDS_GB, fits_on
-from tests.conftest import harness, last_json, records, write_scenario
+from tests.conftest import REPO, harness, last_json, records, write_scenario
 
 LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj",
                                                                 "o_proj"]}}
@@ -110,7 +111,7 @@ def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path)
     fp32 adapters 4; the allocator replay predicts what it reserves, and the table names the
     smallest card that holds that."""
     proc = harness("run", "qlora_mistral", "--device", "simulate", "--variant", "lora",
-                   "--out", str(tmp_path))
+                   "--full-depth", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = records(Path(last_json(proc.stdout)["run_dir"]))["lora"]
     assert record["status"] == "ok", record["error"]
@@ -131,3 +132,38 @@ def test_fits_on_picks_the_smallest_card_that_holds_the_peak():
     assert fits_on(24 * 2**30) == (24, 0)
     assert fits_on(24 * 2**30 + 1) == (40, 16 * 2**30 - 1)
     assert fits_on(142 * 2**30) == (None, None)
+
+
+def test_a_deep_model_extrapolated_from_two_and_three_layers_equals_simulating_every_layer(
+        tmp_path):
+    """Identical decoder layers make every allocated byte count affine in depth: a 10-layer model
+    simulated at 2 and 3 layers and extrapolated equals the 10-layer simulation to the byte."""
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    (tmp_path / "deep.json").write_text(json.dumps({**config, "num_hidden_layers": 10}))
+    variants = [{"name": "full-bf16", "techniques": ["bf16"]},
+                {"name": "lora-gc-chunked", "techniques": ["bf16", LORA, "gradient_checkpointing",
+                                                           {"chunked_nll": {"chunk_size": 64}}]},
+                {"name": "qlora-gc", "techniques": [{"qlora": LORA["lora"]},
+                                                    "gradient_checkpointing"]}]
+    path = write_scenario(tmp_path, "deep", variants, model={"config": "./deep.json"})
+    got = {}
+    for mode in ("extrapolated", "full"):
+        proc = harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / mode),
+                       *(["--full-depth"] if mode == "full" else []))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[mode] = records(Path(last_json(proc.stdout)["run_dir"]))
+    for variant in variants:
+        fast, full = got["extrapolated"][variant["name"]], got["full"][variant["name"]]
+        assert fast["status"] == full["status"] == "ok", (fast["error"], full["error"])
+        assert any("2 and 3 of the 10 identical decoder layers" in n for n in fast["notes"])
+        assert not any("identical decoder layers" in n for n in full["notes"])
+        for key in ("peak_allocated_bytes", "peak_phase", "breakdown_bytes", "end_of_step_bytes",
+                    "per_step_peak_allocated_bytes", "quantized_weight_bytes"):
+            assert fast["memory"][key] == full["memory"][key], (variant["name"], key)
+        for phase in ("load", "forward", "backward", "optimizer"):
+            assert fast["memory"]["phases"][phase]["peak_allocated_bytes"] == \
+                full["memory"]["phases"][phase]["peak_allocated_bytes"], phase
+        assert fast["model"]["params_total"] == full["model"]["params_total"]
+        # Reserved memory is not affine in depth: only the full simulation predicts it.
+        assert fast["memory"]["peak_reserved_bytes"] is None
+        assert full["memory"]["peak_reserved_bytes"] >= full["memory"]["peak_allocated_bytes"]

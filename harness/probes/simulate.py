@@ -73,6 +73,39 @@ class SimulateProbe(Probe):
         return self._shape(stats, analysis)
 
 
+EXTRAPOLATE_FROM = (2, 3)  # decoder layers simulated when a deep model's are all alike
+
+
+def extrapolate(shallow, deeper, layers: int):
+    """Every byte count of a run at EXTRAPOLATE_FROM[1] layers carried to `layers`, one layer's
+    worth at a time: deeper + (layers − d) × (deeper − shallow). Exact wherever memory is affine
+    in depth — parameters, grads and state per layer, activations kept per layer, the logits
+    once — which each phase's peak is when the layers are identical."""
+    steps = layers - EXTRAPOLATE_FROM[1]
+    if isinstance(deeper, dict):
+        return {k: extrapolate(shallow.get(k) if isinstance(shallow, dict) else None, v, layers)
+                for k, v in deeper.items()}
+    if isinstance(deeper, list) and isinstance(shallow, list) and len(shallow) == len(deeper):
+        return [extrapolate(a, b, layers) for a, b in zip(shallow, deeper, strict=True)]
+    if type(deeper) is int and type(shallow) is int:
+        return deeper + steps * (deeper - shallow)
+    return deeper
+
+
+def repeak(memory: dict) -> dict:
+    """The overall peak, its phase, step and breakdown, from (extrapolated) per-phase figures."""
+    phases = {k: v for k, v in memory["phases"].items() if v}
+    name = max(phases, key=lambda k: phases[k]["peak_allocated_bytes"])
+    steps = memory["per_step_peak_allocated_bytes"]
+    reserved = [v.get("peak_reserved_bytes") for v in phases.values()]
+    memory.update(
+        peak_allocated_bytes=phases[name]["peak_allocated_bytes"], peak_phase=name,
+        peak_step=None if name == "load" or not steps else steps.index(max(steps)),
+        peak_reserved_bytes=None if None in reserved else max(reserved),
+        breakdown_bytes=phases[name]["breakdown_bytes"])
+    return memory
+
+
 def _reserved_levels(allocations) -> tuple[list[int], list[int]] | None:
     """Reserved bytes over time, from the caching-allocator replay (allocator.py); None where
     the user's PYTORCH_CUDA_ALLOC_CONF asks for behaviour the replay does not model."""
