@@ -2,8 +2,9 @@
 
 Targets: one 7B variant in ≤ 5 s and ≤ 1 GiB RSS on a 2-core machine; the whole `qlora_mistral`
 table in ≤ 60 s including process start. Each variant runs as a fresh `python -m harness.worker`
-child (its import time included, its RSS read from the kernel's accounting of that child); the
-table is `harness run qlora_mistral --device simulate`, as a user runs it.
+child (its import time included, its RSS read from the kernel's accounting of that child), by
+default (2 and 3 layers, extrapolated) and with --full-depth (every layer: reserved predicted);
+the table is `harness run qlora_mistral --device simulate`, as a user runs it, in both modes.
 
     .venv/bin/python scripts/bench_simulate.py [--out results/bench_simulate.json]
 """
@@ -27,32 +28,35 @@ REPO = Path(__file__).resolve().parent.parent
 CASES = [("qlora_mistral", "full-bf16"), ("qlora_mistral", "lora"), ("qlora_mistral", "qlora-gc")]
 
 
-def one_variant(scenario: str, variant: str, folder: Path) -> dict:
+def one_variant(scenario: str, variant: str, folder: Path, full_depth: bool) -> dict:
     result = folder / f"{variant}.json"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "harness.worker", "--scenario",
                     str(REPO / "scenarios" / f"{scenario}.yaml"), "--variant", variant,
-                    "--device", "simulate", "--run-id", "bench", "--result", str(result)],
+                    "--device", "simulate", "--run-id", "bench", "--result", str(result),
+                    *(["--full-depth"] if full_depth else [])],
                    check=True, capture_output=True, cwd=REPO)
     wall = time.perf_counter() - started
     rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     record = json.loads(result.read_text())
-    return {"scenario": scenario, "variant": variant, "status": record["status"],
+    return {"scenario": scenario, "variant": variant, "full_depth": full_depth,
+            "status": record["status"],
             "peak_allocated_bytes": record["memory"].get("peak_allocated_bytes"),
             "process_wall_s": round(wall, 2), "worker_wall_s": record["timing"]["wall_s"],
             # ru_maxrss is the largest child so far: meaningful when it grew past the previous.
             "max_rss_bytes": rss_kib * 1024 if rss_kib > before else None}
 
 
-def whole_table(scenario: str, folder: Path) -> dict:
+def whole_table(scenario: str, folder: Path, full_depth: bool) -> dict:
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "harness", "run", scenario, "--device",
-                           "simulate", "--out", str(folder / "table")], capture_output=True,
-                          text=True, cwd=REPO, check=True)
+                           "simulate", "--out", str(folder / "table"),
+                           *(["--full-depth"] if full_depth else [])],
+                          capture_output=True, text=True, cwd=REPO, check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"scenario": scenario, "wall_s": round(time.perf_counter() - started, 2),
-            "counts": summary["counts"]}
+    return {"scenario": scenario, "full_depth": full_depth,
+            "wall_s": round(time.perf_counter() - started, 2), "counts": summary["counts"]}
 
 
 def main() -> int:
@@ -60,9 +64,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "results" / "bench_simulate.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [one_variant(s, v, Path(tmp)) for s, v in CASES]
-        table = whole_table("qlora_mistral", Path(tmp))
-    out = {"variants": variants, "table": table,
+        variants = [one_variant(s, v, Path(tmp), full) for full in (False, True)
+                    for s, v in CASES]
+        tables = [whole_table("qlora_mistral", Path(tmp), full) for full in (False, True)]
+    out = {"variants": variants, "tables": tables,
            "targets": {"variant_wall_s": 5, "variant_max_rss_bytes": 2**30, "table_wall_s": 60},
            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                        "python": platform.python_version()}}
