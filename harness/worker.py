@@ -62,7 +62,6 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     import torch
 
     from harness.models import resolve_config
-    from harness.probes.simulate import EXTRAPOLATE_FROM, extrapolate, repeak
     from harness.techniques import simulation_reason, unsupported_reason
     from harness.train import timing
 
@@ -105,28 +104,12 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                     "every step after the second repeats it exactly")
     layers = _layers_to_extrapolate(scenario, source) if simulate and not full_depth \
         and budget_bytes is None else None
-    outcome, memory, result, notes = None, None, None, []
-    if layers is not None:
-        (_, shallow, low, _), (outcome, memory, result, notes) = (
-            _measure(scenario, dataclasses.replace(source, layers=depth), variant, train,
-                     torch_device, budget_bytes, simulate) for depth in EXTRAPOLATE_FROM)
-        if outcome["status"] == "ok" and memory and shallow:
-            memory = extrapolate(shallow, memory, layers)
-            # Reserved memory depends on how segments get reused, not affine in depth.
-            for phase in memory["phases"].values():
-                if phase:
-                    phase["peak_reserved_bytes"] = None
-            memory = repeak({**memory, "reserved_model": None})
-            for key in ("params_total", "params_trainable", "quantized_params",
-                        "quantized_weight_bytes"):
-                setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))
-            sim_note = (f"{sim_note}; " if sim_note else "") + (
-                f"simulated with {EXTRAPOLATE_FROM[0]} and {EXTRAPOLATE_FROM[1]} of the {layers} "
-                "identical decoder layers, every allocated byte count extrapolated one layer "
-                "at a time; reserved memory needs --full-depth, which simulates every layer")
-        else:
-            outcome = None  # whatever went wrong, say it of the real depth
-    if outcome is None:
+    measured = _extrapolated(scenario, source, variant, train, torch_device, layers) \
+        if layers is not None else None
+    if measured is not None:
+        outcome, memory, result, notes = measured
+        sim_note = "; ".join(n for n in (sim_note, notes.pop(0)) if n)
+    else:  # every layer (or the extrapolation failed: whatever went wrong, say it of all)
         outcome, memory, result, notes = _measure(scenario, source, variant, train, torch_device,
                                                   budget_bytes, simulate)
     record.update(outcome)
@@ -175,6 +158,32 @@ def _measure(scenario, source, variant, train, torch_device, budget_bytes: int |
     memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
     memory["quantized_weight_bytes"] = result.quantized_weight_bytes
     return outcome, memory, result, _notes(seen)
+
+
+def _extrapolated(scenario, source, variant, train, torch_device, layers: int):
+    """Simulate at EXTRAPOLATE_FROM's depths and carry every allocated byte count to `layers`:
+    what `_measure` returns, the first note saying so; None if either run did not end ok."""
+    import dataclasses
+
+    from harness.probes.simulate import EXTRAPOLATE_FROM, extrapolate, repeak
+
+    (low_outcome, shallow, low, _), (outcome, deeper, result, notes) = (
+        _measure(scenario, dataclasses.replace(source, layers=depth), variant, train,
+                 torch_device, None, True) for depth in EXTRAPOLATE_FROM)
+    if low_outcome["status"] != "ok" or outcome["status"] != "ok":
+        return None
+    memory = extrapolate(shallow, deeper, layers)
+    # Reserved memory depends on which cached segments get reused: not affine in depth.
+    for phase in memory["phases"].values():
+        if phase:
+            phase["peak_reserved_bytes"] = None
+    memory = repeak({**memory, "reserved_model": None})
+    for key in ("params_total", "params_trainable", "quantized_params", "quantized_weight_bytes"):
+        setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))
+    note = (f"simulated with {EXTRAPOLATE_FROM[0]} and {EXTRAPOLATE_FROM[1]} of the {layers} "
+            "identical decoder layers, every allocated byte count extrapolated one layer at a "
+            "time; reserved memory needs --full-depth, which simulates every layer")
+    return outcome, memory, result, [note, *notes]
 
 
 def _layers_to_extrapolate(scenario, source) -> int | None:
