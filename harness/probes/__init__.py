@@ -8,9 +8,9 @@
 
 cuda.py reads the caching allocator's own statistics (the truth on a GPU); cpu.py replays every
 event of PyTorch's CPU allocator from the profiler; simulate.py runs the step on fake tensors
-and takes each storage's birth and death as the allocation trace. Both name tensors with the same `Tracker`
-and attribute the peak with the same `timeline.analyse`, so a CPU run tests the CUDA path's
-logic everywhere but in the few lines that read the device.
+and takes each storage's birth and death as the allocation trace. All three name tensors with
+the same `Tracker` and attribute the peak with the same `timeline.analyse`, so a CPU run tests
+the CUDA path's logic everywhere but in the few lines that read the device.
 """
 
 from __future__ import annotations
@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-from harness.probes.timeline import CATEGORIES, Analysis, Kind, Phase
+from harness.probes.timeline import (
+    CATEGORIES,
+    Analysis,
+    Kind,
+    Phase,
+    analyse,
+    attach_sightings,
+    build_blocks,
+)
 from harness.probes.tracker import BudgetExceeded, Tracker
 
 PHASES = ("load", "forward", "backward", "optimizer")
@@ -100,6 +108,12 @@ class Probe(ABC):
     def _memory(self) -> dict[str, Any]: ...
 
     # -- shared shaping of the record's memory section ----------------------------------------
+
+    def _analysed(self, allocations) -> Analysis:
+        """An allocation trace (t_ns, key, ±bytes), named by the tracker's sightings."""
+        blocks = build_blocks(allocations)
+        attach_sightings(blocks, self.tracker.sightings)
+        return analyse(blocks, self.phases)
 
     def _shape(self, phase_stats: list[tuple[Phase, dict[str, int | None]]],
                analysis: Analysis | None, breakdown_note: str | None = None) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 from torch.profiler import ProfilerActivity, profile
 
 from harness.probes import Probe
-from harness.probes.timeline import analyse, attach_sightings, build_blocks
 
 
 class CpuProbe(Probe):
@@ -29,9 +28,7 @@ class CpuProbe(Probe):
         self._profiler.__exit__(None, None, None)
         allocations = list(_allocations(self._profiler))
         del self._profiler  # the event tree is large; free it before the record is written
-        blocks = build_blocks(allocations)
-        attach_sightings(blocks, self.tracker.sightings)
-        analysis = analyse(blocks, self.phases)
+        analysis = self._analysed(allocations)
         stats = [(phase, {"peak_allocated_bytes": peak, "peak_reserved_bytes": None})
                  for phase, peak in analysis.phase_peaks]
         return self._shape(stats, analysis)

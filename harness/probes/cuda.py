@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from harness.probes import Probe
-from harness.probes.timeline import Phase, analyse, attach_sightings, build_blocks
+from harness.probes.timeline import Phase
 
 _TRACE_ENTRIES = 2_000_000  # ring buffer; a longer run loses the breakdown, never the peaks
 BUSY_BYTES = 512 * 2**20  # other processes using more than this at start: warn and record
@@ -82,9 +82,7 @@ class CudaProbe(Probe):
             allocations = [(e["time_us"] * 1000, e["addr"],
                             e["size"] if e["action"] == "alloc" else -e["size"])
                            for e in trace if e["action"] in ("alloc", "free_completed")]
-            blocks = build_blocks(allocations)
-            attach_sightings(blocks, self.tracker.sightings)
-            analysis = analyse(blocks, self.phases)
+            analysis = self._analysed(allocations)
         return self._shape(self._stats, analysis, note)
 
 

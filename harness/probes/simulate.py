@@ -14,6 +14,8 @@ Reserved memory comes from replaying the trace through a model of CUDA's caching
 
 from __future__ import annotations
 
+import copy
+import os
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from harness.probes import Probe
 from harness.probes.allocator import replay
-from harness.probes.timeline import analyse, attach_sightings, build_blocks, peak_within
+from harness.probes.timeline import peak_within
 
 
 class SimulateProbe(Probe):
@@ -60,9 +62,7 @@ class SimulateProbe(Probe):
     def _memory(self) -> dict[str, Any]:
         self._unpacked.__exit__(None, None, None)
         self._fake.__exit__(None, None, None)
-        blocks = build_blocks(self.tracker.allocations)
-        attach_sightings(blocks, self.tracker.sightings)
-        analysis = analyse(blocks, self.phases)
+        analysis = self._analysed(self.tracker.allocations)
         reserved = _reserved_levels(self.tracker.allocations)
         stats = [(phase, {"peak_allocated_bytes": peak,
                           "peak_reserved_bytes": peak_within(*reserved, phase)[0]
@@ -109,8 +109,6 @@ def repeak(memory: dict) -> dict:
 def _reserved_levels(allocations) -> tuple[list[int], list[int]] | None:
     """Reserved bytes over time, from the caching-allocator replay (allocator.py); None where
     the user's PYTORCH_CUDA_ALLOC_CONF asks for behaviour the replay does not model."""
-    import os
-
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "")
     if any(key in conf for key in ("expandable_segments:True", "max_split_size_mb",
                                    "roundup_power2_divisions")):
@@ -140,8 +138,6 @@ def _materialize(model, device: torch.device) -> None:
 
 def _untouched(state, device):
     """A copy of a bitsandbytes QuantState whose tensors are unwritten storage on `device`."""
-    import copy
-
     if state is None:
         return None
     state = copy.copy(state)
@@ -161,7 +157,6 @@ def _batches_are_not_packed():
     answers "not packed" and passes no mask: answer the same here."""
     from unittest import mock
 
-    from torch._subclasses.fake_tensor import is_fake
     from transformers import masking_utils
 
     original = masking_utils.find_packed_sequence_indices
