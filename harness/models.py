@@ -163,8 +163,10 @@ def _random_quantized(config, quantization, device, common: dict):
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed
         model = AutoModelForCausalLM.from_config(config, **common)
+    model.tie_weights()  # from_config under init_empty_weights leaves tied weights apart
     quantizer.preprocess_model(model, device_map={"": device}, dtype=common["dtype"])
     std = getattr(config, "initializer_range", 0.02)
+    made: dict[int, torch.nn.Parameter] = {}  # tied weights (LM head = embedding) stay one tensor
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
@@ -186,9 +188,12 @@ def _random_quantized(config, quantization, device, common: dict):
                 del drawn  # quantized: the compute-dtype draw goes now
             for name, param in list(module.named_parameters(recurse=False)):
                 if param.device.type == "meta" and device.type != "meta":
-                    fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
-                    fresh.fill_(1.0) if fresh.dim() == 1 else fresh.normal_(0, std)  # norms: 1
-                    setattr(module, name, torch.nn.Parameter(fresh, requires_grad=param.requires_grad))
+                    if id(param) not in made:
+                        fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                        fresh.fill_(1.0) if fresh.dim() == 1 else fresh.normal_(0, std)  # norms: 1
+                        made[id(param)] = torch.nn.Parameter(fresh,
+                                                             requires_grad=param.requires_grad)
+                    setattr(module, name, made[id(param)])
     model.to(device)  # the buffers (rotary tables) computed on CPU
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)

@@ -167,3 +167,40 @@ def test_a_deep_model_extrapolated_from_two_and_three_layers_equals_simulating_e
         # Reserved memory is not affine in depth: only the full simulation predicts it.
         assert fast["memory"]["peak_reserved_bytes"] is None
         assert full["memory"]["peak_reserved_bytes"] >= full["memory"]["peak_allocated_bytes"]
+
+
+def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
+    """An LM head tied to the embedding (Llama-3.2-1B/3B) is one tensor, whatever the build:
+    plain, QLoRA (built on meta, then quantized) or simulated (materialised from meta)."""
+    import torch
+
+    from harness.models import resolve_config
+    from harness.scenario import load_scenario
+    from harness.worker import _measure
+
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    (tmp_path / "tied.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    variants = [{"name": "bf16", "techniques": ["bf16"]},
+                {"name": "qlora", "techniques": [{"qlora": {"r": 8}}]}]
+    scenario = load_scenario(write_scenario(tmp_path, "tied", variants,
+                                            model={"config": "./tied.json"},
+                                            train={"batch_size": 1, "seq_len": 32}))
+    source = resolve_config(scenario.model, scenario.path)
+    params, total = {}, {}
+    for name in ("bf16", "qlora"):
+        variant = scenario.variant(name)
+        for simulate in (False, True):
+            outcome, memory, result, _ = _measure(scenario, source, variant, variant.train,
+                                                  torch.device("cpu"), None, simulate)
+            assert outcome["status"] == "ok", outcome
+            params[name, simulate] = memory["end_of_step_bytes"]["params"]
+            total[name] = result.params_total
+    embedding = config["vocab_size"] * config["hidden_size"]
+    for simulate in (False, True):
+        # Two bytes per parameter counted once: a second copy of the head would not be.
+        assert params["bf16", simulate] == pytest.approx(2 * total["bf16"], rel=0.01)
+        # QLoRA: PEFT up-casts the embedding to fp32; the rest (4-bit layers, adapters, norms)
+        # is far smaller than a second fp32 copy of it would be.
+        assert params["qlora", simulate] - 4 * embedding < 4 * embedding / 2
+    for name in ("bf16", "qlora"):
+        assert params[name, True] == params[name, False], name

@@ -126,7 +126,13 @@ def _materialize(model, device: torch.device) -> None:
     (dequantize, 4-bit matmul) produce the de-quantised temporaries a real run makes."""
     packed = {m: m._parameters["weight"] for m in model.modules()  # own, not a PEFT wrapper's
               if getattr(m._parameters.get("weight"), "quant_state", None) is not None}
+    shared = _shared_parameters(model)
     model.to_empty(device=device)
+    # to_empty gives each module its own new tensor: tied weights (an LM head sharing the
+    # embedding) would come back as two. Tie them again, as the model had them.
+    for (owner, name), aliases in shared.items():
+        for module, alias in aliases:
+            setattr(module, alias, getattr(owner, name))
     with unset_fake_temporarily():
         for module, weight in packed.items():
             module.weight = type(weight)(
@@ -134,6 +140,21 @@ def _materialize(model, device: torch.device) -> None:
                 quant_state=_untouched(weight.quant_state, device), blocksize=weight.blocksize,
                 compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
                 quant_storage=weight.quant_storage, module=module, bnb_quantized=True)
+
+
+def _shared_parameters(model) -> dict[tuple, list[tuple]]:
+    """(module, name) of a parameter's first holder → every other (module, name) holding it."""
+    first: dict[int, tuple] = {}
+    shared: dict[tuple, list[tuple]] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if id(param) in first:
+                shared.setdefault(first[id(param)], []).append((module, name))
+            else:
+                first[id(param)] = (module, name)
+    return shared
 
 
 def _untouched(state, device):
