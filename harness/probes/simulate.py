@@ -126,13 +126,16 @@ def _materialize(model, device: torch.device) -> None:
     (dequantize, 4-bit matmul) produce the de-quantised temporaries a real run makes."""
     packed = {m: m._parameters["weight"] for m in model.modules()  # own, not a PEFT wrapper's
               if getattr(m._parameters.get("weight"), "quant_state", None) is not None}
-    shared = _shared_parameters(model)
-    model.to_empty(device=device)
     # to_empty gives each module its own new tensor: tied weights (an LM head sharing the
-    # embedding) would come back as two. Tie them again, as the model had them.
+    # embedding) would come back as two. Hide the second holders, then tie them again.
+    shared = _shared_parameters(model)
+    for aliases in shared.values():
+        for module, alias in aliases:
+            module._parameters[alias] = None
+    model.to_empty(device=device)
     for (owner, name), aliases in shared.items():
         for module, alias in aliases:
-            setattr(module, alias, getattr(owner, name))
+            module._parameters[alias] = getattr(owner, name)
     with unset_fake_temporarily():
         for module, weight in packed.items():
             module.weight = type(weight)(
