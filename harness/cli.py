@@ -1,4 +1,4 @@
-"""Command line: run | validate | ls | report.
+"""Command line: run | estimate | compare-methods | validate | ls | report.
 
 Exit codes: 0 done (every selected variant has its record, whatever its status), 2 bad input
 (one line naming file, variant and key; nothing run or written), 130 interrupted.
@@ -45,16 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.runner import run_scenario
 
     scenario = load_scenario(args.scenario)
-    variants = list(scenario.variants)
-    if args.variant:
-        names = [v.name for v in variants]
-        for name in args.variant:
-            if name not in names:
-                hint = difflib.get_close_matches(name, names, n=1)
-                raise BadInput(f"{scenario.path}: --variant {name!r}: no such variant" +
-                               (f" (did you mean {hint[0]!r}?)" if hint else
-                                f"; known: {', '.join(names)}"))
-        variants = [v for v in variants if v.name in args.variant]
+    variants = _selected(scenario, args.variant)
     budget = None
     if args.memory_budget is not None:
         try:
@@ -75,6 +66,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(text)
     print(report.run_summary(run_dir, report.load_results_in(run_dir), outcome.interrupted))
     return 130 if outcome.interrupted else 0
+
+
+def _selected(scenario, names: list[str] | None) -> list:
+    variants = list(scenario.variants)
+    if not names:
+        return variants
+    known = [v.name for v in variants]
+    for name in names:
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            raise BadInput(f"{scenario.path}: --variant {name!r}: no such variant" +
+                           (f" (did you mean {hint[0]!r}?)" if hint else
+                            f"; known: {', '.join(known)}"))
+    return [v for v in variants if v.name in names]
+
+
+def estimate_run(scenario, variants, out: Path, steps: int | None) -> Path:
+    """Write the closed-form estimate of each variant as records and a summary: the run folder."""
+    from harness import report
+    from harness.estimate import estimate_record
+    from harness.record import new_run_id, write_record
+
+    run_id = new_run_id()
+    run_dir = Path(out) / scenario.name / run_id
+    records = [estimate_record(scenario, v, run_id, steps) for v in variants]
+    for variant, record in zip(variants, records, strict=True):
+        write_record(run_dir / f"{variant.name}.json", record)
+    report.write_summary(run_dir)
+    return run_dir
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from harness import report
+
+    scenario = load_scenario(args.scenario)
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
+    run_dir = estimate_run(scenario, _selected(scenario, args.variant), Path(args.out), args.steps)
+    frame = report.load_results_in(run_dir)
+    print((run_dir / "summary.md").read_text())
+    if args.terms:
+        print(report.terms_markdown(run_dir))
+    print(report.run_summary(run_dir, frame))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -142,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                      help="per-variant wall-clock limit (default 3600)")
     run.set_defaults(fn=cmd_run)
+
+    est = sub.add_parser("estimate", help="closed-form estimate of every (or the chosen) variant: "
+                         "no tensor created, instant")
+    est.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
+    est.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
+    est.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
+    est.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
+    est.add_argument("--terms", action="store_true", help="also print each variant's terms")
+    est.set_defaults(fn=cmd_estimate)
 
     validate = sub.add_parser("validate", help="check scenarios without running anything")
     validate.add_argument("scenarios", nargs="*", metavar="SCENARIO")

@@ -67,6 +67,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("sgd", _sgd, "torch SGD without momentum: no state at all"),
     OptimizerSpec("adafactor", _adafactor, "transformers Adafactor: factored second moment "
                   "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)"),
+    OptimizerSpec("adamw_32bit", _bnb("AdamW32bit"), "bitsandbytes AdamW32bit: fp32 moments "
+                  "whatever the parameter dtype (fp16/bf16 weights with fp32 state: 8 bytes per "
+                  "trainable parameter), updated in place", _BNB_NOT_SIMULATED),
     OptimizerSpec("adamw_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit: both moments in "
                   "block-wise 8-bit (≈ ¼ of fp32 AdamW's state) plus small absmax tables",
                   _BNB_NOT_SIMULATED),

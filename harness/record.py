@@ -11,8 +11,9 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       techniques: [{name, args}] (args resolved), train_overrides}
     model            {config, source, weights, attn_implementation, params_total, params_trainable}
     train            the effective train settings (scenario's, variant overrides, --steps)
-    device           "cpu" | "cuda:0"
-    method           "measured-cpu" | "measured-cuda"
+    device           "cpu" | "cuda:0" | "simulate" | "estimate"
+    method           "measured-cpu" | "measured-cuda" | "simulated" (fake tensors) | "estimated"
+                     (closed form, harness/estimate.py: no tensor created)
     status           "ok" | "oom" | "error" | "unsupported"
     error            null, or why (oom message, stderr tail, the missing capability)
     memory           {peak_allocated_bytes, peak_reserved_bytes (null on CPU; predicted when simulated), peak_phase,
@@ -27,7 +28,8 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       tracked_tensor_peak_bytes, budget_bytes, device extras (simulated:
                       reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's
                       caching allocator — or null where PYTORCH_CUDA_ALLOC_CONF asks for what
-                      it does not model)}
+                      it does not model); estimated: terms_bytes, each named term of the
+                      closed form}
     timing           {step_time_s_median, tokens_per_s}: measured steps only; warmup_s: the
                      warm-up steps together (compilation included); wall_s: the whole variant
     notes            [str]: warnings the libraries raised while the variant ran
@@ -51,7 +53,7 @@ from harness.techniques import ordered
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "error", "unsupported")
-METHODS = ("measured-cpu", "measured-cuda", "simulated")
+METHODS = ("measured-cpu", "measured-cuda", "simulated", "estimated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "liger-kernel")
 

@@ -206,6 +206,23 @@ def write_summary(run_dir: str | Path) -> str:
     return text
 
 
+def terms_markdown(run_dir: Path) -> str:
+    """The closed-form terms of an estimated run, one column per variant."""
+    records = sorted((read_record(p) for p in Path(run_dir).glob("*.json")
+                      if not p.name.startswith(".")),
+                     key=lambda r: (r["variant"].get("index") or 0, r["variant"]["name"]))
+    columns = {r["variant"]["name"]: r["memory"].get("terms_bytes") or {} for r in records
+               if r["status"] == "ok"}
+    if not columns:
+        return "no estimated terms\n"
+    names = list(dict.fromkeys(n for terms in columns.values() for n in terms))
+    peak = max(b for terms in columns.values() for b in terms.values())
+    unit, scale = ("GiB", GIB) if peak >= GIB else ("MiB", 2**20)
+    body = pd.DataFrame([{"term": n, **{v: _size(t.get(n), scale) if n in t else "—"
+                                        for v, t in columns.items()}} for n in names])
+    return f"Terms in {unit}:\n\n" + body.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
 def load_results_in(run_dir: Path) -> pd.DataFrame:
     """Only the run folder's own records (its top level)."""
     return _frame(sorted(p for p in run_dir.glob("*.json") if not p.name.startswith(".")))

@@ -1,0 +1,523 @@
+"""Closed-form estimate: the same phases, peaks and breakdown as a run, from arithmetic alone.
+
+No tensor is created and no model is built: the shapes come from the model's config.json, the
+technique stack says which tensors exist in which dtype, and each term is the bytes of tensors
+that a decoder-only transformer (Llama, Mistral, Qwen2: GQA attention, SwiGLU MLP, RMSNorm)
+keeps at each moment of a training step. Every term is a named line (`Term`), so an estimate can
+be read — and compared with another method — one term at a time.
+
+What autograd keeps per decoder layer follows from one rule: an op saves what its backward
+needs for the gradients that are wanted. A frozen linear layer (LoRA's base) keeps nothing of its
+input; a trainable one keeps its input; a PEFT adapter keeps its own fp32 copy of the input
+(PEFT casts adapter inputs to the adapters' fp32); RMSNorm keeps an fp32 copy of its input.
+Sizes are rounded to 512 bytes per tensor, as CUDA's allocator rounds.
+
+What it does not model (a technique or shape outside this list is `unsupported`, not guessed):
+autocast, compile, Liger, int8, activation offload, trainable tokens and `modules_to_save`,
+TRL's fused head, mixture-of-experts or other architectures, sliding-window masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.probes.timeline import CATEGORIES
+
+ROUND = 512
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Adapter weights are fp32 whatever the base dtype (PEFT's autocast_adapter_dtype=True).
+ADAPTER_BYTES = 4
+# What PEFT targets when target_modules is not given (its per-architecture default).
+PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class NotModelled(Exception):
+    """The estimate has no closed form for this stack or architecture: a result, with the reason."""
+
+
+def _r(nbytes: float) -> int:
+    """Bytes as CUDA's allocator hands them out: whole 512-byte blocks."""
+    n = int(math.ceil(nbytes))
+    return (n + ROUND - 1) // ROUND * ROUND if n > 0 else 0
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the arithmetic needs of a decoder-only config."""
+
+    arch: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+
+    def linear(self, name: str) -> tuple[int, int]:
+        """(in, out) features of one decoder-layer linear."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, \
+            self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[name]
+
+    def bias(self, name: str) -> bool:
+        if name in ("q_proj", "k_proj", "v_proj"):
+            return self.qkv_bias
+        return self.o_bias if name == "o_proj" else self.mlp_bias
+
+
+def read_shapes(config_path: str) -> Shapes:
+    """The shapes of a config.json (read as JSON: no transformers, no torch)."""
+    with open(config_path) as f:
+        c = json.load(f)
+    arch = c.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise NotModelled(f"model_type {arch!r}: the estimate knows {', '.join(ARCHITECTURES)}")
+    if c.get("hidden_act", "silu") != "silu" or c.get("num_local_experts") or c.get("num_experts"):
+        raise NotModelled("only dense SwiGLU (silu) decoder layers are modelled")
+    if len(set(c.get("layer_types") or ["same"])) > 1:
+        raise NotModelled("decoder layers of several kinds (layer_types) are not modelled")
+    heads = c["num_attention_heads"]
+    qwen = arch == "qwen2"
+    window = c.get("sliding_window") if (not qwen or c.get("use_sliding_window")) else None
+    return Shapes(
+        arch=arch, hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+        layers=c["num_hidden_layers"], heads=heads,
+        kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
+        tied=bool(c.get("tie_word_embeddings", False)),
+        # Qwen2 always has q/k/v biases and no o_proj bias; Llama's attention_bias is all four.
+        qkv_bias=True if qwen else bool(c.get("attention_bias")),
+        o_bias=False if qwen else bool(c.get("attention_bias")),
+        mlp_bias=bool(c.get("mlp_bias")), sliding_window=window)
+
+
+# ---------------------------------------------------------------------------------------------
+# The technique stack, as byte widths
+
+
+@dataclass(frozen=True)
+class Stack:
+    weight_bytes: int  # non-quantized weights (and so the hidden states)
+    trainable_base: bool  # full fine-tuning: every base weight trains
+    targets: tuple[str, ...] = ()  # linears with a LoRA adapter
+    rank: int = 0
+    dropout: bool = False
+    quant: dict[str, Any] | None = None  # 4-bit: quant_type, double_quant, compute_bytes
+    checkpointing: bool = False
+    chunk: int | None = None  # chunked NLL: tokens per chunk
+    attention: str = "sdpa"
+    optimizer: str = "adamw"
+
+
+_NOT_MODELLED = {
+    "amp_bf16": "autocast (its weight-cast cache and per-op dtypes) is not modelled",
+    "amp_fp16": "autocast (its weight-cast cache and per-op dtypes) is not modelled",
+    "compile": "what compiled kernels allocate is known only by running them",
+    "liger": "Liger's fused kernels are not modelled",
+    "int8": "LLM.int8 layers are not modelled",
+    "activation_offload": "offloaded activations are not modelled",
+    "trainable_tokens": "trainable token rows are not modelled",
+}
+# LoRA arguments the arithmetic does not depend on; any other one must keep its default.
+_LORA_NEUTRAL = {"r", "lora_alpha", "lora_dropout", "target_modules", "prepare_model_for_kbit_training",
+                 "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+                 "bnb_4bit_quant_storage", "llm_int8_skip_modules"}
+
+
+def read_stack(uses: Iterable, train, attention: str) -> Stack:
+    """The byte widths a variant's techniques imply; NotModelled for what has no closed form."""
+    names = {u.name: dict(u.args) for u in uses}
+    for name in names:
+        if name in _NOT_MODELLED:
+            raise NotModelled(f"{name}: {_NOT_MODELLED[name]}")
+    if attention not in ("sdpa", "eager"):
+        raise NotModelled(f"attn_implementation {attention}: the estimate knows sdpa and eager")
+    weight = 2 if ("bf16" in names or "fp16" in names) else 4
+    adapter = names.get("lora") or names.get("qlora")
+    stack: dict[str, Any] = {"weight_bytes": weight, "trainable_base": adapter is None,
+                             "checkpointing": "gradient_checkpointing" in names,
+                             "attention": attention, "optimizer": train.optimizer}
+    if adapter is not None:
+        _check_lora(adapter)
+        targets = adapter.get("target_modules") or PEFT_DEFAULT_TARGETS
+        if targets == "all-linear":
+            targets = LINEARS
+        if isinstance(targets, str) or not set(targets) <= set(LINEARS):
+            raise NotModelled(f"target_modules {targets!r}: the estimate knows the decoder "
+                              "layers' linears by name, or all-linear")
+        stack.update(targets=tuple(t for t in LINEARS if t in targets), rank=adapter["r"],
+                     dropout=bool(adapter.get("lora_dropout")))
+    if "qlora" in names:
+        q = names["qlora"]
+        if q["bnb_4bit_quant_storage"] != "uint8" or q.get("llm_int8_skip_modules"):
+            raise NotModelled("4-bit storage other than uint8, or skipped modules, is not modelled")
+        compute = _BYTES.get(q["bnb_4bit_compute_dtype"])
+        if compute is None:
+            raise NotModelled(f"bnb_4bit_compute_dtype {q['bnb_4bit_compute_dtype']}")
+        # PEFT's k-bit preparation up-casts the non-quantized weights to fp32.
+        stack["weight_bytes"] = 4 if q["prepare_model_for_kbit_training"] else compute
+        stack["quant"] = {"double_quant": q["bnb_4bit_use_double_quant"], "compute_bytes": compute}
+    if "chunked_nll" in names:
+        if names["chunked_nll"]["impl"] != "harness":
+            raise NotModelled("chunked_nll impl: trl (TRL's fused head) is not modelled")
+        stack["chunk"] = names["chunked_nll"]["chunk_size"]
+    return Stack(**stack)
+
+
+def _check_lora(args: dict) -> None:
+    from harness.techniques.lora import _peft
+
+    defaults = {f.name: f.default for f in __import__("dataclasses").fields(_peft().LoraConfig)}
+    for key, value in args.items():
+        if key not in _LORA_NEUTRAL and key in defaults and value != defaults[key]:
+            raise NotModelled(f"LoRA {key}={value!r} is not modelled (only its default)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors that persist: parameters, gradients, optimizer state
+
+
+@dataclass(frozen=True)
+class Tensor:
+    numel: int
+    nbytes: int  # allocated, rounded
+    trainable: bool
+    quantized: bool = False  # a 4-bit weight or its quantization state
+
+
+def parameters(sh: Shapes, st: Stack) -> list[Tensor]:
+    """Every parameter tensor (and 4-bit quantization state) the built model holds."""
+    out: list[Tensor] = []
+
+    def add(numel: int, itemsize: float, trainable: bool, quantized: bool = False) -> None:
+        out.append(Tensor(numel, _r(numel * itemsize), trainable, quantized))
+
+    w, train = st.weight_bytes, st.trainable_base
+    add(sh.vocab * sh.hidden, w, train)  # embed_tokens
+    if not sh.tied:
+        add(sh.vocab * sh.hidden, w, train)  # lm_head
+    add(sh.hidden, w, train)  # final norm
+    for _ in range(sh.layers):
+        add(sh.hidden, w, train)
+        add(sh.hidden, w, train)
+        for name in LINEARS:
+            fan_in, fan_out = sh.linear(name)
+            n = fan_in * fan_out
+            if st.quant is None:
+                add(n, w, train)
+            else:
+                add(n, 0.5, False, True)  # two 4-bit codes per byte
+                blocks = math.ceil(n / 64)
+                if st.quant["double_quant"]:
+                    add(blocks, 1, False, True)  # absmax, itself 8-bit quantized
+                    add(math.ceil(blocks / 256), 4, False, True)  # its fp32 absmax
+                    add(256, 4, False, True)  # its code
+                else:
+                    add(blocks, 4, False, True)
+                add(16, 4, False, True)  # the 4-bit code
+            if sh.bias(name):
+                add(fan_out, w, train)
+            if name in st.targets:
+                add(st.rank * fan_in, ADAPTER_BYTES, True)
+                add(fan_out * st.rank, ADAPTER_BYTES, True)
+    return out
+
+
+def optimizer_state(trainable: list[Tensor], optimizer: str) -> tuple[int, int, int]:
+    """(state bytes on the device, paged state bytes, step temporaries) for the trainable
+    tensors, as torch / transformers / bitsandbytes lay their state out."""
+    if optimizer in ("adamw", "adamw_fused"):
+        state = sum(2 * t.nbytes + ROUND for t in trainable)  # two moments and a step scalar
+        # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs) is one moment-sized temporary.
+        temp = sum(t.nbytes for t in trainable) if optimizer == "adamw" else 0
+        return state, 0, temp
+    if optimizer == "sgd":
+        return 0, 0, 0
+    if optimizer == "adafactor":
+        raise NotModelled("Adafactor's factored state needs each tensor's shape")
+    if optimizer == "adamw_32bit":
+        # bitsandbytes: two fp32 moments per element whatever the weight dtype, step in place.
+        return sum(2 * _r(t.numel * 4) for t in trainable), 0, 0
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        # bitsandbytes: 8-bit moments with an fp32 absmax per 256-element block; tensors under
+        # 4096 elements keep 32-bit moments. Its step works in place.
+        state = sum(2 * (_r(t.numel) + _r(math.ceil(t.numel / 256) * 4)) if t.numel >= 4096
+                    else 2 * _r(t.numel * 4) for t in trainable)
+        return (0, state, 0) if optimizer == "paged_adamw_8bit" else (state, 0, 0)
+    raise NotModelled(f"optimizer {optimizer}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: what autograd keeps, per decoder layer and for the head
+
+
+def _inputs_kept(st: Stack, width: int, consumers: tuple[str, ...], stream: int,
+                 shared: bool = False) -> float:
+    """Bytes per token kept of one input (width features) read by `consumers` linears.
+    shared: the input is already kept by another op (SDPA's output), so a trainable base
+    keeps nothing more."""
+    kept = 0.0
+    if st.trainable_base and not shared:
+        kept += stream * width  # one tensor, whichever linears read it
+    adapted = [c for c in consumers if c in st.targets]
+    for _ in adapted:
+        if st.dropout:
+            kept += width * (1 + ADAPTER_BYTES)  # dropout's mask, and its output for lora_A
+        elif stream != ADAPTER_BYTES:
+            kept += ADAPTER_BYTES * width  # each adapter's own fp32 copy of the input
+        kept += ADAPTER_BYTES * st.rank  # lora_A's output, kept by lora_B
+    if adapted and not st.dropout and stream == ADAPTER_BYTES and not st.trainable_base \
+            and not shared:
+        kept += stream * width  # the cast is a no-op: every adapter keeps the input itself
+    return kept
+
+
+def layer_terms(sh: Shapes, st: Stack, seq_len: int) -> dict[str, float]:
+    """Bytes per token that one decoder layer keeps for backward, by part."""
+    e, h, i = st.weight_bytes, sh.hidden, sh.intermediate
+    q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    # RMSNorm: an fp32 copy of its input (or the fp32 input itself), 1/rms per token, and —
+    # when its weight trains — the normalised input the weight multiplies.
+    norm = 4 * h + 4 + (e * h if st.trainable_base else 0)
+    terms = {"attention norm": norm,
+             "q/k/v input": _inputs_kept(st, h, ("q_proj", "k_proj", "v_proj"), e)}
+    if st.attention == "sdpa":
+        # Flash / memory-efficient SDPA: q and k after RoPE, v, the output, fp32 logsumexp.
+        terms["attention"] = e * (2 * q + 2 * kv) + 4 * sh.heads
+        terms["o_proj input"] = _inputs_kept(st, q, ("o_proj",), e, shared=True)
+    else:
+        # Eager: q, k and v repeated to every head; over the whole [S, S] score matrix per
+        # head, the fp32 softmax and (unless the model is fp32) its cast back to e.
+        terms["attention"] = e * 3 * q
+        terms["attention scores"] = 4 * sh.heads * seq_len
+        terms["attention probabilities"] = e * sh.heads * seq_len if e != 4 else 0
+        terms["o_proj input"] = _inputs_kept(st, q, ("o_proj",), e)
+    terms["mlp norm"] = norm
+    terms["gate/up input"] = _inputs_kept(st, h, ("gate_proj", "up_proj"), e)
+    terms["mlp"] = 3 * e * i  # gate and up outputs, silu(gate)
+    terms["down_proj input"] = _inputs_kept(st, i, ("down_proj",), e)
+    return terms
+
+
+@dataclass
+class Term:
+    name: str
+    nbytes: int
+    category: str
+    note: str = ""
+
+
+@dataclass
+class Estimate:
+    params_total: int
+    params_trainable: int
+    terms: list[Term] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+
+
+def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps: int,
+             steps: int) -> Estimate:
+    """Phase peaks and breakdowns of a training step, in closed form."""
+    if sh.sliding_window is not None and seq_len > sh.sliding_window:
+        raise NotModelled(f"seq_len {seq_len} > sliding_window {sh.sliding_window}: the "
+                          "sliding-window mask is not modelled")
+    T = batch_size * seq_len
+    e, h, i, V, L = st.weight_bytes, sh.hidden, sh.intermediate, sh.vocab, sh.layers
+    tensors = parameters(sh, st)
+    trainable = [t for t in tensors if t.trainable]
+    P = sum(t.nbytes for t in tensors)
+    G = sum(t.nbytes for t in trainable)
+    O, paged, opt_temp = optimizer_state(trainable, st.optimizer)
+    # clip_grad_norm_: one norm per gradient, their stack and the total.
+    clip = ROUND * (len(trainable) + 2)
+
+    per_layer = layer_terms(sh, st, seq_len)
+    layer = sum(_r(b * T) for b in per_layer.values() if b)
+    # Layer 0's input norm keeps nothing when the embedding is frozen (its input needs no grad).
+    first_norm_skipped = 0 if st.trainable_base else _r(4 * h * T) + _r(4 * T)
+    logits_bytes = e  # the LM head's output dtype
+    head_norm = _r(4 * h * T) + _r(4 * T) + (_r(e * h * T) if st.trainable_base else 0)
+    labels = _r(8 * T) + (_r(8 * T) if st.trainable_base else 0)  # + input ids, for the embedding
+    if st.checkpointing:
+        # Each checkpointed layer keeps only its input, the hidden state.
+        layers_kept = L * _r(e * h * T)
+    else:
+        layers_kept = L * layer - first_norm_skipped
+    if st.chunk is None:
+        head_kept = head_norm + (_r(e * h * T) if st.trainable_base else 0) + _r(4 * V * T) + labels
+        # End of forward: the logits (held by the output), their fp32 up-cast inside the loss.
+        fwd_transient = _r(logits_bytes * V * T) + (_r(4 * V * T) if logits_bytes != 4 else 0)
+        # Start of backward: the NLL's gradient and log-softmax's, both [tokens, vocab] fp32.
+        loss_backward = 2 * _r(4 * V * T)
+    else:
+        c = min(st.chunk, T - batch_size)
+        # The shifted hidden states, copied once; per chunk (recomputed in backward) its logits,
+        # their fp32 up-cast and log-softmax's output, then the NLL's and log-softmax's fp32
+        # gradients beside that output; the hidden states' gradient accumulates whole.
+        kept_hidden = _r(e * h * (T - batch_size))
+        head_kept = head_norm + kept_hidden + 2 * _r(8 * (T - batch_size))
+        fwd_transient = _r(logits_bytes * V * c) + (_r(4 * V * c) if logits_bytes != 4 else 0) + \
+            _r(4 * V * c)
+        loss_backward = 3 * _r(4 * V * c) + kept_hidden
+    A = layers_kept + head_kept
+
+    # One layer's backward, relative to everything it kept. At its MLP product: the three
+    # [T, i] gradients at once (of the product, then of silu's output and of up's), down_proj's
+    # kept input already used and gone. Eager attention, at its softmax: the MLP's tensors and
+    # the probabilities are used and gone, two fp32 [heads, S, S] gradients per sequence exist.
+    def kept(*names: str) -> int:
+        return sum(_r(per_layer.get(n, 0) * T) for n in names)
+
+    layer_backward = 3 * _r(e * i * T) - kept("down_proj input")
+    if st.attention == "eager":
+        at_softmax = 2 * _r(4 * sh.heads * seq_len * T) - kept(
+            "mlp norm", "gate/up input", "mlp", "down_proj input", "attention probabilities")
+        layer_backward = max(layer_backward, at_softmax)
+    # Backward: at its start (the loss's gradients); at the top layer (with checkpointing,
+    # recomputed: its saved tensors are back); at its end (every grad).
+    lm_head_grad = _r(e * V * h) if st.trainable_base and not sh.tied else 0
+    candidates = {  # (activations, other, grads)
+        "start": (A, loss_backward, 0),
+        "top layer": (A - head_kept, layer_backward + (layer if st.checkpointing else 0),
+                      lm_head_grad),
+        # The bottom layer (full fine-tuning): every other grad exists, this layer's tensors
+        # (recomputed, with checkpointing) and its backward's are still alive.
+        "bottom layer": (layer if not st.checkpointing else _r(e * h * T),
+                         layer_backward + (layer if st.checkpointing else 0),
+                         G - _layer_grads(trainable, sh) - (_r(e * V * h) if st.trainable_base
+                                                            else 0)),
+        # The end: every grad. A tied embedding's gradient meets the LM head's, already there:
+        # the new one and their sum exist at once.
+        "end": (0, 2 * _r(e * V * h) if st.trainable_base and sh.tied else 0, G),
+    }
+
+    terms = [
+        Term("parameters", P, "params", f"{len(tensors)} tensors"),
+        Term("gradients", G, "grads", f"{len(trainable)} trainable tensors, in their dtype"),
+        Term("optimizer state", O, "optimizer", st.optimizer),
+        Term("activations: decoder layers", layers_kept, "activations",
+             "layer inputs only (checkpointed)" if st.checkpointing else
+             f"{L} layers × {layer:,} B"),
+        *[Term(f"activations per layer: {k}", _r(b * T), "activations", f"{b:,.0f} B/token")
+          for k, b in per_layer.items() if not st.checkpointing],
+        Term("activations: head (norm, LM-head input, log-softmax, labels)", head_kept,
+             "activations"),
+        Term("forward: logits and their fp32 up-cast", fwd_transient, "other"),
+        Term("backward: loss gradients", loss_backward, "other"),
+        Term("backward: one layer (recomputed + MLP gradients)" if st.checkpointing else
+             "backward: one layer's MLP gradients",
+             layer_backward + (layer if st.checkpointing else 0), "other"),
+        Term("optimizer step temporaries", opt_temp + clip, "other"),
+    ]
+    if paged:
+        terms.append(Term("paged optimizer state (unified memory, not allocated)", paged, "other"))
+
+    def phase(params, grads, state, acts, other) -> dict[str, Any]:
+        bd = {"params": params, "grads": grads, "optimizer": state, "activations": acts,
+              "other": other}
+        full = {k: bd.get(k, 0) for k in CATEGORIES}
+        return {"peak_allocated_bytes": sum(full.values()), "peak_reserved_bytes": None,
+                "breakdown_bytes": {**full, "unattributed": 0}}
+
+    def step_phases(state: int) -> dict[str, dict]:
+        backward = max((phase(P, g, state, a, o) for a, o, g in candidates.values()),
+                       key=lambda p: p["peak_allocated_bytes"])
+        # Forward starts with the previous step's grads, until zero_grad(set_to_none=True).
+        forward = max(phase(P, G if state else 0, state, 0, 0),
+                      phase(P, 0, state, A, fwd_transient), key=lambda p: p["peak_allocated_bytes"])
+        return {
+            "forward": forward,
+            "backward": backward,
+            "optimizer": phase(P, G, O, 0, opt_temp + clip),
+        }
+
+    first, later = step_phases(0), step_phases(O)
+    phases = {"load": phase(P, 0, 0, 0, 0), **{k: max(first[k], later[k], key=lambda p:
+                                                       p["peak_allocated_bytes"]) for k in later}}
+    per_step = [max(p["peak_allocated_bytes"] for p in first.values())] + \
+        [max(p["peak_allocated_bytes"] for p in later.values())] * (warmup_steps + steps - 1)
+    peak_phase = max(phases, key=lambda k: phases[k]["peak_allocated_bytes"])
+    memory = {
+        "peak_allocated_bytes": phases[peak_phase]["peak_allocated_bytes"],
+        "peak_reserved_bytes": None,
+        "peak_phase": peak_phase,
+        "peak_step": None if peak_phase == "load" else per_step.index(max(per_step)),
+        "phases": phases,
+        "per_step_peak_allocated_bytes": per_step,
+        "breakdown_bytes": phases[peak_phase]["breakdown_bytes"],
+        "breakdown_note": "estimated: closed-form terms, no tensor created",
+        "end_of_step_bytes": None,
+        "tracked_tensor_peak_bytes": None,
+        "budget_bytes": None,
+        "paged_optimizer_bytes": paged,
+        "quantized_weight_bytes": sum(t.nbytes for t in tensors if t.quantized)
+        if st.quant else None,
+        "terms_bytes": {t.name: t.nbytes for t in terms},
+    }
+    params_total = _param_count(sh, st)
+    return Estimate(params_total=params_total,
+                    params_trainable=sum(t.numel for t in trainable), terms=terms, memory=memory)
+
+
+def _layer_grads(trainable: list[Tensor], sh: Shapes) -> int:
+    """One decoder layer's share of the trainable bytes (the layers are alike)."""
+    return sum(t.nbytes for t in trainable if t.numel < sh.vocab * sh.hidden) // sh.layers
+
+
+def _param_count(sh: Shapes, st: Stack) -> int:
+    """Parameters as the record counts them: a 4-bit weight by its original element count."""
+    h = sh.hidden
+    per_layer = 2 * h + sum(a * b + (b if sh.bias(n) else 0) for n in LINEARS
+                            for a, b in [sh.linear(n)])
+    per_layer += sum(st.rank * (a + b) for n in st.targets for a, b in [sh.linear(n)])
+    return sh.vocab * h * (1 if sh.tied else 2) + h + sh.layers * per_layer
+
+
+# ---------------------------------------------------------------------------------------------
+# As a record
+
+
+def estimate_record(scenario, variant, run_id: str, steps: int | None = None) -> dict[str, Any]:
+    """The variant's record with `method: estimated`: status ok with the closed-form phases,
+    or unsupported with the reason the arithmetic does not cover it."""
+    import dataclasses
+
+    from harness.models import resolve_config
+    from harness.record import collect_env, new_record
+
+    train = variant.train if steps is None else dataclasses.replace(variant.train, steps=steps)
+    variant = dataclasses.replace(variant, train=train)
+    record = new_record(run_id=run_id, scenario=scenario, variant=variant, device="estimate",
+                        method="estimated")
+    record["variant"]["index"] = [v.name for v in scenario.variants].index(variant.name)
+    record["env"] = collect_env("cpu")
+    source = resolve_config(scenario.model, scenario.path)
+    try:
+        if source.kind != "file":
+            raise NotModelled("the config of a hub id not in the local cache cannot be read")
+        shapes = read_shapes(source.location)
+        stack = read_stack(variant.techniques, train, scenario.model.attn_implementation)
+        result = estimate(shapes, stack, train.batch_size, train.seq_len, train.warmup_steps,
+                          train.steps)
+    except NotModelled as e:
+        record.update(status="unsupported", error=f"not estimated: {e}")
+        return record
+    record.update(status="ok", memory=result.memory)
+    record["model"].update(params_total=result.params_total,
+                           params_trainable=result.params_trainable)
+    record["timing"] = {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,
+                        "wall_s": None}
+    return record
