@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -39,10 +41,19 @@ def _resolve_device(choice: str) -> str:
     return "cuda" if torch.cuda.is_available() else "simulate"
 
 
+def _forks(device: str) -> bool:
+    """Whether this device's workers fork from the fork server (every device but CUDA). For
+    auto, no nvidia-smi means no CUDA: known without importing torch."""
+    return device in ("cpu", "simulate") or (device == "auto" and not shutil.which("nvidia-smi"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import report
     from harness.record import new_run_id
-    from harness.runner import run_scenario
+    from harness.runner import run_scenario, start_fork_server
+
+    if _forks(args.device):
+        start_fork_server()  # its imports overlap the scenario's validation
 
     scenario = load_scenario(args.scenario)
     variants = _selected(scenario, args.variant)
@@ -82,33 +93,80 @@ def _selected(scenario, names: list[str] | None) -> list:
     return [v for v in variants if v.name in names]
 
 
-def estimate_run(scenario, variants, out: Path, steps: int | None) -> Path:
-    """Write the closed-form estimate of each variant as records and a summary: the run folder."""
+def estimate_run(scenario, variants, run_dir: Path, run_id: str, steps: int | None) -> None:
+    """Write the closed-form estimate of each variant as records, and their summary."""
     from harness import report
     from harness.estimate import estimate_record
-    from harness.record import new_run_id, write_record
+    from harness.record import write_record
 
-    run_id = new_run_id()
-    run_dir = Path(out) / scenario.name / run_id
     records = [estimate_record(scenario, v, run_id, steps) for v in variants]
     for variant, record in zip(variants, records, strict=True):
         write_record(run_dir / f"{variant.name}.json", record)
     report.write_summary(run_dir)
-    return run_dir
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from harness import report
+    from harness.record import new_run_id
 
     scenario = load_scenario(args.scenario)
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
-    run_dir = estimate_run(scenario, _selected(scenario, args.variant), Path(args.out), args.steps)
+    variants = _selected(scenario, args.variant)
+    run_id = new_run_id()
+    run_dir = Path(args.out) / scenario.name / run_id
+    estimate_run(scenario, variants, run_dir, run_id, args.steps)
     frame = report.load_results_in(run_dir)
     print((run_dir / "summary.md").read_text())
     if args.terms:
         print(report.terms_markdown(run_dir))
     print(report.run_summary(run_dir, frame))
+    return 0
+
+
+def cmd_compare_methods(args: argparse.Namespace) -> int:
+    """Estimate, simulate (and, with --cpu, measure) the same variants; add measured run folders
+    given with --measured; print one row per variant with each method's peak and error."""
+    from harness import report
+    from harness.record import new_run_id
+    from harness.runner import run_scenario, start_fork_server
+
+    start_fork_server()  # simulation (and --cpu) workers fork: its imports overlap validation
+    scenario = load_scenario(args.scenario)
+    variants = _selected(scenario, args.variant)
+    measured = []
+    for folder in args.measured or []:
+        frame = report.load_results_in(Path(folder)) if Path(folder).is_dir() else None
+        if frame is None or frame.empty:
+            raise BadInput(f"--measured {folder}: not a run folder (no records)")
+        if set(frame["scenario"]) != {scenario.name}:
+            raise BadInput(f"--measured {folder}: records of {sorted(set(frame['scenario']))}, "
+                           f"not of {scenario.name!r}")
+        measured.append(frame)
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
+    run_id = new_run_id()
+    top = Path(args.out) / scenario.name / f"{run_id}-methods"
+    estimate_run(scenario, variants, top / "estimated", run_id, args.steps)
+    runs = {"estimated": top / "estimated"}
+    devices = [("simulated", "simulate")] + ([("measured-cpu", "cpu")] if args.cpu else [])
+    for label, device in devices:
+        _progress(f"{scenario.name}: {len(variants)} variant(s) on {device}")
+        outcome = run_scenario(scenario, variants, device=device, run_dir=top / label,
+                               run_id=run_id, steps=args.steps, timeout_s=args.timeout,
+                               full_depth=args.full_depth, progress=_progress)
+        report.write_summary(top / label)
+        runs[label] = top / label
+        if outcome.interrupted:
+            return 130
+    frames = {label: report.load_results_in(path) for label, path in runs.items()}
+    table = report.methods_table(frames, measured, scenario.sha256)
+    text = report.methods_markdown(table, scenario.name, run_id)
+    table.to_csv(top / "methods.csv", index=False)
+    (top / "methods.md").write_text(text)
+    print(text)
+    print(json.dumps({"run_dir": str(top), "scenario": scenario.name,
+                      "runs": {k: str(v) for k, v in runs.items()}}))
     return 0
 
 
@@ -186,6 +244,22 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
     est.add_argument("--terms", action="store_true", help="also print each variant's terms")
     est.set_defaults(fn=cmd_estimate)
+
+    cmp = sub.add_parser("compare-methods", help="estimated vs simulated (vs measured) peaks of "
+                         "the same variants, with the error of each")
+    cmp.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
+    cmp.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
+    cmp.add_argument("--measured", action="append", metavar="RUN_DIR",
+                     help="a run folder of the same scenario measured elsewhere (a GPU run); "
+                          "repeatable")
+    cmp.add_argument("--cpu", action="store_true", help="also measure each variant on this CPU")
+    cmp.add_argument("--out", default=str(DEFAULT_OUT),
+                     help="everything goes to OUT/<scenario>/<run id>-methods")
+    cmp.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
+    cmp.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
+    cmp.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                     help="per-variant wall-clock limit (default 3600)")
+    cmp.set_defaults(fn=cmd_compare_methods)
 
     validate = sub.add_parser("validate", help="check scenarios without running anything")
     validate.add_argument("scenarios", nargs="*", metavar="SCENARIO")

@@ -340,7 +340,7 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
     trainable = [t for t in tensors if t.trainable]
     P = sum(t.nbytes for t in tensors)
     G = sum(t.nbytes for t in trainable)
-    O, paged, opt_temp = optimizer_state(trainable, st.optimizer)
+    S_opt, paged, opt_temp = optimizer_state(trainable, st.optimizer)
     # clip_grad_norm_: one norm per gradient, their stack and the total.
     clip = ROUND * (len(trainable) + 2)
 
@@ -407,7 +407,7 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
     terms = [
         Term("parameters", P, "params", f"{len(tensors)} tensors"),
         Term("gradients", G, "grads", f"{len(trainable)} trainable tensors, in their dtype"),
-        Term("optimizer state", O, "optimizer", st.optimizer),
+        Term("optimizer state", S_opt, "optimizer", st.optimizer),
         Term("activations: decoder layers", layers_kept, "activations",
              "layer inputs only (checkpointed)" if st.checkpointing else
              f"{L} layers × {layer:,} B"),
@@ -441,10 +441,10 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
         return {
             "forward": forward,
             "backward": backward,
-            "optimizer": phase(P, G, O, 0, opt_temp + clip),
+            "optimizer": phase(P, G, S_opt, 0, opt_temp + clip),
         }
 
-    first, later = step_phases(0), step_phases(O)
+    first, later = step_phases(0), step_phases(S_opt)
     phases = {"load": phase(P, 0, 0, 0, 0), **{k: max(first[k], later[k], key=lambda p:
                                                        p["peak_allocated_bytes"]) for k in later}}
     per_step = [max(p["peak_allocated_bytes"] for p in first.values())] + \

@@ -38,6 +38,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
     train = record["train"]
     row = {
         "scenario": record["scenario"]["name"],
+        "scenario_sha256": record["scenario"].get("sha256"),
         "run_id": record["run_id"],
         "variant": record["variant"]["name"],
         "variant_index": record["variant"].get("index"),
@@ -243,3 +244,99 @@ def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -
                                     else int(r["peak_allocated_bytes"])}
                      for _, r in frame.iterrows()},
     })
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods side by side: estimated, simulated, measured
+
+
+def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
+                  sha256: str) -> pd.DataFrame:
+    """One row per variant: each method's peak and its error against the best reference there
+    is — a measurement, else the simulation. `runs`: label → that method's records (in scenario
+    order); `measured`: run folders from elsewhere, matched by variant name; a record of other
+    scenario content is incomparable and left out."""
+    first = next(iter(runs.values()))
+    rows = []
+    for _, base in first.iterrows():
+        name = base["variant"]
+        row: dict[str, Any] = {"variant": name, "techniques": base["techniques"]}
+        found: dict[str, Any] = {}
+        for label, frame in runs.items():
+            found[label] = _one(frame, name)
+        notes = []
+        for frame in measured:
+            r = _one(frame, name)
+            if r is None:
+                continue
+            if r["scenario_sha256"] != sha256:
+                notes.append(f"{r['run_id']}: other scenario content (x, left out)")
+                continue
+            found[str(r["method"])] = r
+        for label, r in found.items():
+            ok = r is not None and r["status"] == "ok"
+            row[f"{label}_peak_bytes"] = int(r["peak_allocated_bytes"]) if ok else None
+            row[f"{label}_status"] = None if r is None else r["status"]
+            row[f"{label}_error"] = None if r is None or ok else r["error"]
+        measured_labels = [k for k in found if k.startswith("measured") and
+                           row.get(f"{k}_peak_bytes") is not None]
+        reference = measured_labels[0] if measured_labels else "simulated"
+        row["reference"] = reference
+        ref_peak = row.get(f"{reference}_peak_bytes")
+        for label in found:
+            peak = row.get(f"{label}_peak_bytes")
+            row[f"{label}_error_pct"] = (100 * (peak / ref_peak - 1)
+                                         if peak is not None and ref_peak and label != reference
+                                         else None)
+        est, ref = found.get("estimated"), found.get(reference)
+        row["diverges_most"] = _diverging(est, ref) if est is not None and ref is not None and \
+            est["status"] == ref["status"] == "ok" else None
+        row["notes"] = "; ".join(notes) or None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _one(frame: pd.DataFrame, variant: str):
+    hits = frame[frame["variant"] == variant]
+    return None if hits.empty else hits.iloc[-1]  # the latest run's, when several
+
+
+def _diverging(est, ref) -> str:
+    """The breakdown category where the estimate and the reference differ most, at the peak."""
+    diffs = {k: est[f"{k}_bytes"] - ref[f"{k}_bytes"] for k in CATEGORIES
+             if not pd.isna(est[f"{k}_bytes"]) and not pd.isna(ref[f"{k}_bytes"])}
+    if not diffs:
+        return None
+    worst = max(diffs, key=lambda k: abs(diffs[k]))
+    return f"{worst} {diffs[worst] / 2**20:+,.1f} MiB"
+
+
+def methods_markdown(table: pd.DataFrame, scenario: str, run_id: str) -> str:
+    labels = [c[:-len("_peak_bytes")] for c in table.columns if c.endswith("_peak_bytes")]
+    peaks = [v for c in table.columns if c.endswith("_peak_bytes") for v in table[c].dropna()]
+    unit, scale = ("GiB", GIB) if peaks and max(peaks) >= GIB else ("MiB", 2**20)
+    rows = []
+    for _, r in table.iterrows():
+        row = {"variant": r["variant"]}
+        for label in labels:
+            peak = r[f"{label}_peak_bytes"]
+            status = r[f"{label}_status"]
+            row[f"{label} {unit}"] = (_size(peak, scale) if not pd.isna(peak) else
+                                      "—" if status is None or pd.isna(status) else status)
+            if label != "simulated" or r["reference"] != "simulated":
+                err = r[f"{label}_error_pct"]
+                if label != r["reference"]:
+                    row[f"{label} error"] = "—" if pd.isna(err) else f"{err:+.1f}%"
+        row["reference"] = r["reference"]
+        row["estimate vs reference, most"] = r["diverges_most"] or "—"
+        rows.append(row)
+    body = pd.DataFrame(rows).fillna("—").to_markdown(index=False, disable_numparse=True)
+    reasons = [f"- `{r['variant']}` {label}: {str(r[f'{label}_error']).splitlines()[0][:160]}"
+               for _, r in table.iterrows() for label in labels
+               if isinstance(r[f"{label}_error"], str)]
+    notes = [f"- `{r['variant']}`: {r['notes']}" for _, r in table.iterrows()
+             if isinstance(r["notes"], str)]
+    return (f"{scenario} · methods side by side · run {run_id}\n\nPeak allocated, in {unit}; "
+            "each error is against the reference (a measurement where one exists, else the "
+            "simulation).\n\n" + body + "\n" + ("\n" + "\n".join(reasons + notes) + "\n"
+                                                if reasons or notes else ""))
