@@ -52,11 +52,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.record import new_run_id
     from harness.runner import run_scenario, start_fork_server
 
-    if _forks(args.device):
-        start_fork_server()  # its imports overlap the scenario's validation
-
-    scenario = load_scenario(args.scenario)
-    variants = _selected(scenario, args.variant)
     budget = None
     if args.memory_budget is not None:
         try:
@@ -65,6 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise BadInput(f"--memory-budget: {e}") from None
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
+    if _forks(args.device):
+        start_fork_server()  # its imports overlap the scenario's validation
+    scenario = load_scenario(args.scenario)
+    variants = _selected(scenario, args.variant)
     device = _resolve_device(args.device)
     run_id = new_run_id()
     run_dir = Path(args.out) / scenario.name / run_id
@@ -131,20 +130,21 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     from harness.record import new_run_id
     from harness.runner import run_scenario, start_fork_server
 
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
+    for folder in args.measured or []:
+        if not Path(folder).is_dir() or not any(Path(folder).glob("*.json")):
+            raise BadInput(f"--measured {folder}: not a run folder (no records)")
     start_fork_server()  # simulation (and --cpu) workers fork: its imports overlap validation
     scenario = load_scenario(args.scenario)
     variants = _selected(scenario, args.variant)
     measured = []
     for folder in args.measured or []:
-        frame = report.load_results_in(Path(folder)) if Path(folder).is_dir() else None
-        if frame is None or frame.empty:
-            raise BadInput(f"--measured {folder}: not a run folder (no records)")
+        frame = report.load_results_in(Path(folder))
         if set(frame["scenario"]) != {scenario.name}:
             raise BadInput(f"--measured {folder}: records of {sorted(set(frame['scenario']))}, "
                            f"not of {scenario.name!r}")
         measured.append(frame)
-    if args.steps is not None and args.steps < 1:
-        raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
     run_id = new_run_id()
     top = Path(args.out) / scenario.name / f"{run_id}-methods"
     estimate_run(scenario, variants, top / "estimated", run_id, args.steps)

@@ -16,8 +16,15 @@ documented policy (c10/cuda/CUDACachingAllocator.cpp, default configuration, one
   segments are never released (no `empty_cache`, no OOM retry: the device is assumed large
   enough, which is the question being asked).
 
-Not modelled: `expandable_segments`, `max_split_size_mb`, `roundup_power2_divisions`, several
-streams, memory the CUDA context and libraries take outside the allocator.
+With `expandable_segments:True` (`CachingAllocator(expandable=True)`) each pool is one
+virtual segment that grows at its end: physical pages are mapped as needed, 20 MiB at a time
+for the large pool and 2 MiB for the small one; a request takes the best-fitting free block,
+the free block at the segment's end (which could grow) only when no other fits, else the end
+grows by what is missing (merged with a free end block); a block is split whenever 512 bytes
+or more remain. Nothing is unmapped during training.
+
+Not modelled: `max_split_size_mb`, `roundup_power2_divisions`, several streams, memory the CUDA
+context and libraries take outside the allocator.
 """
 
 from __future__ import annotations
@@ -57,39 +64,80 @@ class _Block:
     next: _Block | None = None
 
 
+EXPANDABLE_BASE = {True: 0, False: 1 << 62}  # each pool's one virtual segment, far apart
+
+
 class CachingAllocator:
-    def __init__(self) -> None:
+    def __init__(self, expandable: bool = False) -> None:
         self.reserved = 0
         self.allocated = 0
+        self.expandable = expandable
         # Per pool (small?): cached free blocks as sorted (size, address), and by address.
         self._pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
         self._cached: dict[int, _Block] = {}
         self._top = 0  # next segment's address: segments never overlap
         self._segments = 0
+        # Expandable: per pool, where its mapped pages end, and the block that ends there.
+        self._mapped_end = dict(EXPANDABLE_BASE)
+        self._last: dict[bool, _Block | None] = {True: None, False: None}
 
     def malloc(self, n_bytes: int) -> _Block:
         size = round_size(n_bytes)
         small = size <= SMALL_SIZE
-        pool = self._pools[small]
-        i = bisect.bisect_left(pool, (size, -1))
-        if i < len(pool):
-            block = self._cached.pop(pool.pop(i)[1])
-        else:
-            seg = segment_size(size)
-            self._segments += 1
-            block = _Block(self._top, seg, self._segments, small)
-            self._top += seg
-            self.reserved += seg
+        block = self._expandable_block(size, small) if self.expandable else \
+            self._segment_block(size, small)
         remaining = block.size - size
-        if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
+        if remaining >= MIN_BLOCK if (small or self.expandable) else remaining > SMALL_SIZE:
             rest = _Block(block.addr + size, remaining, block.segment, small, True, block,
                           block.next)
             if block.next is not None:
                 block.next.prev = rest
             block.next, block.size = rest, size
             self._cache(rest)
+            if self._last[small] is block:
+                self._last[small] = rest
         block.free = False
         self.allocated += block.size
+        return block
+
+    def _segment_block(self, size: int, small: bool) -> _Block:
+        """Best fit among cached blocks, else a new segment (cudaMalloc)."""
+        pool = self._pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            return self._cached.pop(pool.pop(i)[1])
+        seg = segment_size(size)
+        self._segments += 1
+        block = _Block(self._top, seg, self._segments, small)
+        self._top += seg
+        self.reserved += seg
+        return block
+
+    def _expandable_block(self, size: int, small: bool) -> _Block:
+        """Best fit among cached blocks but the one at the segment's end; that one if it fits;
+        else map pages at the end for what is missing."""
+        pool, last = self._pools[small], self._last[small]
+        tail = last if last is not None and last.free else None
+        i = bisect.bisect_left(pool, (size, -1))
+        for j in range(i, len(pool)):
+            if tail is None or pool[j][1] != tail.addr:
+                return self._cached.pop(pool.pop(j)[1])
+        if tail is not None and tail.size >= size:
+            self._uncache(tail)
+            return tail
+        page = SMALL_BUFFER if small else LARGE_BUFFER
+        grow = -(-(size - (tail.size if tail else 0)) // page) * page
+        self.reserved += grow
+        start = self._mapped_end[small]
+        self._mapped_end[small] += grow
+        if tail is not None:
+            self._uncache(tail)
+            tail.size += grow
+            return tail
+        block = _Block(start, grow, -1 if small else -2, small, True, last, None)
+        if last is not None:
+            last.next = block
+        self._last[small] = block
         return block
 
     def free(self, block: _Block) -> None:
@@ -106,6 +154,8 @@ class CachingAllocator:
                     block.next = neighbour.next
                     if neighbour.next is not None:
                         neighbour.next.prev = block
+                    if self._last[block.small] is neighbour:
+                        self._last[block.small] = block
                 block.size += neighbour.size
         self._cache(block)
 
@@ -119,10 +169,11 @@ class CachingAllocator:
         del self._cached[block.addr]
 
 
-def replay(allocations: Iterable[tuple[int, int, int]]) -> list[tuple[int, int]]:
+def replay(allocations: Iterable[tuple[int, int, int]],
+           expandable: bool = False) -> list[tuple[int, int]]:
     """(t_ns, reserved bytes after the event) for each (t_ns, key, ±bytes) of the trace, in
     time order. A free of a key never allocated in the trace is ignored."""
-    allocator = CachingAllocator()
+    allocator = CachingAllocator(expandable)
     live: dict[int, _Block] = {}
     levels = []
     for t, key, delta in sorted(allocations, key=lambda a: (a[0], a[2] < 0)):

@@ -63,13 +63,12 @@ class SimulateProbe(Probe):
         self._unpacked.__exit__(None, None, None)
         self._fake.__exit__(None, None, None)
         analysis = self._analysed(self.tracker.allocations)
-        reserved = _reserved_levels(self.tracker.allocations)
+        reserved, model = _reserved_levels(self.tracker.allocations)
         stats = [(phase, {"peak_allocated_bytes": peak,
                           "peak_reserved_bytes": peak_within(*reserved, phase)[0]
                           if reserved else None})
                  for phase, peak in analysis.phase_peaks]
-        self.extra["reserved_model"] = ("cuda-caching-allocator (default configuration)"
-                                        if reserved else None)
+        self.extra["reserved_model"] = model
         return self._shape(stats, analysis)
 
 
@@ -106,15 +105,19 @@ def repeak(memory: dict) -> dict:
     return memory
 
 
-def _reserved_levels(allocations) -> tuple[list[int], list[int]] | None:
-    """Reserved bytes over time, from the caching-allocator replay (allocator.py); None where
-    the user's PYTORCH_CUDA_ALLOC_CONF asks for behaviour the replay does not model."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "")
-    if any(key in conf for key in ("expandable_segments:True", "max_split_size_mb",
-                                   "roundup_power2_divisions")):
-        return None
-    levels = replay(allocations)
-    return [t for t, _ in levels], [r for _, r in levels]
+def _reserved_levels(allocations) -> tuple[tuple[list[int], list[int]] | None, str | None]:
+    """Reserved bytes over time, from the caching-allocator replay (allocator.py), and which
+    configuration was replayed; (None, None) where the user's allocator configuration asks for
+    behaviour the replay does not model."""
+    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+            or "").replace(" ", "")
+    if any(key in conf for key in ("max_split_size_mb", "roundup_power2_divisions")):
+        return None, None
+    expandable = "expandable_segments:True" in conf
+    levels = replay(allocations, expandable=expandable)
+    return ([t for t, _ in levels], [r for _, r in levels]), \
+        "cuda-caching-allocator (" + ("expandable_segments" if expandable else
+                                      "default configuration") + ")"
 
 
 def _materialize(model, device: torch.device) -> None:

@@ -75,3 +75,63 @@ def test_replay_gives_the_reserved_level_after_each_event():
              (5, 2, -4 * MiB), (6, 99, -512)]
     assert [r for _, r in replay(trace)] == [20 * MiB, 20 * MiB, 20 * MiB, 44 * MiB, 44 * MiB,
                                              44 * MiB]
+
+
+# expandable_segments:True — one growing segment per pool, pages mapped at its end
+
+
+def test_expandable_segments_map_20_mib_pages_at_the_end_of_one_segment():
+    a = CachingAllocator(expandable=True)
+    a.malloc(3 * MiB)
+    assert a.reserved == 20 * MiB  # one large-pool page, not a 20 MiB segment per request
+    a.malloc(30 * MiB)  # 17 MiB free at the end: 13 MiB missing → one more page... and a half
+    assert a.reserved == 40 * MiB
+    a.malloc(100 * KiB)  # small requests: the small pool's own segment, 2 MiB pages
+    assert a.reserved == 42 * MiB
+
+
+def test_expandable_segments_grow_a_freed_end_block_where_segments_would_fragment():
+    """A freed 100 MiB block at the end is grown to hold 150 MiB: 160 MiB mapped in all.
+    The default allocator keeps the 100 MiB segment cached and reserves 150 MiB more."""
+    default, expandable = CachingAllocator(), CachingAllocator(expandable=True)
+    for a in (default, expandable):
+        a.free(a.malloc(100 * MiB))
+        a.malloc(150 * MiB)
+    assert default.reserved == 250 * MiB
+    assert expandable.reserved == 160 * MiB
+
+
+def test_expandable_segments_prefer_a_fitting_block_to_the_growable_end():
+    a = CachingAllocator(expandable=True)
+    middle = a.malloc(40 * MiB)
+    a.malloc(40 * MiB)  # keeps `middle` away from the end
+    end = a.malloc(60 * MiB)
+    a.free(middle)
+    a.free(end)  # free at the end: 60 MiB, and it could grow
+    reserved = a.reserved
+    block = a.malloc(30 * MiB)
+    assert block.addr == middle.addr  # the 40 MiB block fits: the end stays whole
+    assert a.reserved == reserved
+
+
+def test_expandable_segments_split_large_blocks_down_to_512_bytes():
+    """Without expandable segments a large block is split only when more than 1 MiB remains."""
+    for expandable, kept in ((False, 22 * MiB), (True, 21 * MiB + 512 * KiB)):
+        a = CachingAllocator(expandable=expandable)
+        a.free(a.malloc(22 * MiB))
+        taken = a.malloc(21 * MiB + 512 * KiB)  # 512 KiB would remain
+        assert taken.size == kept, expandable
+
+
+def test_replay_with_expandable_segments_is_what_the_simulation_reads(monkeypatch):
+    from harness.probes.simulate import _reserved_levels
+
+    trace = [(1, 1, 100 * MiB), (2, 1, -100 * MiB), (3, 2, 150 * MiB)]
+    for conf, reserved, model in (
+            ("", 250 * MiB, "default configuration"),
+            ("expandable_segments:True", 160 * MiB, "expandable_segments"),
+            ("expandable_segments:True,max_split_size_mb:128", None, None)):
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
+        levels, name = _reserved_levels(trace)
+        assert (max(levels[1]) if levels else None) == reserved
+        assert (model in name) if model else name is None
