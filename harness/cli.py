@@ -60,6 +60,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise BadInput(f"--memory-budget: {e}") from None
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
+    if args.target is not None and args.device in ("cpu", "cuda"):
+        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
     if _forks(args.device):
         start_fork_server()  # its imports overlap the scenario's validation
     scenario = load_scenario(args.scenario)
@@ -70,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _progress(f"{scenario.name}: {len(variants)} variant(s) on {device} → {run_dir}")
     outcome = run_scenario(scenario, variants, device=device, run_dir=run_dir, run_id=run_id,
                            steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
-                           full_depth=args.full_depth,
+                           full_depth=args.full_depth, target=args.target or "cuda",
                            progress=_progress)
     text = report.write_summary(run_dir)
     print(text)
@@ -92,13 +94,14 @@ def _selected(scenario, names: list[str] | None) -> list:
     return [v for v in variants if v.name in names]
 
 
-def estimate_run(scenario, variants, run_dir: Path, run_id: str, steps: int | None) -> None:
+def estimate_run(scenario, variants, run_dir: Path, run_id: str, steps: int | None,
+                 target: str = "cuda") -> None:
     """Write the closed-form estimate of each variant as records, and their summary."""
     from harness import report
     from harness.estimate import estimate_record
     from harness.record import write_record
 
-    records = [estimate_record(scenario, v, run_id, steps) for v in variants]
+    records = [estimate_record(scenario, v, run_id, steps, target) for v in variants]
     for variant, record in zip(variants, records, strict=True):
         write_record(run_dir / f"{variant.name}.json", record)
     report.write_summary(run_dir)
@@ -114,7 +117,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     variants = _selected(scenario, args.variant)
     run_id = new_run_id()
     run_dir = Path(args.out) / scenario.name / run_id
-    estimate_run(scenario, variants, run_dir, run_id, args.steps)
+    estimate_run(scenario, variants, run_dir, run_id, args.steps, args.target)
     frame = report.load_results_in(run_dir)
     print((run_dir / "summary.md").read_text())
     if args.terms:
@@ -147,14 +150,15 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         measured.append(frame)
     run_id = new_run_id()
     top = Path(args.out) / scenario.name / f"{run_id}-methods"
-    estimate_run(scenario, variants, top / "estimated", run_id, args.steps)
+    estimate_run(scenario, variants, top / "estimated", run_id, args.steps, args.target)
     runs = {"estimated": top / "estimated"}
     devices = [("simulated", "simulate")] + ([("measured-cpu", "cpu")] if args.cpu else [])
     for label, device in devices:
         _progress(f"{scenario.name}: {len(variants)} variant(s) on {device}")
         outcome = run_scenario(scenario, variants, device=device, run_dir=top / label,
                                run_id=run_id, steps=args.steps, timeout_s=args.timeout,
-                               full_depth=args.full_depth, progress=_progress)
+                               full_depth=args.full_depth, target=args.target,
+                               progress=_progress)
         report.write_summary(top / label)
         runs[label] = top / label
         if outcome.interrupted:
@@ -230,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
     run.add_argument("--full-depth", action="store_true",
                      help="simulate: every decoder layer, not 2 and 3 extrapolated (slower)")
+    run.add_argument("--target", choices=("cuda", "cpu"),
+                     help="simulate: model what CUDA kernels allocate beside their outputs "
+                          "(cuda, the default) or only what the CPU kernels do (cpu: like with "
+                          "like against a --device cpu run)")
     run.add_argument("--memory-budget", metavar="SIZE",
                      help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
     run.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
@@ -243,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
     est.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
     est.add_argument("--terms", action="store_true", help="also print each variant's terms")
+    est.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                     help="cuda (default): include what CUDA kernels allocate beside their "
+                          "outputs; cpu: only what the CPU kernels do")
     est.set_defaults(fn=cmd_estimate)
 
     cmp = sub.add_parser("compare-methods", help="estimated vs simulated (vs measured) peaks of "
@@ -257,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="everything goes to OUT/<scenario>/<run id>-methods")
     cmp.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
     cmp.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
+    cmp.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                     help="what the estimate and the simulation model (see run --target)")
     cmp.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                      help="per-variant wall-clock limit (default 3600)")
     cmp.set_defaults(fn=cmd_compare_methods)

@@ -328,8 +328,24 @@ class Estimate:
     memory: dict[str, Any] = field(default_factory=dict)
 
 
+def flash_backward_workspace(sh: Shapes, st: Stack, batch_size: int, seq_len: int) -> int:
+    """What CUDA's flash-attention backward (FlashAttention-2's mha_bwd, SDPA's kernel for
+    fp16/bf16) allocates beside its outputs: fp32 softmax_d and dq accumulator, and for GQA dk
+    and dv expanded to every query head. The same sizes as the simulation's CUDA target."""
+    if st.attention != "sdpa" or st.weight_bytes == 4:
+        return 0
+    b, heads, d, s = batch_size, sh.heads, sh.head_dim, seq_len
+    s_up = -(-s // 128) * 128
+    step = 32 if d <= 128 else 64
+    d_up = -(-d // step) * step
+    total = _r(4 * b * heads * s_up) + _r(4 * b * s_up * heads * d_up)
+    if sh.kv_heads != heads:
+        total += 2 * _r(st.weight_bytes * b * s * heads * d)
+    return total
+
+
 def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps: int,
-             steps: int) -> Estimate:
+             steps: int, target: str = "cuda") -> Estimate:
     """Phase peaks and breakdowns of a training step, in closed form."""
     if sh.sliding_window is not None and seq_len > sh.sliding_window:
         raise NotModelled(f"seq_len {seq_len} > sliding_window {sh.sliding_window}: the "
@@ -382,6 +398,14 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
         return sum(_r(per_layer.get(n, 0) * T) for n in names)
 
     layer_backward = 3 * _r(e * i * T) - kept("down_proj input")
+    workspace = flash_backward_workspace(sh, st, batch_size, seq_len) if target == "cuda" else 0
+    if st.attention == "sdpa":
+        # At SDPA's backward: the MLP's tensors and o_proj's input are used and gone; the
+        # output's gradient, dq, dk and dv exist — and on CUDA the kernel's workspace.
+        q = sh.heads * sh.head_dim
+        at_sdpa = _r(e * q * T) * 2 + 2 * _r(e * sh.kv_heads * sh.head_dim * T) + workspace \
+            - kept("mlp norm", "gate/up input", "mlp", "down_proj input", "o_proj input")
+        layer_backward = max(layer_backward, at_sdpa)
     if st.attention == "eager":
         at_softmax = 2 * _r(4 * sh.heads * seq_len * T) - kept(
             "mlp norm", "gate/up input", "mlp", "down_proj input", "attention probabilities")
@@ -422,6 +446,9 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
              layer_backward + (layer if st.checkpointing else 0), "other"),
         Term("optimizer step temporaries", opt_temp + clip, "other"),
     ]
+    if workspace:
+        terms.append(Term("backward: flash-attention workspace (CUDA)", workspace, "other",
+                          "fp32 softmax_d and dq accumulator; GQA's expanded dk, dv"))
     if paged:
         terms.append(Term("paged optimizer state (unified memory, not allocated)", paged, "other"))
 
@@ -490,7 +517,8 @@ def _param_count(sh: Shapes, st: Stack) -> int:
 # As a record
 
 
-def estimate_record(scenario, variant, run_id: str, steps: int | None = None) -> dict[str, Any]:
+def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
+                    target: str = "cuda") -> dict[str, Any]:
     """The variant's record with `method: estimated`: status ok with the closed-form phases,
     or unsupported with the reason the arithmetic does not cover it."""
     import dataclasses
@@ -511,11 +539,11 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None) ->
         shapes = read_shapes(source.location)
         stack = read_stack(variant.techniques, train, scenario.model.attn_implementation)
         result = estimate(shapes, stack, train.batch_size, train.seq_len, train.warmup_steps,
-                          train.steps)
+                          train.steps, target)
     except NotModelled as e:
         record.update(status="unsupported", error=f"not estimated: {e}")
         return record
-    record.update(status="ok", memory=result.memory)
+    record.update(status="ok", memory={**result.memory, "target": target})
     record["model"].update(params_total=result.params_total,
                            params_trainable=result.params_trainable)
     record["timing"] = {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,

@@ -26,11 +26,12 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       between steps), paged_optimizer_bytes (bitsandbytes paged state in CUDA
                       unified memory, which no allocator figure includes; 0 when none),
                       tracked_tensor_peak_bytes, budget_bytes, device extras (simulated:
-                      reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's
+                      target, "cuda" or "cpu": whether CUDA kernels' scratch buffers are
+                      modelled; reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's
                       caching allocator, default or expandable_segments — or null where
                       PYTORCH_CUDA_ALLOC_CONF asks for what
-                      it does not model); estimated: terms_bytes, each named term of the
-                      closed form}
+                      it does not model); estimated: target, and terms_bytes, each named
+                      term of the closed form}
     timing           {step_time_s_median, tokens_per_s}: measured steps only; warmup_s: the
                      warm-up steps together (compilation included); wall_s: the whole variant
     notes            [str]: warnings the libraries raised while the variant ran

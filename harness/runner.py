@@ -43,7 +43,7 @@ class RunOutcome:
 def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str, run_dir: Path,
                  run_id: str, steps: int | None = None, budget_bytes: int | None = None,
                  timeout_s: float | None = None, full_depth: bool = False,
-                 progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
+                 target: str = "cuda", progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOG_DIR).mkdir(exist_ok=True)
     outcome = RunOutcome(run_dir, {})
@@ -53,7 +53,7 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
         try:
             record = _run_one(scenario, variant, device=device, run_dir=run_dir, run_id=run_id,
                               steps=steps, budget_bytes=budget_bytes, timeout_s=timeout_s,
-                              full_depth=full_depth)
+                              full_depth=full_depth, target=target)
         except KeyboardInterrupt:
             outcome.interrupted = True
             progress(f"[{i}/{len(variants)}] {variant.name} interrupted: no record written")
@@ -69,7 +69,7 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
 
 def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path, run_id: str,
              steps: int | None, budget_bytes: int | None, timeout_s: float | None,
-             full_depth: bool = False) -> dict:
+             full_depth: bool = False, target: str = "cuda") -> dict:
     final = run_dir / f"{variant.name}.json"
     pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
     log = run_dir / LOG_DIR / f"{variant.name}.log"
@@ -82,6 +82,8 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         argv += ["--memory-budget", str(budget_bytes)]
     if full_depth:
         argv += ["--full-depth"]
+    if device == "simulate":
+        argv += ["--target", target]
     worker = _start_worker(argv, log, fork=not device.startswith("cuda"))
     why = None
     try:

@@ -58,7 +58,7 @@ def _too_big_for_ram(scenario, variant) -> str | None:
 
 def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                 result_path: Path, steps: int | None, budget_bytes: int | None,
-                full_depth: bool = False) -> str:
+                full_depth: bool = False, target: str = "cuda") -> str:
     import torch
 
     from harness.models import resolve_config
@@ -104,14 +104,14 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                     "every step after the second repeats it exactly")
     layers = _layers_to_extrapolate(scenario, source) if simulate and not full_depth \
         and budget_bytes is None else None
-    measured = _extrapolated(scenario, source, variant, train, torch_device, layers) \
+    measured = _extrapolated(scenario, source, variant, train, torch_device, layers, target) \
         if layers is not None else None
     if measured is not None:
         outcome, memory, result, notes = measured
         sim_note = "; ".join(n for n in (sim_note, notes.pop(0)) if n)
     else:  # every layer (or the extrapolation failed: whatever went wrong, say it of all)
         outcome, memory, result, notes = _measure(scenario, source, variant, train, torch_device,
-                                                  budget_bytes, simulate)
+                                                  budget_bytes, simulate, target)
     record.update(outcome)
     record["notes"] = ([sim_note] if sim_note else []) + notes
     record["memory"] = memory
@@ -129,7 +129,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
 
 
 def _measure(scenario, source, variant, train, torch_device, budget_bytes: int | None,
-             simulate: bool):
+             simulate: bool, target: str = "cuda"):
     """Build and train under a fresh probe: ({status, error}, memory, TrainResult, notes)."""
     import torch
 
@@ -137,7 +137,7 @@ def _measure(scenario, source, variant, train, torch_device, budget_bytes: int |
     from harness.techniques import Unsupported
     from harness.train import TrainResult, run_steps
 
-    probe = make_probe(torch_device, budget_bytes, simulate=simulate)
+    probe = make_probe(torch_device, budget_bytes, simulate=simulate, target=target)
     result = TrainResult()
     outcome = {"status": "ok", "error": None}
     with warnings.catch_warnings(record=True) as seen:
@@ -160,7 +160,8 @@ def _measure(scenario, source, variant, train, torch_device, budget_bytes: int |
     return outcome, memory, result, _notes(seen)
 
 
-def _extrapolated(scenario, source, variant, train, torch_device, layers: int):
+def _extrapolated(scenario, source, variant, train, torch_device, layers: int,
+                  target: str = "cuda"):
     """Simulate at EXTRAPOLATE_FROM's depths and carry every allocated byte count to `layers`:
     what `_measure` returns, the first note saying so; None if either run did not end ok."""
     import dataclasses
@@ -169,7 +170,7 @@ def _extrapolated(scenario, source, variant, train, torch_device, layers: int):
 
     (low_outcome, shallow, low, _), (outcome, deeper, result, notes) = (
         _measure(scenario, dataclasses.replace(source, layers=depth), variant, train,
-                 torch_device, None, True) for depth in EXTRAPOLATE_FROM)
+                 torch_device, None, True, target) for depth in EXTRAPOLATE_FROM)
     if low_outcome["status"] != "ok" or outcome["status"] != "ok":
         return None
     memory = extrapolate(shallow, deeper, layers)
@@ -231,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--memory-budget", type=int)
     parser.add_argument("--full-depth", action="store_true")
+    parser.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args(argv)
     status = run_variant(args.scenario, args.variant, args.device, args.run_id, args.result,
-                         args.steps, args.memory_budget, args.full_depth)
+                         args.steps, args.memory_budget, args.full_depth, args.target)
     print(status)
     return 0
 

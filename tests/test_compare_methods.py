@@ -24,7 +24,7 @@ def test_three_methods_side_by_side_with_errors_against_the_measurement(tmp_path
     old = last_json(proc.stdout)["run_dir"]
     path = write_scenario(tmp_path, "methods", VARIANTS, train={"seed": 1})
 
-    proc = harness("compare-methods", str(path), "--cpu", "--measured", old,
+    proc = harness("compare-methods", str(path), "--cpu", "--target", "cpu", "--measured", old,
                    "--variant", "bf16", "--variant", "lora-gc", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     top = Path(last_json(proc.stdout)["run_dir"])

@@ -136,3 +136,46 @@ def test_the_guides_worked_example_counts_gradients_and_peaks_without_activation
     assert got["guide-gc"]["memory"]["peak_allocated_bytes"] == guide["peak_allocated_bytes"]
     assert got["pure-fp16-fused"]["memory"]["peak_allocated_bytes"] < 80 * 2**30
     assert got["trainer-fp16"]["status"] == "unsupported"
+
+
+def test_the_cuda_target_adds_flash_attentions_backward_workspace_in_both_methods(tmp_path):
+    """CUDA's flash-attention backward allocates an fp32 softmax_d and dq accumulator and, for
+    GQA, dk/dv expanded to every query head; the CPU kernel the simulation runs does not. On a
+    model whose attention backward is the peak (32 heads of 64 on a 256-wide model, a tiny MLP
+    and vocabulary), the simulation's CUDA target adds exactly FlashAttention-2's sizes, and the
+    estimate the same."""
+    import json
+
+    from harness.estimate import estimate_record
+    from harness.record import read_record
+    from harness.scenario import load_scenario
+    from harness.worker import run_variant
+    from tests.conftest import REPO
+
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    config.update(intermediate_size=64, vocab_size=512, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, num_hidden_layers=2)
+    (tmp_path / "wide.json").write_text(json.dumps(config))
+    b, s = 2, 1024
+    path = write_scenario(tmp_path, "wide", [
+        {"name": "bf16-lora-gc", "techniques": ["bf16", {"lora": {"r": 8}},
+                                                "gradient_checkpointing"]}],
+        model={"config": "./wide.json"}, train={"batch_size": b, "seq_len": s})
+    scenario = load_scenario(path)
+    variant = scenario.variant("bf16-lora-gc")
+    peaks = {}
+    for target in ("cpu", "cuda"):
+        out = tmp_path / f"{target}.json"
+        run_variant(str(path), variant.name, "simulate", "test", out, None, None, target=target)
+        sim = read_record(out)
+        assert sim["memory"]["target"] == target
+        est = estimate_record(scenario, variant, "test", target=target)
+        peaks[target] = sim["memory"]["peak_allocated_bytes"], est["memory"]["peak_allocated_bytes"]
+        assert est["memory"]["peak_allocated_bytes"] == pytest.approx(
+            sim["memory"]["peak_allocated_bytes"], rel=0.05)
+    heads, d = 32, 64
+    workspace = (4 * b * heads * s  # softmax_d, fp32, S rounded up to 128 (already)
+                 + 4 * b * s * heads * d  # dq accumulator, fp32
+                 + 2 * 2 * b * s * heads * d)  # dk and dv expanded to 32 heads, bf16
+    assert peaks["cuda"][0] - peaks["cpu"][0] == workspace  # simulated
+    assert peaks["cuda"][1] - peaks["cpu"][1] == workspace  # estimated

@@ -164,7 +164,7 @@ def _explained(breakdown: dict[str, int] | None, peak: int) -> dict[str, int] | 
 
 
 def make_probe(device: torch.device, budget_bytes: int | None = None, *,
-               simulate: bool = False) -> Probe:
+               simulate: bool = False, target: str = "cuda") -> Probe:
     if device.type == "cuda":
         from harness.probes.cuda import CudaProbe
 
@@ -172,7 +172,7 @@ def make_probe(device: torch.device, budget_bytes: int | None = None, *,
     if simulate:
         from harness.probes.simulate import SimulateProbe
 
-        return SimulateProbe(device, budget_bytes)
+        return SimulateProbe(device, budget_bytes, target)
     if device.type == "cpu":
         from harness.probes.cpu import CpuProbe
 

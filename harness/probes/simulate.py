@@ -31,6 +31,14 @@ class SimulateProbe(Probe):
     method = "simulated"
     traces_allocations = True  # the tracker's storage births and deaths are the trace
 
+    def __init__(self, device: torch.device, budget_bytes: int | None = None,
+                 target: str = "cuda"):
+        super().__init__(device, budget_bytes)
+        self.target = target  # cuda: add what CUDA kernels allocate that CPU ones do not
+        self.extra["target"] = target
+        if target == "cuda":
+            self.tracker.scratch = cuda_scratch
+
     def _start_device(self) -> None:
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._copies: list[torch.Tensor] = []
@@ -70,6 +78,26 @@ class SimulateProbe(Probe):
                  for phase, peak in analysis.phase_peaks]
         self.extra["reserved_model"] = model
         return self._shape(stats, analysis)
+
+
+def cuda_scratch(func, args) -> list[int]:
+    """Bytes the CUDA kernel of `func` allocates beside its outputs, where the CPU kernel the
+    simulation runs allocates none: flash attention's backward (FlashAttention-2's mha_bwd, which
+    PyTorch's SDPA runs for fp16/bf16 on sm80+) takes an fp32 softmax_d [B, H, S↑128] and an
+    fp32 dq accumulator [B, S↑128, H, D↑32], and for grouped-query attention dk and dv expanded
+    to every query head [B, S_k, H, D] before summing them per group."""
+    if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+        return []
+    query, key = args[1], args[2]  # [B, H, S, D], [B, H_kv, S_k, D]
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return []  # CUDA runs fp32 attention in the memory-efficient kernel: not modelled
+    b, heads, s, d = query.shape
+    s_k = key.shape[2]
+    s_up, d_up = -(-s // 128) * 128, -(-d // (32 if d <= 128 else 64)) * (32 if d <= 128 else 64)
+    sizes = [4 * b * heads * s_up, 4 * b * s_up * heads * d_up]
+    if key.shape[1] != heads:
+        sizes += [query.element_size() * b * s_k * heads * d] * 2
+    return sizes
 
 
 EXTRAPOLATE_FROM = (2, 3)  # decoder layers simulated when a deep model's are all alike

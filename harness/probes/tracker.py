@@ -96,9 +96,18 @@ class Tracker(TorchDispatchMode):
         # kernels they call; allocations inside fused kernels are seen by the allocator trace.
         return True
 
+    # func, args → byte sizes of scratch buffers the op would allocate around its kernel on the
+    # device being modelled (a simulation's CUDA target); held while the op runs.
+    scratch = None
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = self.scratch(func, args) if self.scratch is not None else ()
+        # Inside this method the mode is off: these go to the fake mode below, as fake tensors.
+        held = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+        self.sight(Kind.TENSOR, held)
         out = func(*args, **(kwargs or {}))
         self.sight(Kind.TENSOR, out)
+        del held
         return out
 
     # -- hooks the loop installs --------------------------------------------------------------
