@@ -52,12 +52,20 @@ def _bnb(cls_name: str):
             import bitsandbytes as bnb
         except Exception as e:  # noqa: BLE001 - a missing or broken native library
             raise Unsupported(f"bitsandbytes cannot be imported here: {e}") from None
-        return getattr(bnb.optim, cls_name)(params, lr=train.lr, weight_decay=train.weight_decay)
+        # bitsandbytes computes its quantile maps from constants with .tolist(), which a fake
+        # mode (simulation) refuses: they are built as real tensors, as any run has them.
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return getattr(bnb.optim, cls_name)(params, lr=train.lr,
+                                                weight_decay=train.weight_decay)
 
     return make
 
 
-_BNB_NOT_SIMULATED = "bitsandbytes' 8-bit step runs native code that fake tensors cannot run"
+_PAGED_NOT_SIMULATED = ("paged state lives in CUDA unified memory, outside the allocator, "
+                        "which fake CPU tensors cannot stand for (adamw_8bit has the same state "
+                        "bytes, on the device)")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adamw", _adamw, "torch AdamW, foreach: two fp32-or-param-dtype moments per "
@@ -69,13 +77,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)"),
     OptimizerSpec("adamw_32bit", _bnb("AdamW32bit"), "bitsandbytes AdamW32bit: fp32 moments "
                   "whatever the parameter dtype (fp16/bf16 weights with fp32 state: 8 bytes per "
-                  "trainable parameter), updated in place", _BNB_NOT_SIMULATED),
+                  "trainable parameter), updated in place", None),
     OptimizerSpec("adamw_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit: both moments in "
                   "block-wise 8-bit (≈ ¼ of fp32 AdamW's state) plus small absmax tables",
-                  _BNB_NOT_SIMULATED),
+                  None),
     OptimizerSpec("paged_adamw_8bit", _bnb("PagedAdamW8bit"), "bitsandbytes PagedAdamW8bit: 8-bit "
                   "state in CUDA unified memory, paged to CPU under pressure; invisible to "
-                  "PyTorch's allocator (counted separately)", _BNB_NOT_SIMULATED),
+                  "PyTorch's allocator (counted separately)", _PAGED_NOT_SIMULATED),
 )}
 
 

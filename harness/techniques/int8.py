@@ -8,7 +8,9 @@ from harness.techniques.qlora import bnb_config, bnb_supported
 
 @technique("int8", stage=Stage.LOAD, conflicts=("qlora", "fp16"), requires=("lora",),
            supported=bnb_supported,
-           not_simulated="bitsandbytes int8 layers run native kernels that fake tensors cannot run")
+           not_simulated="LLM.int8 keeps outlier columns (|x| > llm_int8_threshold) in 16 bit, "
+                         "and how many there are depends on activation values, which fake "
+                         "tensors do not have")
 def int8(ctx: BuildContext) -> None:
     """Base linear weights as int8 with per-row scales: about half of bf16's bytes. The frozen
     base trains adapters only (so it needs lora, which then runs PEFT's k-bit preparation).
