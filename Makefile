@@ -22,8 +22,8 @@ setup:  ## create .venv and install everything (CUDA torch where nvidia-smi work
 	$(PIP) install -q -e '.[dev]'
 	$(PY) -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 
-test:  ## run the test suite (GPU tests skip without CUDA)
-	$(PY) -m pytest -q
+test:  ## run the test suite on two workers, one test file each (GPU tests skip without CUDA)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-gpu:  ## run only the GPU tests
 	$(PY) -m pytest -q -m gpu

@@ -166,6 +166,10 @@ def _random_quantized(config, quantization, device, common: dict):
     model.tie_weights()  # from_config under init_empty_weights leaves tied weights apart
     quantizer.preprocess_model(model, device_map={"": device}, dtype=common["dtype"])
     std = getattr(config, "initializer_range", 0.02)
+    if device.type == "meta":
+        # bitsandbytes caches its double-quant code map in a module global on the device of
+        # the first call; made on meta, every later real quantization in this process fails.
+        bnb.functional.name2qmap.setdefault("dynamic", bnb.functional.create_dynamic_map())
     made: dict[int, torch.nn.Parameter] = {}  # tied weights (LM head = embedding) stay one tensor
     with torch.no_grad():
         for module in model.modules():
