@@ -74,3 +74,19 @@ def test_contradicting_quantization_stacks_are_bad_input(tmp_path, techniques, w
     path = write_scenario(tmp_path, "bad", [{"name": "v", "techniques": techniques}])
     with pytest.raises(ScenarioError, match=words):
         load_scenario(path)
+
+
+def test_a_quantization_on_meta_leaves_real_ones_working():
+    """A simulated QLoRA quantizes on meta; bitsandbytes caches its double-quant code map on
+    the device of its first use. A real QLoRA build in the same process must still quantize,
+    with the same packed layout as the meta one."""
+    spec = ModelSpec(config="tiny-llama")
+    use = TechniqueUse("qlora", REGISTRY["qlora"].resolve_args({"r": 8}))
+    source = resolve_config(spec, Path("x.yaml"))
+    meta = build(spec, source, (use,), torch.device("meta")).model
+    real = build(spec, source, (use,), torch.device("cpu")).model
+    layer = "base_model.model.model.layers.0.mlp.down_proj.weight"
+    a, b = meta.get_parameter(layer), real.get_parameter(layer)
+    assert a.device.type == "meta" and b.device.type == "cpu"
+    assert a.shape == b.shape and a.quant_state.absmax.shape == b.quant_state.absmax.shape
+    assert b.quant_state.state2.code.device.type == "cpu"
