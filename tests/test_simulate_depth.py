@@ -1,0 +1,117 @@
+"""--device simulate at full size and depth: a 7B model sized against common cards, deep models
+extrapolated from two and three layers, tied weights kept as one tensor. (Apart from
+test_simulate.py so that the two files run on different test workers.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.report import CARDS_GB, fits_on
+from tests.conftest import REPO, harness, last_json, records, write_scenario
+
+LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj",
+                                                                "o_proj"]}}
+
+
+def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path):
+    """Mistral-7B LoRA, never allocated: its bf16 base is exactly 2 bytes per parameter and its
+    fp32 adapters 4; the allocator replay predicts what it reserves, and the table names the
+    smallest card that holds that."""
+    proc = harness("run", "qlora_mistral", "--device", "simulate", "--variant", "lora",
+                   "--full-depth", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = records(Path(last_json(proc.stdout)["run_dir"]))["lora"]
+    assert record["status"] == "ok", record["error"]
+    total, trainable = record["model"]["params_total"], record["model"]["params_trainable"]
+    assert record["memory"]["end_of_step_bytes"]["params"] == pytest.approx(
+        2 * (total - trainable) + 4 * trainable, abs=512 * 1000)  # 512-B rounding per tensor
+    # Reserved comes from the caching-allocator replay: whole segments, so never below allocated.
+    memory = record["memory"]
+    assert memory["reserved_model"].startswith("cuda-caching-allocator")
+    assert memory["peak_allocated_bytes"] <= memory["peak_reserved_bytes"] \
+        < 1.1 * memory["peak_allocated_bytes"]
+    need = memory["peak_reserved_bytes"]  # what the card must hold
+    card = next(c for c in CARDS_GB if need <= c * 2**30)
+    assert f"| {card} GB (+{(card * 2**30 - need) / 2**30:.1f})" in proc.stdout
+
+
+def test_fits_on_picks_the_smallest_card_that_holds_the_peak():
+    assert fits_on(24 * 2**30) == (24, 0)
+    assert fits_on(24 * 2**30 + 1) == (40, 16 * 2**30 - 1)
+    assert fits_on(142 * 2**30) == (None, None)
+
+
+def test_a_deep_model_extrapolated_from_two_and_three_layers_equals_simulating_every_layer(
+        tmp_path):
+    """Identical decoder layers make every allocated byte count affine in depth: a 7-layer model
+    simulated at 2 and 3 layers and extrapolated (four layers' worth) equals the 7-layer
+    simulation to the byte."""
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    (tmp_path / "deep.json").write_text(json.dumps({**config, "num_hidden_layers": 7}))
+    variants = [{"name": "full-bf16", "techniques": ["bf16"]},
+                {"name": "lora-gc-chunked", "techniques": ["bf16", LORA, "gradient_checkpointing",
+                                                           {"chunked_nll": {"chunk_size": 64}}]},
+                {"name": "qlora-gc", "techniques": [{"qlora": LORA["lora"]},
+                                                    "gradient_checkpointing"]}]
+    path = write_scenario(tmp_path, "deep", variants, model={"config": "./deep.json"})
+    got = {}
+    for mode in ("extrapolated", "full"):
+        proc = harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / mode),
+                       *(["--full-depth"] if mode == "full" else []))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[mode] = records(Path(last_json(proc.stdout)["run_dir"]))
+    for variant in variants:
+        fast, full = got["extrapolated"][variant["name"]], got["full"][variant["name"]]
+        assert fast["status"] == full["status"] == "ok", (fast["error"], full["error"])
+        assert any("2 and 3 of the 7 identical decoder layers" in n for n in fast["notes"])
+        assert not any("identical decoder layers" in n for n in full["notes"])
+        for key in ("peak_allocated_bytes", "peak_phase", "breakdown_bytes", "end_of_step_bytes",
+                    "per_step_peak_allocated_bytes", "quantized_weight_bytes"):
+            assert fast["memory"][key] == full["memory"][key], (variant["name"], key)
+        for phase in ("load", "forward", "backward", "optimizer"):
+            assert fast["memory"]["phases"][phase]["peak_allocated_bytes"] == \
+                full["memory"]["phases"][phase]["peak_allocated_bytes"], phase
+        assert fast["model"]["params_total"] == full["model"]["params_total"]
+        # Reserved memory is not affine in depth: only the full simulation predicts it.
+        assert fast["memory"]["peak_reserved_bytes"] is None
+        assert full["memory"]["peak_reserved_bytes"] >= full["memory"]["peak_allocated_bytes"]
+
+
+def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
+    """An LM head tied to the embedding (Llama-3.2-1B/3B) is one tensor, whatever the build:
+    plain, QLoRA (built on meta, then quantized) or simulated (materialised from meta)."""
+    import torch
+
+    from harness.models import resolve_config
+    from harness.scenario import load_scenario
+    from harness.worker import _measure
+
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    (tmp_path / "tied.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    variants = [{"name": "bf16", "techniques": ["bf16"]},
+                {"name": "qlora", "techniques": [{"qlora": {"r": 8}}]}]
+    scenario = load_scenario(write_scenario(tmp_path, "tied", variants,
+                                            model={"config": "./tied.json"},
+                                            train={"batch_size": 1, "seq_len": 32}))
+    source = resolve_config(scenario.model, scenario.path)
+    params, total = {}, {}
+    for name in ("bf16", "qlora"):
+        variant = scenario.variant(name)
+        for simulate in (False, True):
+            outcome, memory, result, _ = _measure(scenario, source, variant, variant.train,
+                                                  torch.device("cpu"), None, simulate)
+            assert outcome["status"] == "ok", outcome
+            params[name, simulate] = memory["end_of_step_bytes"]["params"]
+            total[name] = result.params_total
+    embedding = config["vocab_size"] * config["hidden_size"]
+    for simulate in (False, True):
+        # Two bytes per parameter counted once: a second copy of the head would not be.
+        assert params["bf16", simulate] == pytest.approx(2 * total["bf16"], rel=0.01)
+        # QLoRA: PEFT up-casts the embedding to fp32; the rest (4-bit layers, adapters, norms)
+        # is far smaller than a second fp32 copy of it would be.
+        assert params["qlora", simulate] - 4 * embedding < 4 * embedding / 2
+    for name in ("bf16", "qlora"):
+        assert params[name, True] == params[name, False], name
