@@ -3,7 +3,7 @@
 No tensor is created and no model is built: the shapes come from the model's config.json, the
 technique stack says which tensors exist in which dtype, and each term is the bytes of tensors
 that a decoder-only transformer (Llama, Mistral, Qwen2: GQA attention, SwiGLU MLP, RMSNorm)
-keeps at each moment of a training step. Every term is a named line (`Term`), so an estimate can
+keeps at each moment of a training step. Every term is a named line (`terms_bytes`), so an estimate can
 be read — and compared with another method — one term at a time.
 
 What autograd keeps per decoder layer follows from one rule: an op saves what its backward
@@ -19,6 +19,7 @@ TRL's fused head, mixture-of-experts or other architectures, sliding-window mask
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable
@@ -115,7 +116,8 @@ class Stack:
     targets: tuple[str, ...] = ()  # linears with a LoRA adapter
     rank: int = 0
     dropout: bool = False
-    quant: dict[str, Any] | None = None  # 4-bit: quant_type, double_quant, compute_bytes
+    quantized: bool = False  # 4-bit base linears (bitsandbytes)
+    double_quant: bool = False  # their absmax quantized again
     checkpointing: bool = False
     chunk: int | None = None  # chunked NLL: tokens per chunk
     attention: str = "sdpa"
@@ -169,7 +171,7 @@ def read_stack(uses: Iterable, train, attention: str) -> Stack:
             raise NotModelled(f"bnb_4bit_compute_dtype {q['bnb_4bit_compute_dtype']}")
         # PEFT's k-bit preparation up-casts the non-quantized weights to fp32.
         stack["weight_bytes"] = 4 if q["prepare_model_for_kbit_training"] else compute
-        stack["quant"] = {"double_quant": q["bnb_4bit_use_double_quant"], "compute_bytes": compute}
+        stack.update(quantized=True, double_quant=q["bnb_4bit_use_double_quant"])
     if "chunked_nll" in names:
         if names["chunked_nll"]["impl"] != "harness":
             raise NotModelled("chunked_nll impl: trl (TRL's fused head) is not modelled")
@@ -180,7 +182,7 @@ def read_stack(uses: Iterable, train, attention: str) -> Stack:
 def _check_lora(args: dict) -> None:
     from harness.techniques.lora import _peft
 
-    defaults = {f.name: f.default for f in __import__("dataclasses").fields(_peft().LoraConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(_peft().LoraConfig)}
     for key, value in args.items():
         if key not in _LORA_NEUTRAL and key in defaults and value != defaults[key]:
             raise NotModelled(f"LoRA {key}={value!r} is not modelled (only its default)")
@@ -192,18 +194,20 @@ def _check_lora(args: dict) -> None:
 
 @dataclass(frozen=True)
 class Tensor:
-    numel: int
+    numel: int  # elements (a packed 4-bit weight: the weights it holds)
     nbytes: int  # allocated, rounded
     trainable: bool
     quantized: bool = False  # a 4-bit weight or its quantization state
+    parameter: bool = True  # counted in params_total (quantization state is not)
 
 
 def parameters(sh: Shapes, st: Stack) -> list[Tensor]:
     """Every parameter tensor (and 4-bit quantization state) the built model holds."""
     out: list[Tensor] = []
 
-    def add(numel: int, itemsize: float, trainable: bool, quantized: bool = False) -> None:
-        out.append(Tensor(numel, _r(numel * itemsize), trainable, quantized))
+    def add(numel: int, itemsize: float, trainable: bool, quantized: bool = False,
+            parameter: bool = True) -> None:
+        out.append(Tensor(numel, _r(numel * itemsize), trainable, quantized, parameter))
 
     w, train = st.weight_bytes, st.trainable_base
     add(sh.vocab * sh.hidden, w, train)  # embed_tokens
@@ -216,18 +220,18 @@ def parameters(sh: Shapes, st: Stack) -> list[Tensor]:
         for name in LINEARS:
             fan_in, fan_out = sh.linear(name)
             n = fan_in * fan_out
-            if st.quant is None:
+            if not st.quantized:
                 add(n, w, train)
             else:
                 add(n, 0.5, False, True)  # two 4-bit codes per byte
                 blocks = math.ceil(n / 64)
-                if st.quant["double_quant"]:
-                    add(blocks, 1, False, True)  # absmax, itself 8-bit quantized
-                    add(math.ceil(blocks / 256), 4, False, True)  # its fp32 absmax
-                    add(256, 4, False, True)  # its code
+                if st.double_quant:
+                    add(blocks, 1, False, True, False)  # absmax, itself 8-bit quantized
+                    add(math.ceil(blocks / 256), 4, False, True, False)  # its fp32 absmax
+                    add(256, 4, False, True, False)  # its code
                 else:
-                    add(blocks, 4, False, True)
-                add(16, 4, False, True)  # the 4-bit code
+                    add(blocks, 4, False, True, False)
+                add(16, 4, False, True, False)  # the 4-bit code
             if sh.bias(name):
                 add(fan_out, w, train)
             if name in st.targets:
@@ -313,35 +317,27 @@ def layer_terms(sh: Shapes, st: Stack, seq_len: int) -> dict[str, float]:
 
 
 @dataclass
-class Term:
-    name: str
-    nbytes: int
-    category: str
-    note: str = ""
-
-
-@dataclass
 class Estimate:
     params_total: int
     params_trainable: int
-    terms: list[Term] = field(default_factory=list)
+    terms: dict[str, int] = field(default_factory=dict)  # bytes of each named term
     memory: dict[str, Any] = field(default_factory=dict)
 
 
-def flash_backward_workspace(sh: Shapes, st: Stack, batch_size: int, seq_len: int) -> int:
-    """What CUDA's flash-attention backward (FlashAttention-2's mha_bwd, SDPA's kernel for
-    fp16/bf16) allocates beside its outputs: fp32 softmax_d and dq accumulator, and for GQA dk
-    and dv expanded to every query head. The same sizes as the simulation's CUDA target."""
-    if st.attention != "sdpa" or st.weight_bytes == 4:
-        return 0
-    b, heads, d, s = batch_size, sh.heads, sh.head_dim, seq_len
-    s_up = -(-s // 128) * 128
-    step = 32 if d <= 128 else 64
-    d_up = -(-d // step) * step
-    total = _r(4 * b * heads * s_up) + _r(4 * b * s_up * heads * d_up)
-    if sh.kv_heads != heads:
-        total += 2 * _r(st.weight_bytes * b * s * heads * d)
-    return total
+def flash_backward_scratch(batch: int, heads: int, kv_heads: int, seq_q: int, seq_k: int,
+                           head_dim: int, itemsize: int) -> list[int]:
+    """Bytes CUDA's flash-attention backward (FlashAttention-2's mha_bwd, SDPA's kernel for
+    fp16/bf16) allocates beside its outputs: an fp32 softmax_d [B, H, S↑128], an fp32 dq
+    accumulator [B, S↑128, H, D↑32 (↑64 above 128)], and for grouped-query attention dk and dv
+    expanded to every query head [B, S_k, H, D]. Shared by the estimate and the simulation's
+    CUDA target."""
+    s_up = -(-seq_q // 128) * 128
+    step = 32 if head_dim <= 128 else 64
+    d_up = -(-head_dim // step) * step
+    sizes = [4 * batch * heads * s_up, 4 * batch * s_up * heads * d_up]
+    if kv_heads != heads:
+        sizes += [itemsize * batch * seq_k * heads * head_dim] * 2
+    return sizes
 
 
 def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps: int,
@@ -398,7 +394,10 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
         return sum(_r(per_layer.get(n, 0) * T) for n in names)
 
     layer_backward = 3 * _r(e * i * T) - kept("down_proj input")
-    workspace = flash_backward_workspace(sh, st, batch_size, seq_len) if target == "cuda" else 0
+    # CUDA runs flash attention for half-precision SDPA only (fp32 takes another kernel).
+    workspace = sum(_r(n) for n in flash_backward_scratch(
+        batch_size, sh.heads, sh.kv_heads, seq_len, seq_len, sh.head_dim, e)) \
+        if target == "cuda" and st.attention == "sdpa" and e != 4 else 0
     if st.attention == "sdpa":
         # At SDPA's backward: the MLP's tensors and o_proj's input are used and gone; the
         # output's gradient, dq, dk and dv exist — and on CUDA the kernel's workspace.
@@ -428,29 +427,24 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
         "end": (0, 2 * _r(e * V * h) if st.trainable_base and sh.tied else 0, G),
     }
 
-    terms = [
-        Term("parameters", P, "params", f"{len(tensors)} tensors"),
-        Term("gradients", G, "grads", f"{len(trainable)} trainable tensors, in their dtype"),
-        Term("optimizer state", S_opt, "optimizer", st.optimizer),
-        Term("activations: decoder layers", layers_kept, "activations",
-             "layer inputs only (checkpointed)" if st.checkpointing else
-             f"{L} layers × {layer:,} B"),
-        *[Term(f"activations per layer: {k}", _r(b * T), "activations", f"{b:,.0f} B/token")
-          for k, b in per_layer.items() if not st.checkpointing],
-        Term("activations: head (norm, LM-head input, log-softmax, labels)", head_kept,
-             "activations"),
-        Term("forward: logits and their fp32 up-cast", fwd_transient, "other"),
-        Term("backward: loss gradients", loss_backward, "other"),
-        Term("backward: one layer (recomputed + MLP gradients)" if st.checkpointing else
-             "backward: one layer's MLP gradients",
-             layer_backward + (layer if st.checkpointing else 0), "other"),
-        Term("optimizer step temporaries", opt_temp + clip, "other"),
-    ]
-    if workspace:
-        terms.append(Term("backward: flash-attention workspace (CUDA)", workspace, "other",
-                          "fp32 softmax_d and dq accumulator; GQA's expanded dk, dv"))
+    terms = {
+        "parameters": P,
+        "gradients": G,
+        "optimizer state": S_opt,
+        "activations: decoder layers": layers_kept,
+        **{f"activations per layer: {k}": _r(b * T) for k, b in per_layer.items()
+           if not st.checkpointing},
+        "activations: head (norm, LM-head input, log-softmax, labels)": head_kept,
+        "forward: logits and their fp32 up-cast": fwd_transient,
+        "backward: loss gradients": loss_backward,
+        ("backward: one layer (recomputed + MLP gradients)" if st.checkpointing else
+         "backward: one layer's MLP gradients"): layer_backward + (layer if st.checkpointing else 0),
+        "optimizer step temporaries": opt_temp + clip,
+    }
+    if workspace:  # fp32 softmax_d and dq accumulator; GQA's expanded dk, dv
+        terms["backward: flash-attention workspace (CUDA)"] = workspace
     if paged:
-        terms.append(Term("paged optimizer state (unified memory, not allocated)", paged, "other"))
+        terms["paged optimizer state (unified memory, not allocated)"] = paged
 
     def phase(params, grads, state, acts, other) -> dict[str, Any]:
         bd = {"params": params, "grads": grads, "optimizer": state, "activations": acts,
@@ -491,26 +485,17 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
         "budget_bytes": None,
         "paged_optimizer_bytes": paged,
         "quantized_weight_bytes": sum(t.nbytes for t in tensors if t.quantized)
-        if st.quant else None,
-        "terms_bytes": {t.name: t.nbytes for t in terms},
+        if st.quantized else None,
+        "terms_bytes": terms,
     }
-    params_total = _param_count(sh, st)
-    return Estimate(params_total=params_total,
+    # As the record counts parameters: a 4-bit weight by the weights it holds.
+    return Estimate(params_total=sum(t.numel for t in tensors if t.parameter),
                     params_trainable=sum(t.numel for t in trainable), terms=terms, memory=memory)
 
 
 def _layer_grads(trainable: list[Tensor], sh: Shapes) -> int:
     """One decoder layer's share of the trainable bytes (the layers are alike)."""
     return sum(t.nbytes for t in trainable if t.numel < sh.vocab * sh.hidden) // sh.layers
-
-
-def _param_count(sh: Shapes, st: Stack) -> int:
-    """Parameters as the record counts them: a 4-bit weight by its original element count."""
-    h = sh.hidden
-    per_layer = 2 * h + sum(a * b + (b if sh.bias(n) else 0) for n in LINEARS
-                            for a, b in [sh.linear(n)])
-    per_layer += sum(st.rank * (a + b) for n in st.targets for a, b in [sh.linear(n)])
-    return sh.vocab * h * (1 if sh.tied else 2) + h + sh.layers * per_layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,8 +506,6 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
                     target: str = "cuda") -> dict[str, Any]:
     """The variant's record with `method: estimated`: status ok with the closed-form phases,
     or unsupported with the reason the arithmetic does not cover it."""
-    import dataclasses
-
     from harness.models import resolve_config
     from harness.record import collect_env, new_record
 

@@ -323,10 +323,9 @@ def methods_markdown(table: pd.DataFrame, scenario: str, run_id: str) -> str:
             status = r[f"{label}_status"]
             row[f"{label} {unit}"] = (_size(peak, scale) if not pd.isna(peak) else
                                       "—" if status is None or pd.isna(status) else status)
-            if label != "simulated" or r["reference"] != "simulated":
+            if label != r["reference"]:
                 err = r[f"{label}_error_pct"]
-                if label != r["reference"]:
-                    row[f"{label} error"] = "—" if pd.isna(err) else f"{err:+.1f}%"
+                row[f"{label} error"] = "—" if pd.isna(err) else f"{err:+.1f}%"
         row["reference"] = r["reference"]
         row["estimate vs reference, most"] = r["diverges_most"] or "—"
         rows.append(row)

@@ -22,6 +22,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 
+from harness.estimate import flash_backward_scratch
 from harness.probes import Probe
 from harness.probes.allocator import replay
 from harness.probes.timeline import peak_within
@@ -82,22 +83,16 @@ class SimulateProbe(Probe):
 
 def cuda_scratch(func, args) -> list[int]:
     """Bytes the CUDA kernel of `func` allocates beside its outputs, where the CPU kernel the
-    simulation runs allocates none: flash attention's backward (FlashAttention-2's mha_bwd, which
-    PyTorch's SDPA runs for fp16/bf16 on sm80+) takes an fp32 softmax_d [B, H, S↑128] and an
-    fp32 dq accumulator [B, S↑128, H, D↑32], and for grouped-query attention dk and dv expanded
-    to every query head [B, S_k, H, D] before summing them per group."""
+    simulation runs allocates none: flash attention's backward (see
+    estimate.flash_backward_scratch), for the fp16/bf16 attention CUDA runs it for."""
     if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
         return []
     query, key = args[1], args[2]  # [B, H, S, D], [B, H_kv, S_k, D]
     if query.dtype not in (torch.float16, torch.bfloat16):
         return []  # CUDA runs fp32 attention in the memory-efficient kernel: not modelled
     b, heads, s, d = query.shape
-    s_k = key.shape[2]
-    s_up, d_up = -(-s // 128) * 128, -(-d // (32 if d <= 128 else 64)) * (32 if d <= 128 else 64)
-    sizes = [4 * b * heads * s_up, 4 * b * s_up * heads * d_up]
-    if key.shape[1] != heads:
-        sizes += [query.element_size() * b * s_k * heads * d] * 2
-    return sizes
+    return flash_backward_scratch(b, heads, key.shape[1], s, key.shape[2], d,
+                                  query.element_size())
 
 
 EXTRAPOLATE_FROM = (2, 3)  # decoder layers simulated when a deep model's are all alike
