@@ -6,8 +6,22 @@ measured peak memory per phase, with a breakdown → records and a tidy table.
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
 __all__ = ["load_results", "load_scenario"]
+
+
+class _QuietOptionalKernel(logging.Filter):
+    """bitsandbytes (imported by PEFT) warns at import, on CPUs with AVX512-BF16, that an
+    optional CPU 4-bit kernel from the Hub is not installed, then uses its own. The warning is
+    not about any run, and it would break the one-line error contract of every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_QuietOptionalKernel())
 
 
 def __getattr__(name: str):

@@ -29,5 +29,8 @@ def test_allocations_inside_compiled_code_are_seen(bigvocab):
                                                                rel=0.01)
     unseen = compiled["peak_allocated_bytes"] - compiled["tracked_tensor_peak_bytes"]
     assert unseen >= TOKENS * VOCAB * 2, unseen
-    assert compiled["phases"]["forward"]["breakdown_bytes"]["unattributed"] >= TOKENS * VOCAB * 2
+    # Where the generated code holds that buffer depends on the kernels inductor picks for this CPU
+    # (forward on one machine, backward on an AMX one): some phase's peak holds it, unattributed.
+    assert max(phase["breakdown_bytes"]["unattributed"]
+               for phase in compiled["phases"].values() if phase) >= TOKENS * VOCAB * 2
 
