@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
     run.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
     run.add_argument("--full-depth", action="store_true",
-                     help="simulate: every decoder layer, not 2 and 3 extrapolated (slower)")
+                     help="simulate: every decoder layer, not 3 assembled into the full depth "
+                          "(slower; the same figures)")
     run.add_argument("--target", choices=("cuda", "cpu"),
                      help="simulate: model what CUDA kernels allocate beside their outputs "
                           "(cuda, the default) or only what the CPU kernels do (cpu: like with "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from harness.models import ConfigSource, build_model, quantized_weights
-from harness.optimizers import make_optimizer, paged_state_bytes, state_tensors
+from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
 from harness.scenario import ModelSpec, TrainSpec
 from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
@@ -111,7 +111,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                     scaler.update()
                 else:
                     optimizer.step()
-                probe.sight(Kind.OPTIMIZER, state_tensors(optimizer))
+                probe.sight_optimizer(optimizer)
             del loss
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else

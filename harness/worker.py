@@ -129,15 +129,16 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
 
 
 def _measure(scenario, source, variant, train, torch_device, budget_bytes: int | None,
-             simulate: bool, target: str = "cuda"):
-    """Build and train under a fresh probe: ({status, error}, memory, TrainResult, notes)."""
+             simulate: bool, target: str = "cuda", probe=None):
+    """Build and train under a fresh probe (or `probe`, made for this run):
+    ({status, error}, memory, TrainResult, notes)."""
     import torch
 
     from harness.probes import make_probe
     from harness.techniques import Unsupported
     from harness.train import TrainResult, run_steps
 
-    probe = make_probe(torch_device, budget_bytes, simulate=simulate, target=target)
+    probe = probe or make_probe(torch_device, budget_bytes, simulate=simulate, target=target)
     result = TrainResult()
     outcome = {"status": "ok", "error": None}
     with warnings.catch_warnings(record=True) as seen:
@@ -162,29 +163,63 @@ def _measure(scenario, source, variant, train, torch_device, budget_bytes: int |
 
 def _extrapolated(scenario, source, variant, train, torch_device, layers: int,
                   target: str = "cuda"):
-    """Simulate at EXTRAPOLATE_FROM's depths and carry every allocated byte count to `layers`:
-    what `_measure` returns, the first note saying so; None if either run did not end ok."""
+    """A deep model from shallow simulations: at EXTRAPOLATE_FROM[1] layers with each event
+    labelled by layer, assembled into the `layers`-deep step (layers.py: the trace, its peaks,
+    breakdown and reserved memory); at EXTRAPOLATE_FROM[0] too, to check that assembly against
+    what one layer adds, and to carry every allocated byte count to `layers` where it cannot
+    be assembled. What `_measure` returns, the first note saying which; None if either run did
+    not end ok."""
     import dataclasses
 
+    from harness.probes import make_probe
     from harness.probes.simulate import EXTRAPOLATE_FROM, extrapolate, repeak
 
+    probes = {depth: make_probe(torch_device, None, simulate=True, target=target)
+              for depth in EXTRAPOLATE_FROM}
+    deep = probes[EXTRAPOLATE_FROM[1]]
+    deep.label_layers, deep.assemble_to = True, layers
     (low_outcome, shallow, low, _), (outcome, deeper, result, notes) = (
         _measure(scenario, dataclasses.replace(source, layers=depth), variant, train,
-                 torch_device, None, True, target) for depth in EXTRAPOLATE_FROM)
+                 torch_device, None, True, target, probes[depth]) for depth in EXTRAPOLATE_FROM)
     if low_outcome["status"] != "ok" or outcome["status"] != "ok":
         return None
     memory = extrapolate(shallow, deeper, layers)
-    # Reserved memory depends on which cached segments get reused: not affine in depth.
-    for phase in memory["phases"].values():
-        if phase:
-            phase["peak_reserved_bytes"] = None
-    memory = repeak({**memory, "reserved_model": None})
+    shallow_depth, deep_depth = EXTRAPOLATE_FROM
+    why = deep.assembled if isinstance(deep.assembled, str) else _disagreement(
+        deep.assembled, memory, [len(p.tracker.allocations) for p in probes.values()], layers)
+    if why is None:
+        memory = {**deep.assembled[0], **{key: memory[key] for key in (
+            "paged_optimizer_bytes", "quantized_weight_bytes")}}  # not in the trace: affine
+        note = (f"simulated with {deep_depth} of the {layers} identical decoder layers, the "
+                f"{layers}-layer step assembled from them layer by layer (allocation trace, "
+                f"peaks, breakdown, reserved memory) and checked against {shallow_depth} layers")
+    else:
+        for phase in memory["phases"].values():  # reserved is not affine in depth
+            if phase:
+                phase["peak_reserved_bytes"] = None
+        memory = repeak({**memory, "reserved_model": None})
+        note = (f"simulated with {shallow_depth} and {deep_depth} of the {layers} identical "
+                "decoder layers, every allocated byte count extrapolated one layer at a time; "
+                f"reserved memory needs --full-depth, which simulates every layer ({why})")
     for key in ("params_total", "params_trainable", "quantized_params", "quantized_weight_bytes"):
         setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))
-    note = (f"simulated with {EXTRAPOLATE_FROM[0]} and {EXTRAPOLATE_FROM[1]} of the {layers} "
-            "identical decoder layers, every allocated byte count extrapolated one layer at a "
-            "time; reserved memory needs --full-depth, which simulates every layer")
     return outcome, memory, result, [note, *notes]
+
+
+def _disagreement(assembled: tuple, affine: dict, events: list[int], layers: int) -> str | None:
+    """Why an assembled `layers`-deep step cannot be right, or None: it must hold what persists
+    (parameters, grads, state) as one layer at a time adds it, and have as many allocation
+    events as one layer at a time adds."""
+    from harness.probes.simulate import EXTRAPOLATE_FROM
+
+    memory, trace = assembled
+    low, high = EXTRAPOLATE_FROM
+    expected = events[1] + (layers - high) * (events[1] - events[0]) // (high - low)
+    if len(trace) != expected:
+        return f"not assembled: {len(trace)} allocation events, not {expected}"
+    if memory["end_of_step_bytes"] != affine["end_of_step_bytes"]:
+        return "not assembled: what persists between steps is not what each layer adds"
+    return None
 
 
 def _layers_to_extrapolate(scenario, source) -> int | None:

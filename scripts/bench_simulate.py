@@ -2,8 +2,8 @@
 
 Targets: one 7B variant in ≤ 5 s and ≤ 1 GiB RSS on a 2-core machine; the whole `qlora_mistral`
 table in ≤ 60 s including process start. Each variant runs as a fresh `python -m harness.worker`
-child (its import time included, its RSS read from the kernel's accounting of that child), by
-default (2 and 3 layers, extrapolated) and with --full-depth (every layer: reserved predicted);
+child (its import time included, its RSS read from the kernel's accounting of that child),
+by default (3 layers, assembled to 32, checked against 2) and with --full-depth (every layer);
 the table is `harness run qlora_mistral --device simulate`, as a user runs it, in both modes.
 
     .venv/bin/python scripts/bench_simulate.py [--out results/bench_simulate.json]
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,22 +29,24 @@ CASES = [("qlora_mistral", "full-bf16"), ("qlora_mistral", "lora"), ("qlora_mist
 
 def one_variant(scenario: str, variant: str, folder: Path, full_depth: bool) -> dict:
     result = folder / f"{variant}.json"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "harness.worker", "--scenario",
-                    str(REPO / "scenarios" / f"{scenario}.yaml"), "--variant", variant,
-                    "--device", "simulate", "--run-id", "bench", "--result", str(result),
-                    *(["--full-depth"] if full_depth else [])],
-                   check=True, capture_output=True, cwd=REPO)
+    child = subprocess.Popen([sys.executable, "-m", "harness.worker", "--scenario",
+                              str(REPO / "scenarios" / f"{scenario}.yaml"), "--variant", variant,
+                              "--device", "simulate", "--run-id", "bench", "--result",
+                              str(result), *(["--full-depth"] if full_depth else [])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    # wait4: this child's own peak RSS (RUSAGE_CHILDREN would be the largest child so far).
+    _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
-    rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{scenario}/{variant}: worker exited {status}")
     record = json.loads(result.read_text())
     return {"scenario": scenario, "variant": variant, "full_depth": full_depth,
             "status": record["status"],
             "peak_allocated_bytes": record["memory"].get("peak_allocated_bytes"),
+            "peak_reserved_bytes": record["memory"].get("peak_reserved_bytes"),
             "process_wall_s": round(wall, 2), "worker_wall_s": record["timing"]["wall_s"],
-            # ru_maxrss is the largest child so far: meaningful when it grew past the previous.
-            "max_rss_bytes": rss_kib * 1024 if rss_kib > before else None}
+            "max_rss_bytes": usage.ru_maxrss * 1024}
 
 
 def whole_table(scenario: str, folder: Path, full_depth: bool) -> dict:

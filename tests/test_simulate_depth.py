@@ -1,5 +1,5 @@
 """--device simulate at full size and depth: a 7B model sized against common cards, deep models
-extrapolated from two and three layers, tied weights kept as one tensor. (Apart from
+assembled from three layers, tied weights kept as one tensor. (Apart from
 test_simulate.py so that the two files run on different test workers.)"""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj
 
 def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path):
     """Mistral-7B LoRA, never allocated: its bf16 base is exactly 2 bytes per parameter and its
-    fp32 adapters 4; the allocator replay predicts what it reserves, and the table names the
-    smallest card that holds that."""
+    fp32 adapters 4; the allocator replay of its 32-layer step (assembled from 3 layers)
+    predicts what it reserves, and the table names the smallest card that holds that."""
     proc = harness("run", "qlora_mistral", "--device", "simulate", "--variant", "lora",
-                   "--full-depth", "--out", str(tmp_path))
+                   "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = records(Path(last_json(proc.stdout)["run_dir"]))["lora"]
     assert record["status"] == "ok", record["error"]
@@ -44,40 +44,35 @@ def test_fits_on_picks_the_smallest_card_that_holds_the_peak():
     assert fits_on(142 * 2**30) == (None, None)
 
 
-def test_a_deep_model_extrapolated_from_two_and_three_layers_equals_simulating_every_layer(
-        tmp_path):
-    """Identical decoder layers make every allocated byte count affine in depth: a 7-layer model
-    simulated at 2 and 3 layers and extrapolated (four layers' worth) equals the 7-layer
-    simulation to the byte."""
+def test_a_deep_model_assembled_from_three_layers_equals_simulating_every_layer(tmp_path):
+    """A 7-layer model simulated at 3 layers (and 2, to check) and assembled layer by layer
+    gives the record that simulating all 7 gives: every figure, reserved memory included —
+    for a stack whose peak moves with depth (checkpointing + SGD) too."""
     config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
     (tmp_path / "deep.json").write_text(json.dumps({**config, "num_hidden_layers": 7}))
     variants = [{"name": "full-bf16", "techniques": ["bf16"]},
                 {"name": "lora-gc-chunked", "techniques": ["bf16", LORA, "gradient_checkpointing",
                                                            {"chunked_nll": {"chunk_size": 64}}]},
                 {"name": "qlora-gc", "techniques": [{"qlora": LORA["lora"]},
-                                                    "gradient_checkpointing"]}]
+                                                    "gradient_checkpointing"]},
+                {"name": "bf16-gc-sgd", "techniques": ["bf16", "gradient_checkpointing"],
+                 "train": {"optimizer": "sgd"}}]
     path = write_scenario(tmp_path, "deep", variants, model={"config": "./deep.json"})
     got = {}
-    for mode in ("extrapolated", "full"):
+    for mode in ("assembled", "full"):
         proc = harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / mode),
                        *(["--full-depth"] if mode == "full" else []))
         assert proc.returncode == 0, proc.stderr[-3000:]
         got[mode] = records(Path(last_json(proc.stdout)["run_dir"]))
     for variant in variants:
-        fast, full = got["extrapolated"][variant["name"]], got["full"][variant["name"]]
+        fast, full = got["assembled"][variant["name"]], got["full"][variant["name"]]
         assert fast["status"] == full["status"] == "ok", (fast["error"], full["error"])
-        assert any("2 and 3 of the 7 identical decoder layers" in n for n in fast["notes"])
+        assert any("3 of the 7 identical decoder layers, the 7-layer step assembled" in n
+                   for n in fast["notes"]), fast["notes"]
         assert not any("identical decoder layers" in n for n in full["notes"])
-        for key in ("peak_allocated_bytes", "peak_phase", "breakdown_bytes", "end_of_step_bytes",
-                    "per_step_peak_allocated_bytes", "quantized_weight_bytes"):
-            assert fast["memory"][key] == full["memory"][key], (variant["name"], key)
-        for phase in ("load", "forward", "backward", "optimizer"):
-            assert fast["memory"]["phases"][phase]["peak_allocated_bytes"] == \
-                full["memory"]["phases"][phase]["peak_allocated_bytes"], phase
+        assert fast["memory"] == full["memory"], variant["name"]
+        assert fast["memory"]["peak_reserved_bytes"] >= fast["memory"]["peak_allocated_bytes"]
         assert fast["model"]["params_total"] == full["model"]["params_total"]
-        # Reserved memory is not affine in depth: only the full simulation predicts it.
-        assert fast["memory"]["peak_reserved_bytes"] is None
-        assert full["memory"]["peak_reserved_bytes"] >= full["memory"]["peak_allocated_bytes"]
 
 
 def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):

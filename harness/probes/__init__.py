@@ -85,6 +85,12 @@ class Probe(ABC):
     def sight(self, kind: Kind, tensors) -> None:
         self.tracker.sight(kind, tensors)
 
+    def sight_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Name the optimizer's state (it exists once a step has run)."""
+        from harness.optimizers import state_tensors
+
+        self.sight(Kind.OPTIMIZER, state_tensors(optimizer))
+
     def build(self, make, device: torch.device):
         """`make(device)` builds the model and applies the techniques; a probe may build
         elsewhere first (simulation builds on meta)."""

@@ -14,6 +14,7 @@ Reserved memory comes from replaying the trace through a model of CUDA's caching
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any
@@ -25,7 +26,15 @@ from torch.utils._pytree import tree_leaves
 from harness.estimate import flash_backward_scratch
 from harness.probes import Probe
 from harness.probes.allocator import replay
-from harness.probes.timeline import peak_within
+from harness.probes.layers import (
+    DEPTH,
+    NotAssembled,
+    assemble,
+    decoder_layers,
+    label_layers,
+    own_layers,
+)
+from harness.probes.timeline import Phase, analyse, attach_sightings, build_blocks, peak_within
 
 
 class SimulateProbe(Probe):
@@ -39,6 +48,16 @@ class SimulateProbe(Probe):
         self.extra["target"] = target
         if target == "cuda":
             self.tracker.scratch = cuda_scratch
+        # Label the trace by decoder layer, to assemble a deeper model's from it (layers.py):
+        # then `labelled` is (allocations, labels, owners, phases), or the reason it is not.
+        # With `assemble_to` too, `assembled` is then (memory section, trace) of a model that
+        # many layers deep, from the assembled trace — or why it could not be.
+        self.label_layers = False
+        self.labelled: tuple | str | None = None
+        self.assemble_to: int | None = None
+        self.assembled: tuple | str | None = None
+        self._model = None
+        self._hooks: list = []
 
     def _start_device(self) -> None:
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
@@ -59,26 +78,94 @@ class SimulateProbe(Probe):
             leaves.append(t)
         self.tracker.sight(kind, leaves)
 
+    def sight_optimizer(self, optimizer) -> None:
+        super().sight_optimizer(optimizer)
+        if self.tracker.labels is None:
+            return
+        # State belongs to its parameter's layer, also what a step made from nothing (AdamW's
+        # step counts, made before the moments).
+        for param, state in optimizer.state.items():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    self.tracker.own(value, self.tracker.layer_of(param))
+
     def build(self, make, device: torch.device):
         """Build on meta (outside the fake mode: PEFT and dtype casts swap tensors there, which
         fake tensors refuse), then give every parameter and buffer a fake CPU storage."""
         with unset_fake_temporarily():
             ctx = make(torch.device("meta"))
-        _materialize(ctx.model, device)
+        layers = decoder_layers(ctx.model) if self.label_layers else None
+        packed = _materialize(ctx.model, device)
+        if layers is not None and len(layers) == DEPTH:
+            own_layers(self.tracker, ctx.model, layers)  # before the packed weights' stand-ins go
+        _materialize_packed(packed, device)
         ctx.device = device
+        self._model = ctx.model
         return ctx
+
+    @contextlib.contextmanager
+    def phase(self, name: str, step: int | None = None):
+        # No layer runs across a phase boundary; the optimizer step's temporaries belong to the
+        # layer of the parameters they are made from.
+        self.tracker.layer, self.tracker.inherit = None, name == "optimizer"
+        self.tracker.start_inheriting()
+        with super().phase(name, step):
+            yield
+
+    def _phase_closed(self, phase: Phase) -> None:
+        if phase.name != "load" or not self.label_layers or self._model is None:
+            return
+        layers = decoder_layers(self._model)
+        if layers is None or len(layers) != DEPTH:
+            self.labelled = f"no list of {DEPTH} decoder layers found in the model"
+            return
+        # Parameters are sighted by now: a real (packed 4-bit) one has its memoised fake copy.
+        self._hooks = label_layers(self.tracker, self._model, layers,
+                                   lambda t: t if is_fake(t) else self._fake.from_tensor(t))
 
     def _memory(self) -> dict[str, Any]:
         self._unpacked.__exit__(None, None, None)
         self._fake.__exit__(None, None, None)
-        analysis = self._analysed(self.tracker.allocations)
-        reserved, model = _reserved_levels(self.tracker.allocations)
+        for handle in self._hooks:
+            handle.remove()
+        if self.tracker.labels is not None:
+            self.labelled = (self.tracker.allocations, self.tracker.labels, self.tracker.owners,
+                             list(self.phases))
+        memory = self._memory_of(self.tracker.allocations, self._analysed(self.tracker.allocations))
+        if self.assemble_to is not None:
+            try:
+                trace, analysis = self._assembled(self.assemble_to)
+                assembled = self._memory_of(trace, analysis)
+                # What the tracker would have counted at that depth.
+                assembled["tracked_tensor_peak_bytes"] = analysis.peak_bytes
+                self.assembled = (assembled, trace)
+            except NotAssembled as e:
+                self.assembled = str(e)
+        return memory
+
+    def _memory_of(self, trace, analysis) -> dict[str, Any]:
+        """The record's memory section for an allocation trace and its analysis."""
+        reserved, model = _reserved_levels(trace)
         stats = [(phase, {"peak_allocated_bytes": peak,
                           "peak_reserved_bytes": peak_within(*reserved, phase)[0]
                           if reserved else None})
                  for phase, peak in analysis.phase_peaks]
         self.extra["reserved_model"] = model
         return self._shape(stats, analysis)
+
+    def _assembled(self, layers: int):
+        """(trace, analysis) of the `layers`-deep model, from this run's labelled trace: each
+        block named as the block it repeats was. Raises NotAssembled."""
+        if not isinstance(self.labelled, tuple):
+            raise NotAssembled(self.labelled or "the trace was not labelled by layer")
+        trace, phases, origin = assemble(*self.labelled, layers)
+        named = build_blocks(self.tracker.allocations)
+        attach_sightings(named, self.tracker.sightings)
+        kinds = {block.ptr: block.kind for block in named}
+        blocks = build_blocks(trace)
+        for block in blocks:
+            block.kind = kinds.get(origin[block.ptr])
+        return trace, analyse(blocks, phases)
 
 
 def cuda_scratch(func, args) -> list[int]:
@@ -143,13 +230,14 @@ def _reserved_levels(allocations) -> tuple[tuple[list[int], list[int]] | None, s
                                       "default configuration") + ")"
 
 
-def _materialize(model, device: torch.device) -> None:
-    """Fake storage for every parameter and buffer (`to_empty` under the fake mode) — except
-    bitsandbytes' packed 4-bit weights, a Parameter subclass that cannot wrap a fake tensor.
-    Those get real CPU storage that is never written (so never paged in: no RAM used) with the
-    exact layout bitsandbytes' own quantizer produced on meta; the fake mode turns them into
-    memoised fake copies where ops meet them (named in `sight`), and bitsandbytes' fake kernels
-    (dequantize, 4-bit matmul) produce the de-quantised temporaries a real run makes."""
+def _materialize(model, device: torch.device) -> dict:
+    """Fake storage for every parameter and buffer (`to_empty` under the fake mode); returns
+    bitsandbytes' packed 4-bit weights by module, a Parameter subclass that cannot wrap a fake
+    tensor. `_materialize_packed` then gives those real CPU storage that is never written (so
+    never paged in: no RAM used) with the exact layout bitsandbytes' own quantizer produced on
+    meta; the fake mode turns them into memoised fake copies where ops meet them (named in
+    `sight`), and bitsandbytes' fake kernels (dequantize, 4-bit matmul) produce the
+    de-quantised temporaries a real run makes."""
     packed = {m: m._parameters["weight"] for m in model.modules()  # own, not a PEFT wrapper's
               if getattr(m._parameters.get("weight"), "quant_state", None) is not None}
     # to_empty gives each module its own new tensor: tied weights (an LM head sharing the
@@ -162,6 +250,11 @@ def _materialize(model, device: torch.device) -> None:
     for (owner, name), aliases in shared.items():
         for module, alias in aliases:
             module._parameters[alias] = getattr(owner, name)
+    return packed
+
+
+def _materialize_packed(packed: dict, device: torch.device) -> None:
+    """The packed 4-bit weights (see _materialize): unwritten real storage in their layout."""
     with unset_fake_temporarily():
         for module, weight in packed.items():
             module.weight = type(weight)(

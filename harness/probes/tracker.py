@@ -19,6 +19,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from harness.probes.timeline import Kind, round_block
 
+_NOBODY = object()  # a tensor no layer or parameter made (see Tracker._inherit)
+
 
 class BudgetExceeded(torch.OutOfMemoryError):
     """Raised where a real allocation would fail: the variant ends as an OOM does."""
@@ -41,6 +43,19 @@ class Tracker(TorchDispatchMode):
         self.allocations: list[tuple[int, int, int]] | None = [] if trace_allocations else None
         self._seen = WeakIdKeyDictionary()
         self._last_ns = 0
+        # A labelled trace (simulation, to be assembled at another depth: layers.py) also says
+        # which decoder layer each allocation event belongs to: `layer` is the one whose forward
+        # or backward runs now (set by hooks); `labels` is parallel to `allocations`; `owners`
+        # maps a trace id to the layer it belongs to (None: to no layer, as the embedding).
+        # With `inherit` (the optimizer step, where no layer runs) an op's new outputs take
+        # their inputs' layer, element by element for foreach ops: the step's temporaries for
+        # layer i's parameters belong to layer i; so do those an op makes from no tensor of
+        # anyone's (scalars) while a per-parameter loop is at one of layer i's (`_current`).
+        self.labels: list[int | None] | None = None
+        self.owners: dict[int, int | None] = {}
+        self.layer: int | None = None
+        self.inherit = False
+        self._current: int | None | object = _NOBODY
 
     # -- naming -------------------------------------------------------------------------------
 
@@ -71,6 +86,10 @@ class Tracker(TorchDispatchMode):
         if self.allocations is not None:
             key = len(self.allocations) + 1
             self.allocations.append((now, key, size))
+            if self.labels is not None:
+                self.labels.append(self.layer)
+                if self.layer is not None:
+                    self.owners[key] = self.layer
         self._seen[storage] = key
         self.live_bytes += size
         weakref.finalize(storage, self._release, size, key)
@@ -87,6 +106,50 @@ class Tracker(TorchDispatchMode):
         self.live_bytes -= size
         if self.allocations is not None:
             self.allocations.append((self._now(), key, -size))
+            if self.labels is not None:
+                self.labels.append(self.layer)
+
+    def layer_of(self, t: torch.Tensor) -> int | None:
+        """The layer a (fake) tensor's storage belongs to, in a labelled trace."""
+        key = self._seen.get(t.untyped_storage()) if is_fake(t) else None
+        return self.owners.get(key)
+
+    def own(self, t: torch.Tensor, layer: int | None) -> None:
+        """Say that a tensor's storage belongs to `layer` (parameters, by their module)."""
+        key = self._seen.get(t.untyped_storage()) if is_fake(t) else None
+        if key is not None:
+            self.owners[key] = layer
+
+    def start_inheriting(self) -> None:
+        self._current = _NOBODY
+
+    def _owner(self, t) -> int | None | object:
+        key = self._seen.get(t.untyped_storage()) if is_fake(t) else None
+        return self.owners.get(key, _NOBODY)
+
+    def _inherit(self, func, args, out, first_new: int) -> None:
+        new = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and is_fake(t)
+               and self._seen.get(t.untyped_storage(), 0) >= first_new]
+        if func.__name__.startswith("_foreach_") and isinstance(out, (list, tuple)) and args \
+                and isinstance(args[0], (list, tuple)) and len(args[0]) == len(out):
+            fresh = {id(t) for t in new}
+            for t, source in zip(out, args[0], strict=True):
+                owner = self._owner(source)
+                if id(t) in fresh and owner is not _NOBODY:
+                    self.own(t, owner)
+            self._current = _NOBODY  # every parameter at once: no one parameter's loop
+            return
+        if not any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
+            return  # a question about tensors (their device, say), not work on one's
+        owners = {self._owner(t) for t in tree_leaves(args) if isinstance(t, torch.Tensor)}
+        owners.discard(_NOBODY)
+        if len(owners) == 1:
+            self._current = owners.pop()
+        elif owners:
+            self._current = _NOBODY  # several layers' tensors meet: the step's own
+        if self._current is not _NOBODY:
+            for t in new:
+                self.own(t, self._current)
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -105,8 +168,11 @@ class Tracker(TorchDispatchMode):
         # Inside this method the mode is off: these go to the fake mode below, as fake tensors.
         held = [torch.empty(n, dtype=torch.uint8) for n in sizes]
         self.sight(Kind.TENSOR, held)
+        first_new = len(self.allocations) + 1 if self.allocations is not None else 0
         out = func(*args, **(kwargs or {}))
         self.sight(Kind.TENSOR, out)
+        if self.inherit and self.labels is not None and self.layer is None:
+            self._inherit(func, args, out, first_new)
         del held
         return out
 
@@ -121,11 +187,15 @@ class Tracker(TorchDispatchMode):
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
+    def _grad_of(self, param: torch.Tensor) -> None:
+        self.sight(Kind.GRAD, param.grad)
+        if self.labels is not None:  # a grad belongs where its parameter does
+            self.own(param.grad, self.layer_of(param))
+
     def watch_grads(self, model: torch.nn.Module) -> list:
         """Name each grad the moment autograd accumulates it."""
         handles = []
         for p in model.parameters():
             if p.requires_grad:
-                handles.append(p.register_post_accumulate_grad_hook(
-                    lambda param: self.sight(Kind.GRAD, param.grad)))
+                handles.append(p.register_post_accumulate_grad_hook(self._grad_of))
         return handles
