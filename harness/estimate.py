@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -340,6 +342,22 @@ def flash_backward_scratch(batch: int, heads: int, kv_heads: int, seq_q: int, se
     return sizes
 
 
+HOPPER_CUBLAS_WORKSPACE = 32 << 20  # PyTorch's default on sm90; other GPUs: 8 MiB + 128 KiB
+
+
+def cublas_workspace_bytes() -> int:
+    """Bytes PyTorch gives each cuBLAS handle as workspace, through the caching allocator, at
+    the handle's first matmul (at::cuda::getChosenWorkspaceSize): the `:SIZE_KIB:COUNT` pairs
+    of CUBLAS_WORKSPACE_CONFIG summed, else Hopper's default — the larger of the defaults, so a
+    prediction errs towards needing more. A training step has two handles: the loop's thread
+    (forward, optimizer) and autograd's backward thread, each with its own. Shared by the
+    estimate and the simulation's CUDA target."""
+    pairs = re.findall(r":([0-9]+):([0-9]+)", os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""))
+    if pairs:
+        return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    return HOPPER_CUBLAS_WORKSPACE
+
+
 def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps: int,
              steps: int, target: str = "cuda") -> Estimate:
     """Phase peaks and breakdowns of a training step, in closed form."""
@@ -443,6 +461,11 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
     }
     if workspace:  # fp32 softmax_d and dq accumulator; GQA's expanded dk, dv
         terms["backward: flash-attention workspace (CUDA)"] = workspace
+    # cuBLAS: the loop thread's workspace from the first forward matmul on, autograd's backward
+    # thread's from the first backward one; both then stay.
+    blas = _r(cublas_workspace_bytes()) if target == "cuda" else 0
+    if blas:
+        terms["cuBLAS workspaces (CUDA: loop and backward threads, each)"] = blas
     if paged:
         terms["paged optimizer state (unified memory, not allocated)"] = paged
 
@@ -454,15 +477,17 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
                 "breakdown_bytes": {**full, "unattributed": 0}}
 
     def step_phases(state: int) -> dict[str, dict]:
-        backward = max((phase(P, g, state, a, o) for a, o, g in candidates.values()),
+        before = 2 * blas if state else 0  # after a first step both workspaces exist
+        backward = max((phase(P, g, state, a, o + 2 * blas) for a, o, g in candidates.values()),
                        key=lambda p: p["peak_allocated_bytes"])
         # Forward starts with the previous step's grads, until zero_grad(set_to_none=True).
-        forward = max(phase(P, G if state else 0, state, 0, 0),
-                      phase(P, 0, state, A, fwd_transient), key=lambda p: p["peak_allocated_bytes"])
+        forward = max(phase(P, G if state else 0, state, 0, before),
+                      phase(P, 0, state, A, fwd_transient + max(before, blas)),
+                      key=lambda p: p["peak_allocated_bytes"])
         return {
             "forward": forward,
             "backward": backward,
-            "optimizer": phase(P, G, S_opt, 0, opt_temp + clip),
+            "optimizer": phase(P, G, S_opt, 0, opt_temp + clip + 2 * blas),
         }
 
     first, later = step_phases(0), step_phases(S_opt)

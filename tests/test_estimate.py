@@ -138,12 +138,13 @@ def test_the_guides_worked_example_counts_gradients_and_peaks_without_activation
     assert got["trainer-fp16"]["status"] == "unsupported"
 
 
-def test_the_cuda_target_adds_flash_attentions_backward_workspace_in_both_methods(tmp_path):
+def test_the_cuda_target_adds_what_cuda_kernels_allocate_in_both_methods(tmp_path, monkeypatch):
     """CUDA's flash-attention backward allocates an fp32 softmax_d and dq accumulator and, for
-    GQA, dk/dv expanded to every query head; the CPU kernel the simulation runs does not. On a
-    model whose attention backward is the peak (32 heads of 64 on a 256-wide model, a tiny MLP
-    and vocabulary), the simulation's CUDA target adds exactly FlashAttention-2's sizes, and the
-    estimate the same."""
+    GQA, dk/dv expanded to every query head; each cuBLAS handle (the loop's thread, autograd's
+    backward thread) holds a workspace, sized by CUBLAS_WORKSPACE_CONFIG; the CPU kernels the
+    simulation runs allocate none of it. On a model whose attention backward is the peak (32
+    heads of 64 on a 256-wide model, a tiny MLP and vocabulary), the simulation's CUDA target
+    adds exactly those sizes, and the estimate the same."""
     import json
 
     from harness.estimate import estimate_record
@@ -163,6 +164,7 @@ def test_the_cuda_target_adds_flash_attentions_backward_workspace_in_both_method
         model={"config": "./wide.json"}, train={"batch_size": b, "seq_len": s})
     scenario = load_scenario(path)
     variant = scenario.variant("bf16-lora-gc")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")  # PyTorch's default before sm90
     peaks = {}
     for target in ("cpu", "cuda"):
         out = tmp_path / f"{target}.json"
@@ -176,6 +178,7 @@ def test_the_cuda_target_adds_flash_attentions_backward_workspace_in_both_method
     heads, d = 32, 64
     workspace = (4 * b * heads * s  # softmax_d, fp32, S rounded up to 128 (already)
                  + 4 * b * s * heads * d  # dq accumulator, fp32
-                 + 2 * 2 * b * s * heads * d)  # dk and dv expanded to 32 heads, bf16
+                 + 2 * 2 * b * s * heads * d  # dk and dv expanded to 32 heads, bf16
+                 + 2 * (4096 * 1024 * 2 + 16 * 1024 * 8))  # two cuBLAS handles' workspaces
     assert peaks["cuda"][0] - peaks["cpu"][0] == workspace  # simulated
     assert peaks["cuda"][1] - peaks["cpu"][1] == workspace  # estimated

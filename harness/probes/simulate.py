@@ -7,9 +7,11 @@ last reference dies; with CUDA's 512-byte rounding those births and deaths are t
 trace that `timeline.analyse` turns into phase peaks and a breakdown, exactly as for a real run.
 
 What fake CPU tensors do as CUDA would: SDPA dispatches to the flash kernel (saves output +
-logsumexp, never a [B, H, S, S] matrix); AdamW is foreach, as on CUDA. What no op output shows:
-scratch memory inside a kernel (cuBLAS workspaces, a fused kernel's own buffers) — see README.
-Reserved memory comes from replaying the trace through a model of CUDA's caching allocator.
+logsumexp, never a [B, H, S, S] matrix); AdamW is foreach, as on CUDA. What no op output shows
+— memory CUDA kernels and libraries allocate beside their outputs — the CUDA target adds where
+it is modelled (flash attention's backward workspace, cuBLAS handles' workspaces; see README).
+Reserved memory comes from replaying the trace through a model of CUDA's caching allocator; a
+deep model's trace is assembled from three simulated layers (layers.py).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
 from torch.utils._pytree import tree_leaves
 
-from harness.estimate import flash_backward_scratch
-from harness.probes import Probe
+from harness.estimate import cublas_workspace_bytes, flash_backward_scratch
+from harness.probes import Kind, Probe
 from harness.probes.allocator import replay
 from harness.probes.layers import (
     DEPTH,
@@ -47,7 +49,11 @@ class SimulateProbe(Probe):
         self.target = target  # cuda: add what CUDA kernels allocate that CPU ones do not
         self.extra["target"] = target
         if target == "cuda":
-            self.tracker.scratch = cuda_scratch
+            self.tracker.scratch = self._cuda_scratch
+        # cuBLAS handles' workspaces (CUDA target): one for the loop's thread, one for autograd's
+        # backward thread; made at each one's first matmul, kept for the run.
+        self._workspaces: dict[str, torch.Tensor] = {}
+        self._phase_name: str | None = None
         # Label the trace by decoder layer, to assemble a deeper model's from it (layers.py):
         # then `labelled` is (allocations, labels, owners, phases), or the reason it is not.
         # With `assemble_to` too, `assembled` is then (memory section, trace) of a model that
@@ -110,7 +116,23 @@ class SimulateProbe(Probe):
         self.tracker.layer, self.tracker.inherit = None, name == "optimizer"
         self.tracker.start_inheriting()
         with super().phase(name, step):
+            self._phase_name = name
+            if name == "forward" and self.target == "cuda":
+                # The loop thread's handle serves the first forward matmul: made here, at the
+                # forward's start, where no layer runs (a few activations earlier than CUDA).
+                self._workspace("loop")
             yield
+            self._phase_name = None
+
+    def _workspace(self, thread: str) -> None:
+        if thread not in self._workspaces:
+            self._workspaces[thread] = torch.empty(cublas_workspace_bytes(), dtype=torch.uint8)
+            self.sight(Kind.BUFFER, self._workspaces[thread])
+
+    def _cuda_scratch(self, func, args) -> list[int]:
+        if getattr(func, "overloadpacket", None) in _BLAS and self._phase_name == "backward":
+            self._workspace("backward")  # autograd's device thread: a handle of its own
+        return cuda_scratch(func, args)
 
     def _phase_closed(self, phase: Phase) -> None:
         if phase.name != "load" or not self.label_layers or self._model is None:
@@ -166,6 +188,11 @@ class SimulateProbe(Probe):
         for block in blocks:
             block.kind = kinds.get(origin[block.ptr])
         return trace, analyse(blocks, phases)
+
+
+_BLAS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+         torch.ops.aten.addbmm, torch.ops.aten.mv, torch.ops.aten.addmv, torch.ops.aten.dot,
+         torch.ops.aten.addr, torch.ops.aten._addmm_activation}
 
 
 def cuda_scratch(func, args) -> list[int]:
