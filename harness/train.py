@@ -83,7 +83,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     grad_hooks = probe.tracker.watch_grads(model)
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type) if ctx.grad_scaler else None
+    scaler = probe.grad_scaler() if ctx.grad_scaler else None
     try:
         for step in range(train.warmup_steps + train.steps):
             started = time.perf_counter()

@@ -15,6 +15,8 @@ BOTH = [  # every technique and optimizer that both a real CPU run and a simulat
     {"name": "full-fp32", "techniques": []},
     {"name": "full-bf16", "techniques": ["bf16"]},
     {"name": "amp-bf16", "techniques": ["amp_bf16"]},
+    # GradScaler: simulated as if no step overflowed (the real run's steps here do not).
+    {"name": "amp-fp16", "techniques": ["amp_fp16"]},
     {"name": "bf16-fused", "techniques": ["bf16"], "train": {"optimizer": "adamw_fused"}},
     {"name": "bf16-sgd", "techniques": ["bf16"], "train": {"optimizer": "sgd"}},
     {"name": "bf16-adafactor", "techniques": ["bf16"], "train": {"optimizer": "adafactor"}},
@@ -41,7 +43,6 @@ BNB_OPTIMIZERS = [  # bitsandbytes' own step, through its registered fake kernel
 NOT_SIMULATED = [
     {"name": "int8-lora", "techniques": ["int8", LORA]},
     {"name": "compiled", "techniques": ["bf16", "compile"]},
-    {"name": "amp-fp16", "techniques": ["amp_fp16"]},
     {"name": "bf16-paged-8bit", "techniques": ["bf16"], "train": {"optimizer": "paged_adamw_8bit"}},
 ]
 

@@ -85,6 +85,10 @@ class Probe(ABC):
     def sight(self, kind: Kind, tensors) -> None:
         self.tracker.sight(kind, tensors)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler fp16 mixed precision trains with (amp_fp16)."""
+        return torch.amp.GradScaler(self.device.type)
+
     def sight_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Name the optimizer's state (it exists once a step has run)."""
         from harness.optimizers import state_tensors

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -83,6 +84,12 @@ class SimulateProbe(Probe):
                 self._copies.append(t)
             leaves.append(t)
         self.tracker.sight(kind, leaves)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        warnings.warn("simulated: GradScaler takes every step, as when no gradient overflowed "
+                      "(a step it skips creates no optimizer temporaries, nor, the first time, "
+                      "AdamW's state)", stacklevel=2)
+        return _SteppingScaler(self.device.type)
 
     def sight_optimizer(self, optimizer) -> None:
         super().sight_optimizer(optimizer)
@@ -188,6 +195,15 @@ class SimulateProbe(Probe):
         for block in blocks:
             block.kind = kinds.get(origin[block.ptr])
         return trace, analyse(blocks, phases)
+
+
+class _SteppingScaler(torch.amp.GradScaler):
+    """A GradScaler that steps without asking whether a gradient overflowed: that is a value
+    (`found_inf.item()`), which fake tensors do not have. Scaling, unscaling (with its overflow
+    check) and the scale's update run as ever."""
+
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        return optimizer.step(*args, **kwargs)
 
 
 _BLAS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,

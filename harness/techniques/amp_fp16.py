@@ -8,8 +8,7 @@ from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import others
 
 
-@technique("amp_fp16", stage=Stage.STEP, conflicts=others("amp_fp16"),
-           not_simulated="GradScaler skips a step by reading whether the grads overflowed, a value fake tensors do not have")
+@technique("amp_fp16", stage=Stage.STEP, conflicts=others("amp_fp16"))
 def amp_fp16(ctx: BuildContext) -> None:
     """Mixed precision as amp_bf16 (fp32 weights, grads and state; fp16 activations and an fp16
     weight-cast cache), plus the GradScaler fp16 needs: the loss is scaled before backward and
