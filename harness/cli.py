@@ -209,6 +209,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.compare import CompareError, compare
+
+    try:
+        code, table, summary = compare(args.base, args.new, args.metric, args.fail_above)
+    except CompareError as e:
+        raise BadInput(str(e)) from None
+    print(table)
+    print(json.dumps(summary))
+    return code
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import report
 
@@ -274,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                      help="per-variant wall-clock limit (default 3600)")
     cmp.set_defaults(fn=cmd_compare_methods)
+
+    gate = sub.add_parser("compare", help="BASE vs NEW run folders of one scenario, variant by "
+                          "variant: exit 1 on a regression (+) or a newly failing variant (!)")
+    gate.add_argument("base", help="a run folder, or a folder of runs (its newest)")
+    gate.add_argument("new", help="a run folder, or a folder of runs (its newest)")
+    gate.add_argument("--metric", default="peak_allocated_bytes",
+                      help="a record field: peak_allocated_bytes (default), peak_reserved_bytes, "
+                           "phases.backward.peak_allocated_bytes, step_time_s_median, ...")
+    gate.add_argument("--fail-above", default="1%", metavar="THRESHOLD",
+                      help="how far the metric may move: a percentage of BASE (2%%) or an "
+                           "amount (256MiB); default 1%%")
+    gate.set_defaults(fn=cmd_compare)
 
     validate = sub.add_parser("validate", help="check scenarios without running anything")
     validate.add_argument("scenarios", nargs="*", metavar="SCENARIO")
