@@ -84,14 +84,15 @@ def _selected(scenario, names: list[str] | None) -> list:
     variants = list(scenario.variants)
     if not names:
         return variants
-    known = [v.name for v in variants]
+    # A declared name selects each of its sweep points; a full name, one of them.
+    known = list(dict.fromkeys([v.declared for v in variants] + [v.name for v in variants]))
     for name in names:
         if name not in known:
             hint = difflib.get_close_matches(name, known, n=1)
             raise BadInput(f"{scenario.path}: --variant {name!r}: no such variant" +
                            (f" (did you mean {hint[0]!r}?)" if hint else
                             f"; known: {', '.join(known)}"))
-    return [v for v in variants if v.name in names]
+    return [v for v in variants if v.name in names or v.declared in names]
 
 
 def estimate_run(scenario, variants, run_dir: Path, run_id: str, steps: int | None,

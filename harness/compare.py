@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.record import RecordError, read_record
+from harness.report import record_key
 from harness.units import parse_size
 
 MARKS = ("+", "-", "~", "!", "x")
@@ -100,12 +101,6 @@ def load_run(path: str | Path) -> tuple[Path, dict[str, dict]]:
             raise CompareError(f"{file}: not a record ({e})") from None
     records.sort(key=lambda r: (r["variant"].get("index", 0), record_key(r)))  # scenario order
     return folder, {record_key(r): r for r in records}
-
-
-def record_key(record: dict) -> str:
-    point = record.get("sweep_point")
-    name = record["variant"]["name"]
-    return name + "".join(f"@{k}={v}" for k, v in point.items()) if point else name
 
 
 def metric_value(record: dict, metric: str) -> float | None:

@@ -7,8 +7,11 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
     schema_version   int; bump with an entry in _UPGRADES
     run_id           "<UTC timestamp>-<git sha7>[-dirty]": sorts by time
     scenario         {name, path, sha256, baseline}: sha256 of the file's bytes
-    variant          {name, index (position in the scenario), description,
-                      techniques: [{name, args}] (args resolved), train_overrides}
+    sweep_point      null, or {train key: value} of the scenario's sweep this record is at
+                     (its file is "<variant>@<key>=<value>,….json")
+    variant          {name (as declared), index (position in the scenario, sweep points
+                      expanded), description, techniques: [{name, args}] (args resolved),
+                      train_overrides}
     model            {config, source, weights, attn_implementation, params_total, params_trainable}
     train            the effective train settings (scenario's, variant overrides, --steps)
     device           "cpu" | "cuda:0" | "simulate" | "estimate"
@@ -74,8 +77,10 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> d
         "run_id": run_id,
         "scenario": {"name": scenario.name, "path": str(scenario.path), "sha256": scenario.sha256,
                      "baseline": scenario.baseline},
+        # A sweep point's record: the declared variant's name, and the point beside it.
+        "sweep_point": dict(variant.sweep_point) or None,
         "variant": {
-            "name": variant.name,
+            "name": variant.declared,
             "description": variant.description,
             # In the order they are applied (stage by stage), whatever the YAML's order.
             "techniques": [{"name": u.name, "args": dict(u.args)}

@@ -15,6 +15,7 @@ import pandas as pd
 
 from harness.probes.timeline import CATEGORIES
 from harness.record import read_record
+from harness.scenario import point_label
 from harness.units import GIB
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
@@ -41,6 +42,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "scenario_sha256": record["scenario"].get("sha256"),
         "run_id": record["run_id"],
         "variant": record["variant"]["name"],
+        "sweep_point": point_label(record["sweep_point"]) if record.get("sweep_point") else None,
         "variant_index": record["variant"].get("index"),
         "baseline": record["scenario"].get("baseline"),
         "techniques": " + ".join(_technique_label(t) for t in record["variant"]["techniques"])
@@ -93,15 +95,23 @@ def _frame(paths: list[Path]) -> pd.DataFrame:
 
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant in scenario order, with % vs baseline and vs the previous row."""
+    """One row per variant (and sweep point) in scenario order, with % vs the baseline and vs
+    the previous variant — at the same sweep point."""
     table = frame.copy()
     peak = table["peak_allocated_bytes"].astype("Float64")
     ok = table["status"] == "ok"
     baseline_name = table["baseline"].dropna().iloc[0] if table["baseline"].notna().any() else None
-    base = table.loc[(table["variant"] == baseline_name) & ok, "peak_allocated_bytes"]
-    base_peak = float(base.iloc[0]) if len(base) else None
-    table["vs_baseline_pct"] = (peak / base_peak - 1) * 100 if base_peak else pd.NA
-    previous = peak.shift(1).where(ok.shift(1, fill_value=False))
+    point = table["sweep_point"].fillna("") if "sweep_point" in table else pd.Series(
+        "", index=table.index)
+    base = table.loc[(table["variant"] == baseline_name) & ok]
+    base_peak = dict(zip(point[base.index], base["peak_allocated_bytes"].astype(float),
+                         strict=True))
+    base_of_row = pd.array([base_peak.get(p, pd.NA) for p in point], dtype="Float64")
+    table["vs_baseline_pct"] = (peak / base_of_row - 1) * 100
+    previous = pd.Series(pd.NA, index=table.index, dtype="Float64")
+    for _, rows in table.groupby(point, sort=False):
+        index = rows.index
+        previous[index] = peak[index].shift(1).where(ok[index].shift(1, fill_value=False))
     table["vs_previous_pct"] = (peak / previous - 1) * 100
     table.loc[~ok, ["vs_baseline_pct", "vs_previous_pct"]] = pd.NA
     # What a card must hold: the reserved peak where known (CUDA), else the allocated peak.
@@ -136,8 +146,11 @@ def _fits_text(r) -> str:
 
 def header_line(frame: pd.DataFrame) -> str:
     first = frame.iloc[0]
-    return (f"{first['scenario']} · model {first['model_config']} · batch {first['batch_size']} × "
-            f"seq {first['seq_len']} · {first['optimizer']} lr {first['lr']:g} · "
+    swept = "sweep_point" in frame and frame["sweep_point"].notna().any()
+    shape = ("swept: see each row" if swept else
+             f"batch {first['batch_size']} × seq {first['seq_len']}")
+    return (f"{first['scenario']} · model {first['model_config']} · {shape} · "
+            f"{first['optimizer']} lr {first['lr']:g} · "
             f"{first['steps']} steps (+{first['warmup_steps']} warm-up) · device {first['device']} · "
             f"{first['method']} · run {first['run_id']}")
 
@@ -159,10 +172,12 @@ def _pct(value) -> str:
 
 def markdown(table: pd.DataFrame) -> str:
     unit, scale = _unit(table)
+    swept = "sweep_point" in table and table["sweep_point"].notna().any()
     rows = []
     for _, r in table.iterrows():
         rows.append({
             "variant": r["variant"],
+            **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
             "techniques": r["techniques"],
             "status": r["status"],
             f"peak {unit}": _size(r["peak_allocated_bytes"], scale),
@@ -176,7 +191,8 @@ def markdown(table: pd.DataFrame) -> str:
             **({"fits on (GiB left)": _fits_text(r)} if unit == "GiB" else {}),
         })
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-    notes = [f"- `{r['variant']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
+    notes = [f"- `{r['variant']}{'@' + r['sweep_point'] if swept and r['sweep_point'] else ''}` "
+             f"({r['status']}): {str(r['error']).splitlines()[0][:200]}"
              for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
     fits = (" Fits on: the smallest common card whose memory holds the peak (reserved where "
             "known, else allocated; the CUDA context comes on top)." if unit == "GiB" else "")
@@ -187,8 +203,8 @@ def markdown(table: pd.DataFrame) -> str:
     return text
 
 
-CSV_COLUMNS = ["variant", "techniques", "status", "peak_allocated_bytes", "peak_reserved_bytes",
-               "vs_baseline_pct", "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
+CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", "status",
+               "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct", "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
                "params_trainable", "params_total", "step_time_s_median", "tokens_per_s",
                "fits_on_gb", "fits_margin_bytes", "peak_phase", "device", "method", "run_id",
                "error"]
@@ -212,7 +228,7 @@ def terms_markdown(run_dir: Path) -> str:
     records = sorted((read_record(p) for p in Path(run_dir).glob("*.json")
                       if not p.name.startswith(".")),
                      key=lambda r: (r["variant"].get("index") or 0, r["variant"]["name"]))
-    columns = {r["variant"]["name"]: r["memory"].get("terms_bytes") or {} for r in records
+    columns = {record_key(r): r["memory"].get("terms_bytes") or {} for r in records
                if r["status"] == "ok"}
     if not columns:
         return "no estimated terms\n"
@@ -229,6 +245,19 @@ def load_results_in(run_dir: Path) -> pd.DataFrame:
     return _frame(sorted(p for p in run_dir.glob("*.json") if not p.name.startswith(".")))
 
 
+def record_key(record: dict) -> str:
+    """A record's variant name, with its sweep point (as its file is named)."""
+    point = record.get("sweep_point")
+    name = record["variant"]["name"]
+    return f"{name}@{point_label(point)}" if point else name
+
+
+def _job(r) -> str:
+    """A row's variant with its sweep point, as its record's file is named."""
+    point = r.get("sweep_point")
+    return f"{r['variant']}@{point}" if isinstance(point, str) and point else r["variant"]
+
+
 def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -> str:
     """The last stdout line of `run`: one JSON object a script can read."""
     counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
@@ -239,9 +268,9 @@ def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -
         "method": None if frame.empty else frame["method"].iloc[0],
         "interrupted": interrupted,
         "counts": {k: int(v) for k, v in counts.items()},
-        "variants": {r["variant"]: {"status": r["status"],
-                                    "peak_allocated_bytes": None if pd.isna(r["peak_allocated_bytes"])
-                                    else int(r["peak_allocated_bytes"])}
+        "variants": {_job(r): {"status": r["status"],
+                               "peak_allocated_bytes": None if pd.isna(r["peak_allocated_bytes"])
+                               else int(r["peak_allocated_bytes"])}
                      for _, r in frame.iterrows()},
     })
 
@@ -259,7 +288,7 @@ def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
     first = next(iter(runs.values()))
     rows = []
     for _, base in first.iterrows():
-        name = base["variant"]
+        name = _job(base)
         row: dict[str, Any] = {"variant": name, "techniques": base["techniques"]}
         found: dict[str, Any] = {}
         for label, frame in runs.items():
@@ -296,8 +325,8 @@ def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
     return pd.DataFrame(rows)
 
 
-def _one(frame: pd.DataFrame, variant: str):
-    hits = frame[frame["variant"] == variant]
+def _one(frame: pd.DataFrame, job: str):
+    hits = frame[frame.apply(_job, axis=1) == job] if not frame.empty else frame
     return None if hits.empty else hits.iloc[-1]  # the latest run's, when several
 
 

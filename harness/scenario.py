@@ -4,6 +4,11 @@ Everything a run needs is checked here, before anything heavy starts: unknown ke
 unknown techniques (with "did you mean"), types and ranges, duplicate variants, a baseline that
 names no variant, techniques that conflict or lack what they require. Each problem is a
 `ScenarioError` whose text is one line naming the file, the variant and the key.
+
+A top-level `sweep: {seq_len: [512, 1024], batch_size: [1, 2]}` crosses every variant with
+every point of the grid (the cartesian product, in the order written): each (variant, point) is
+a `Variant` of its own, named `lora@seq_len=512,batch_size=1`, whose train settings are the
+variant's with the point on top — a run measures and records each one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,11 +74,22 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    name: str  # unique in the scenario; with a sweep point: "<declared name>@<point>"
     techniques: tuple[TechniqueUse, ...]
-    train: TrainSpec  # scenario train with this variant's overrides applied
+    train: TrainSpec  # scenario train with this variant's overrides (and sweep point) applied
     train_overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    sweep_point: tuple[tuple[str, Any], ...] = ()  # (train key, value) pairs, in sweep order
+
+    @property
+    def declared(self) -> str:
+        """The name as the scenario declares it, without the sweep point."""
+        return self.name.split("@", 1)[0]
+
+
+def point_label(point) -> str:
+    """`seq_len=512,batch_size=2`: how a sweep point reads in names and tables."""
+    return ",".join(f"{k}={v}" for k, v in dict(point).items())
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,8 @@ class Scenario:
     model: ModelSpec
     train: TrainSpec
     baseline: str
-    variants: tuple[Variant, ...]
+    variants: tuple[Variant, ...]  # with a sweep: one per (declared variant, point)
+    sweep: tuple[tuple[str, tuple], ...] = ()  # (train key, values), as written
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -309,7 +327,7 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
     if not isinstance(entries, list):
         raise ScenarioError(path, f"must be a list, got {_type_name(entries)}", key="techniques",
                             variant=name)
-    if only is not None and name != only:
+    if only is not None and name != only.split("@", 1)[0]:
         entries = []  # another variant: the worker does not need its techniques
     uses = tuple(_parse_technique(path, entry, i, name) for i, entry in enumerate(entries))
     try:
@@ -360,8 +378,8 @@ def _cached_meta_model(model: ModelSpec, source):
 
 def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
-    _unknown_keys(path, top, ["name", "description", "model", "train", "baseline", "variants"],
-                  "scenario")
+    _unknown_keys(path, top, ["name", "description", "model", "train", "baseline", "variants",
+                              "sweep"], "scenario")
     for key in ("name", "model", "variants"):
         if key not in top:
             raise ScenarioError(path, "missing", key=key)
@@ -391,5 +409,48 @@ def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenar
         hint = difflib.get_close_matches(str(baseline), sorted(names), n=1)
         raise ScenarioError(path, f"names no variant: {baseline!r}" +
                             (f" (did you mean {hint[0]!r}?)" if hint else ""), key="baseline")
+    sweep = _parse_sweep(path, top["sweep"], train) if "sweep" in top else ()
+    if sweep:
+        variants = [_at_point(path, v, point) for v in variants for point in _points(sweep)]
     return Scenario(name=top["name"], description=description, path=path, sha256=sha256,
-                    model=model, train=train, baseline=baseline, variants=tuple(variants))
+                    model=model, train=train, baseline=baseline, variants=tuple(variants),
+                    sweep=sweep)
+
+
+def _parse_sweep(path, raw, train: TrainSpec) -> tuple[tuple[str, tuple], ...]:
+    sweep = _require_mapping(path, raw, "sweep")
+    if not sweep:
+        raise ScenarioError(path, "must name at least one train key to sweep", key="sweep")
+    _unknown_keys(path, sweep, list(_TRAIN_TYPES), "sweep")
+    axes = []
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ScenarioError(path, f"must be a non-empty list of values, got "
+                                      f"{_type_name(values)}", key=f"sweep.{key}")
+        for i, value in enumerate(values):
+            try:
+                _parse_train(path, {key: value}, train, "sweep")
+            except ScenarioError as e:
+                raise ScenarioError(path, e.message, key=f"sweep.{key}[{i}]") from None
+        if len(set(map(repr, values))) != len(values):
+            raise ScenarioError(path, "lists a value twice", key=f"sweep.{key}")
+        axes.append((key, tuple(float(v) if _TRAIN_TYPES[key][0] == "float" else v
+                                for v in values)))
+    return tuple(axes)
+
+
+def _points(sweep) -> list[tuple[tuple[str, Any], ...]]:
+    keys = [k for k, _ in sweep]
+    return [tuple(zip(keys, values, strict=True))
+            for values in itertools.product(*(v for _, v in sweep))]
+
+
+def _at_point(path, variant: Variant, point) -> Variant:
+    """The variant at one sweep point: the point's train values on top of the variant's."""
+    train = dataclasses.replace(variant.train, **dict(point))
+    warm = [u.name for u in variant.techniques if REGISTRY[u.name].needs_warmup]
+    if warm and train.warmup_steps < 1:
+        raise ScenarioError(path, f"{warm[0]} needs warmup_steps ≥ 1 (its first step compiles)",
+                            key="sweep.warmup_steps", variant=variant.name)
+    return dataclasses.replace(variant, name=f"{variant.name}@{point_label(point)}",
+                               train=train, sweep_point=tuple(point))
