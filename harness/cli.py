@@ -210,6 +210,59 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """The largest --vary value that fits --gpu-memory, per variant, by bisection over runs."""
+    from harness import fit as fitting
+    from harness import report
+    from harness.record import new_run_id, read_record
+    from harness.runner import run_scenario, start_fork_server
+
+    try:
+        budget = parse_size(args.gpu_memory)
+    except ValueError as e:
+        raise BadInput(f"--gpu-memory: {e}") from None
+    if args.multiple_of < 1 or args.max < args.multiple_of:
+        raise BadInput(f"--multiple-of {args.multiple_of} / --max {args.max}: need "
+                       "1 ≤ multiple-of ≤ max")
+    if args.target is not None and args.device in ("cpu", "cuda"):
+        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
+    if _forks(args.device):
+        start_fork_server()
+    scenario = load_scenario(args.scenario)
+    if args.vary in dict(scenario.sweep):
+        raise BadInput(f"{scenario.path}: --vary {args.vary}: the scenario's sweep sets it "
+                       "already; fit varies a train key the sweep does not")
+    variants = _selected(scenario, args.variant)
+    device = _resolve_device(args.device)
+    run_id = new_run_id()
+    run_dir = Path(args.out) / scenario.name / f"{run_id}-fit"
+    _progress(f"{scenario.name}: largest {args.vary} within {args.gpu_memory}, "
+              f"{len(variants)} variant(s) on {device} → {run_dir}")
+    results = []
+    for variant in variants:
+        def probe(value: int, variant=variant) -> dict:
+            job = scenario.at_point(variant.declared,
+                                    {**dict(variant.sweep_point), args.vary: value})
+            outcome = run_scenario(
+                scenario, [job], device=device, run_dir=run_dir, run_id=run_id,
+                # Simulated peaks are compared with the budget; real runs meet it as an OOM.
+                budget_bytes=None if device == "simulate" else budget, timeout_s=args.timeout,
+                full_depth=args.full_depth, target=args.target or "cuda", progress=_progress)
+            if outcome.interrupted:
+                raise KeyboardInterrupt
+            return read_record(run_dir / f"{job.name}.json")
+
+        found = fitting.search(probe, getattr(variant.train, args.vary), budget,
+                               args.multiple_of, args.max)
+        found.variant = variant.name
+        results.append(found)
+    report.write_summary(run_dir)  # every probe, as any run's table
+    text, data = fitting.write(results, args.vary, budget, run_dir)
+    print(text)
+    print(json.dumps(data))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import CompareError, compare
 
@@ -287,6 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                      help="per-variant wall-clock limit (default 3600)")
     cmp.set_defaults(fn=cmd_compare_methods)
+
+    fit = sub.add_parser("fit", help="the largest batch size or sequence length that fits a GPU's "
+                         "memory, per variant (bisection over runs)")
+    fit.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
+    fit.add_argument("--gpu-memory", required=True, metavar="SIZE",
+                     help="the card's memory, e.g. 24GiB (what the reserved peak must fit)")
+    fit.add_argument("--vary", required=True, choices=("batch_size", "seq_len"))
+    fit.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
+    fit.add_argument("--device", choices=("auto", "cuda", "cpu", "simulate"), default="auto",
+                     help="as for run: auto is cuda if available, else simulate")
+    fit.add_argument("--multiple-of", type=int, default=1, metavar="N",
+                     help="search multiples of N only (e.g. 128 for seq_len); default 1")
+    fit.add_argument("--max", type=int, default=2**16, metavar="N",
+                     help="the largest value tried (default 65536)")
+    fit.add_argument("--out", default=str(DEFAULT_OUT),
+                     help="probe records go to OUT/<scenario>/<run id>-fit")
+    fit.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
+    fit.add_argument("--target", choices=("cuda", "cpu"), help="simulate: see run --target")
+    fit.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                     help="per-probe wall-clock limit (default 3600)")
+    fit.set_defaults(fn=cmd_fit)
 
     gate = sub.add_parser("compare", help="BASE vs NEW run folders of one scenario, variant by "
                           "variant: exit 1 on a regression (+) or a newly failing variant (!)")

@@ -538,7 +538,7 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
     variant = dataclasses.replace(variant, train=train)
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device="estimate",
                         method="estimated")
-    record["variant"]["index"] = [v.name for v in scenario.variants].index(variant.name)
+    record["variant"]["index"] = scenario.index(variant)
     record["env"] = collect_env("cpu")
     source = resolve_config(scenario.model, scenario.path)
     try:

@@ -110,7 +110,7 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
     pending.unlink(missing_ok=True)
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
                         method=method_for(device))
-    record["variant"]["index"] = scenario.variants.index(variant)
+    record["variant"]["index"] = scenario.index(variant)
     record.update(status="error", error=why + "\n" + _tail(log))
     record["env"] = collect_env("cpu")  # never touch CUDA here: a context would skew the workers
     write_record(final, record)

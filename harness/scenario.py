@@ -92,6 +92,19 @@ def point_label(point) -> str:
     return ",".join(f"{k}={v}" for k, v in dict(point).items())
 
 
+def parse_point(label: str) -> dict[str, Any]:
+    """`seq_len=512,batch_size=2` → {"seq_len": 512, "batch_size": 2}, typed as train is."""
+    point = {}
+    for part in label.split(","):
+        key, _, text = part.partition("=")
+        if key not in _TRAIN_TYPES:
+            raise KeyError(key)
+        kind = _TRAIN_TYPES[key][0]
+        point[key] = None if text == "None" else int(text) if kind == "int" else \
+            float(text) if kind == "float" else text
+    return point
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -105,10 +118,28 @@ class Scenario:
     sweep: tuple[tuple[str, tuple], ...] = ()  # (train key, values), as written
 
     def variant(self, name: str) -> Variant:
+        """By name; `<declared>@<key>=<value>,…` is that variant at that point of the train
+        settings even where no sweep of the scenario has it (what `harness fit` probes)."""
         for v in self.variants:
             if v.name == name:
                 return v
+        if "@" in name:
+            declared, label = name.split("@", 1)
+            return self.at_point(declared, parse_point(label))
         raise KeyError(name)
+
+    def at_point(self, declared: str, point: Mapping[str, Any]) -> Variant:
+        """A declared variant with `point`'s train values on top (of its sweep point's, if any)."""
+        base = next((v for v in self.variants if v.declared == declared), None)
+        if base is None:
+            raise KeyError(declared)
+        return _at_point(self.path, base, tuple({**dict(base.sweep_point), **point}.items()))
+
+    def index(self, variant: Variant) -> int:
+        """Where a variant (or a point of it) stands in the scenario's order."""
+        names = [v.name for v in self.variants]
+        return names.index(variant.name) if variant.name in names else \
+            [v.declared for v in self.variants].index(variant.declared)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,5 +483,5 @@ def _at_point(path, variant: Variant, point) -> Variant:
     if warm and train.warmup_steps < 1:
         raise ScenarioError(path, f"{warm[0]} needs warmup_steps ≥ 1 (its first step compiles)",
                             key="sweep.warmup_steps", variant=variant.name)
-    return dataclasses.replace(variant, name=f"{variant.name}@{point_label(point)}",
+    return dataclasses.replace(variant, name=f"{variant.declared}@{point_label(point)}",
                                train=train, sweep_point=tuple(point))

@@ -71,7 +71,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
         variant = dataclasses.replace(variant, train=dataclasses.replace(variant.train, steps=steps))
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
                         method=method_for(device))
-    record["variant"]["index"] = scenario.variants.index(scenario.variant(variant_name))
+    record["variant"]["index"] = scenario.index(variant)
     record["env"] = collect_env(device if device.startswith("cuda") and torch.cuda.is_available()
                                 else "cpu")
     started = time.perf_counter()

@@ -1,0 +1,141 @@
+"""`harness fit`: the largest batch size or sequence length that fits a GPU's memory, per variant,
+found by bisection over runs — simulated without a GPU, real with the OOM caught on CUDA (and on
+CPU under the tracked-bytes budget).
+
+A value fits when its run ends `ok` and what a card must hold — the reserved peak where it is
+known (CUDA, simulation), else the allocated peak — is within `--gpu-memory`. The search starts
+at the scenario's value, doubles (or halves) until the answer is bracketed, then bisects; each
+probe is a record of its own (`<variant>@batch_size=8.json`, a sweep point), so the bracket's
+two ends can be read like any run. It assumes memory grows with the value, which it does for
+batch size and sequence length.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VARIED = ("batch_size", "seq_len")
+
+
+def need_bytes(record: dict) -> int | None:
+    """What a card must hold for this run: reserved where known, else allocated."""
+    memory = record.get("memory") or {}
+    reserved = memory.get("peak_reserved_bytes")
+    return reserved if reserved is not None else memory.get("peak_allocated_bytes")
+
+
+def fits(record: dict, budget: int) -> bool:
+    need = need_bytes(record)
+    return record["status"] == "ok" and need is not None and need <= budget
+
+
+@dataclass
+class Fit:
+    variant: str
+    largest: int | None = None  # the largest value that fits (None: not even the smallest)
+    largest_record: dict | None = None
+    first_failing: int | None = None  # the smallest tried value that does not (None: --max fits)
+    failing_record: dict | None = None
+    probes: list[int] = field(default_factory=list)  # values in the order tried
+
+
+def search(probe: Callable[[int], dict], start: int, budget: int, multiple: int = 1,
+           maximum: int = 2**16) -> Fit:
+    """Bisection over multiples of `multiple` in [multiple, maximum]; `probe(value)` runs one."""
+    tried: dict[int, dict] = {}
+    fit = Fit(variant="")
+
+    def ok(k: int) -> bool:
+        if k not in tried:
+            tried[k] = probe(k * multiple)
+            fit.probes.append(k * multiple)
+        return fits(tried[k], budget)
+
+    top = max(1, maximum // multiple)
+    k = min(top, max(1, round(start / multiple)))
+    lo: int | None
+    hi: int | None
+    if ok(k):
+        lo, hi = k, None
+        while lo < top:
+            step = min(top, lo * 2)
+            if ok(step):
+                lo = step
+            else:
+                hi = step
+                break
+    else:
+        lo, hi = None, k
+        while hi > 1:
+            step = hi // 2
+            if ok(step):
+                lo = step
+                break
+            hi = step
+    while lo is not None and hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    if lo is not None:
+        fit.largest, fit.largest_record = lo * multiple, tried[lo]
+    if hi is not None:
+        fit.first_failing, fit.failing_record = hi * multiple, tried[hi]
+    return fit
+
+
+def table(fits_: list[Fit], key: str, budget: int) -> str:
+    unit, scale = ("GiB", 2**30) if budget >= 2**30 else ("MiB", 2**20)
+
+    def peak(record: dict | None) -> str:
+        if record is None:
+            return "—"
+        if record["status"] != "ok":
+            return record["status"]
+        memory = record["memory"]
+        reserved = memory.get("peak_reserved_bytes")
+        return f"{memory['peak_allocated_bytes'] / scale:.3f}" + (
+            f" ({reserved / scale:.3f})" if reserved is not None else "")
+
+    lines = [f"largest {key} within {budget / scale:.2f} {unit} (reserved where known, else "
+             f"allocated); peaks in {unit}, allocated (reserved)", "",
+             f"| variant | largest {key} | its peak | first that does not fit | its peak | probes |",
+             "|:--|--:|--:|--:|--:|:--|"]
+    for f in fits_:
+        lines.append(f"| {f.variant} | {f.largest if f.largest is not None else 'none'} | "
+                     f"{peak(f.largest_record)} | "
+                     f"{f.first_failing if f.first_failing is not None else '— (fits at --max)'} | "
+                     f"{peak(f.failing_record)} | {' '.join(map(str, f.probes))} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(fits_: list[Fit], key: str, budget: int, run_dir: Path) -> dict[str, Any]:
+    return {"run_dir": str(run_dir), "vary": key, "gpu_memory_bytes": budget,
+            "variants": {f.variant: {
+                "largest": f.largest, "largest_need_bytes": need_bytes(f.largest_record)
+                if f.largest_record else None,
+                "first_failing": f.first_failing,
+                "first_failing_status": f.failing_record["status"] if f.failing_record else None,
+                "first_failing_need_bytes": need_bytes(f.failing_record)
+                if f.failing_record else None,
+                "probes": f.probes} for f in fits_}}
+
+
+def write(fits_: list[Fit], key: str, budget: int, run_dir: Path) -> tuple[str, dict]:
+    """fit.md and fit.csv beside the probes' records (a .json would read as a record)."""
+    text, data = table(fits_, key, budget), summary(fits_, key, budget, run_dir)
+    (run_dir / "fit.md").write_text(text)
+    with open(run_dir / "fit.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        fields = ["largest", "largest_need_bytes", "first_failing", "first_failing_status",
+                  "first_failing_need_bytes"]
+        writer.writerow(["variant", "vary", *fields, "probes"])
+        for name, row in data["variants"].items():
+            writer.writerow([name, key, *(row[k] for k in fields),
+                             " ".join(map(str, row["probes"]))])
+    return text, data
