@@ -74,10 +74,34 @@ def cmd_run(args: argparse.Namespace) -> int:
                            steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
                            full_depth=args.full_depth, target=args.target or "cuda",
                            progress=_progress)
+    _plot(run_dir)
     text = report.write_summary(run_dir)
     print(text)
     print(report.run_summary(run_dir, report.load_results_in(run_dir), outcome.interrupted))
     return 130 if outcome.interrupted else 0
+
+
+def _plot(run_dir: Path) -> list[Path]:
+    """The run's PNGs; a plotting failure is said in one line, and loses no record."""
+    from harness.plot import plot_run
+
+    try:
+        return plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001 - pictures are a convenience, records are the result
+        _err(f"warning: no plots for {run_dir}: {type(e).__name__}: {e}")
+        return []
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from harness import report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir() or not any(run_dir.glob("*.json")):
+        raise BadInput(f"{run_dir}: not a run folder (no records)")
+    for path in _plot(run_dir):
+        print(path)
+    report.write_summary(run_dir)  # links the pictures
+    return 0
 
 
 def _selected(scenario, names: list[str] | None) -> list:
@@ -380,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list scenarios, techniques and model configs")
     ls.set_defaults(fn=cmd_ls)
+
+    plot = sub.add_parser("plot", help="PNGs of a run folder (breakdown per variant; peak against "
+                          "the swept value), linked from its summary.md")
+    plot.add_argument("run_dir")
+    plot.set_defaults(fn=cmd_plot)
 
     rep = sub.add_parser("report", help="regenerate summary.csv/summary.md of a run folder")
     rep.add_argument("run_dir")

@@ -219,6 +219,9 @@ def write_summary(run_dir: str | Path) -> str:
     table = summary_table(frame)
     table[CSV_COLUMNS].to_csv(run_dir / "summary.csv", index=False)
     text = markdown(table)
+    pictures = [p for p in ("breakdown.png", "sweep.png") if (run_dir / p).is_file()]
+    if pictures:  # made by harness plot (plot.py), from the same records
+        text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
     (run_dir / "summary.md").write_text(text)
     return text
 

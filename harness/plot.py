@@ -1,0 +1,132 @@
+"""`harness plot RUN_DIR` (and the end of every `run`): PNGs of a run, beside its records.
+
+* `breakdown.png` — one stacked bar per variant (and sweep point): what was live at the peak
+  (params, grads, optimizer state, activations, other, unattributed), a tick for the reserved
+  peak where it is known, and a line for each common card size the bars reach.
+* `sweep.png` — for a sweep: the peak against the first swept key, one line per variant (and
+  value of any other swept key); dashed, the reserved peak.
+
+`summary.md` links them. Drawn from the records alone, like every table; the functions return
+what they drew, so the pictures can be checked against the records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from harness.report import BREAKDOWN, CARDS_GB, _job, load_results_in
+
+COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868",
+           "activations": "#c44e52", "other": "#8172b3", "unattributed": "#937860"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _scale(frame: pd.DataFrame) -> tuple[str, int]:
+    peak = frame["peak_allocated_bytes"].dropna()
+    return ("GiB", 2**30) if len(peak) and peak.max() >= 2**30 else ("MiB", 2**20)
+
+
+def breakdown_png(frame: pd.DataFrame, path: Path) -> dict[str, dict[str, float]]:
+    """The stacked bars; returns {row label: {category: bytes drawn}} (ok rows only)."""
+    plt = _pyplot()
+    ok = frame[frame["status"] == "ok"]
+    unit, scale = _scale(frame)
+    labels = [_job(r) for _, r in ok.iterrows()]
+    drawn = {label: {k: float(r[f"{k}_bytes"] or 0) for k in BREAKDOWN}
+             for label, (_, r) in zip(labels, ok.iterrows(), strict=True)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 5))
+    bottom = [0.0] * len(labels)
+    for k in BREAKDOWN:
+        heights = [drawn[label][k] / scale for label in labels]
+        ax.bar(labels, heights, bottom=bottom, color=COLOURS[k], label=k)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    reserved = [(i, r["peak_reserved_bytes"] / scale) for i, (_, r) in enumerate(ok.iterrows())
+                if not pd.isna(r["peak_reserved_bytes"])]
+    if reserved:
+        ax.scatter([i for i, _ in reserved], [v for _, v in reserved], marker="_", s=600,
+                   color="black", zorder=3, label="reserved")
+    top = max(bottom + [v for _, v in reserved], default=0)
+    if unit == "GiB":
+        for card in CARDS_GB:  # the cards the bars reach, and the next one up
+            ax.axhline(card, color="grey", linestyle=":", linewidth=1)
+            ax.text(len(labels) - 0.5, card, f"{card} GB", va="bottom", ha="right",
+                    fontsize=8, color="grey")
+            if card >= top:
+                break
+    first = frame.iloc[0]
+    ax.set_title(f"{first['scenario']}: memory at the peak ({first['method']})")
+    ax.set_ylabel(unit)
+    ax.tick_params(axis="x", labelrotation=30)
+    for tick in ax.get_xticklabels():
+        tick.set_horizontalalignment("right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, not over, bars
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, float]]]:
+    """Peak against the first swept key; returns {line label: [(x, peak bytes), ...]}."""
+    plt = _pyplot()
+    ok = frame[(frame["status"] == "ok") & frame["sweep_point"].notna()].copy()
+    points = [dict(p.split("=") for p in s.split(",")) for s in ok["sweep_point"]]
+    key = next(iter(points[0]))
+    ok["x"] = [float(p[key]) for p in points]
+    ok["others"] = [",".join(f"{k}={v}" for k, v in p.items() if k != key) for p in points]
+    unit, scale = _scale(frame)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for (variant, others), rows in ok.groupby(["variant", "others"], sort=False):
+        rows = rows.sort_values("x")
+        label = variant + (f" ({others})" if others else "")
+        lines[label] = list(zip(rows["x"], rows["peak_allocated_bytes"].astype(float),
+                                strict=True))
+        (line,) = ax.plot(rows["x"], rows["peak_allocated_bytes"] / scale, marker="o",
+                          label=label)
+        if rows["peak_reserved_bytes"].notna().all():
+            ax.plot(rows["x"], rows["peak_reserved_bytes"] / scale, linestyle="--",
+                    color=line.get_color(), linewidth=1)
+    if unit == "GiB":
+        top = ok["peak_allocated_bytes"].max() / scale
+        for card in CARDS_GB:
+            ax.axhline(card, color="grey", linestyle=":", linewidth=1)
+            if card >= top:
+                break
+    ax.set_xscale("log", base=2)
+    xs = sorted(set(ok["x"]))
+    ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    ax.minorticks_off()
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"peak {unit} (dashed: reserved)")
+    ax.set_title(f"{frame.iloc[0]['scenario']}: peak against {key}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return lines
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Every PNG a run folder's records make; returns their paths."""
+    run_dir = Path(run_dir)
+    frame = load_results_in(run_dir)
+    written = []
+    if frame.empty or not (frame["status"] == "ok").any():
+        return written
+    breakdown_png(frame, run_dir / "breakdown.png")
+    written.append(run_dir / "breakdown.png")
+    if "sweep_point" in frame and frame["sweep_point"].notna().any():
+        sweep_png(frame, run_dir / "sweep.png")
+        written.append(run_dir / "sweep.png")
+    return written
