@@ -18,6 +18,7 @@ from harness.scenario import ScenarioError, list_scenarios, load_scenario
 from harness.units import parse_size
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "_scratch"
+REPO_RESULTS = DEFAULT_OUT.parent  # the committed reference runs
 
 
 class BadInput(Exception):
@@ -287,6 +288,33 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from harness import history
+
+    results = Path(args.results)
+    if not results.is_dir():
+        raise BadInput(f"--results {results}: no such folder")
+    if args.scenario and not (results / args.scenario).is_dir():
+        raise BadInput(f"{results / args.scenario}: no results for scenario {args.scenario!r}")
+    table = history.history(results, args.scenario, args.metric)
+    if table.empty:
+        raise BadInput(f"{results}: no records")
+    if table[args.metric].isna().all():
+        raise BadInput(f"--metric {args.metric}: no record has it (peak_allocated_bytes, "
+                       "peak_reserved_bytes, a phase's, step_time_s_median, ...)")
+    out = Path(args.out) / (args.scenario or "all")
+    out.mkdir(parents=True, exist_ok=True)
+    text = history.markdown(table, args.metric)
+    (out / "history.md").write_text(text)
+    table.to_csv(out / "history.csv", index=False)
+    history.plot(table, args.metric, out / "history.png")
+    print(text)
+    print(json.dumps({"out": str(out), "rows": len(table),
+                      "series": int(table.groupby(["scenario", "variant", "method",
+                                                   "device"]).ngroups)}))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.compare import CompareError, compare
 
@@ -385,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                      help="per-probe wall-clock limit (default 3600)")
     fit.set_defaults(fn=cmd_fit)
+
+    hist = sub.add_parser("history", help="every record under results/ over time: each variant's "
+                          "peak per run, with what changed (commit, libraries, GPU), and a plot")
+    hist.add_argument("scenario", nargs="?", help="one scenario's results (default: all)")
+    hist.add_argument("--results", default=str(REPO_RESULTS), help="where the runs are")
+    hist.add_argument("--metric", default="peak_allocated_bytes",
+                      help="a column of the tidy table (peak_reserved_bytes, "
+                           "backward_peak_allocated_bytes, step_time_s_median, ...)")
+    hist.add_argument("--out", default=str(DEFAULT_OUT / "history"),
+                      help="history.md, history.csv and history.png go to OUT/<scenario|all>")
+    hist.set_defaults(fn=cmd_history)
 
     gate = sub.add_parser("compare", help="BASE vs NEW run folders of one scenario, variant by "
                           "variant: exit 1 on a regression (+) or a newly failing variant (!)")

@@ -66,6 +66,8 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "tokens_per_s": record["timing"].get("tokens_per_s"),
         "torch": env.get("torch"),
         "transformers": env.get("transformers"),
+        "peft": env.get("peft"),
+        "bitsandbytes": env.get("bitsandbytes"),
         "gpu_name": env.get("gpu_name"),
         "git_sha": env.get("git_sha"),
         "git_dirty": env.get("git_dirty"),
