@@ -74,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_scenario(scenario, variants, device=device, run_dir=run_dir, run_id=run_id,
                            steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
                            full_depth=args.full_depth, target=args.target or "cuda",
-                           progress=_progress)
+                           snapshot=args.snapshot, progress=_progress)
     _plot(run_dir)
     text = report.write_summary(run_dir)
     print(text)
@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulate: model what CUDA kernels allocate beside their outputs "
                           "(cuda, the default) or only what the CPU kernels do (cpu: like with "
                           "like against a --device cpu run)")
+    run.add_argument("--snapshot", action="store_true",
+                     help="also write each variant's memory snapshot (<variant>.snapshot.pickle, "
+                          "PyTorch's format: drag it onto pytorch.org/memory_viz); on CUDA the "
+                          "allocator's own, simulated: the caching-allocator replay's")
     run.add_argument("--memory-budget", metavar="SIZE",
                      help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
     run.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",

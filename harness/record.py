@@ -28,7 +28,8 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       (the same categories live after the last optimizer step: what persists
                       between steps), paged_optimizer_bytes (bitsandbytes paged state in CUDA
                       unified memory, which no allocator figure includes; 0 when none),
-                      tracked_tensor_peak_bytes, budget_bytes, device extras (simulated:
+                      tracked_tensor_peak_bytes, budget_bytes, snapshot_file (with --snapshot:
+                      the memory_viz snapshot beside the record, or null), device extras (simulated:
                       target, "cuda" or "cpu": whether CUDA kernels' scratch buffers are
                       modelled; reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's
                       caching allocator, default or expandable_segments — or null where

@@ -43,7 +43,8 @@ class RunOutcome:
 def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str, run_dir: Path,
                  run_id: str, steps: int | None = None, budget_bytes: int | None = None,
                  timeout_s: float | None = None, full_depth: bool = False,
-                 target: str = "cuda", progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
+                 target: str = "cuda", snapshot: bool = False,
+                 progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOG_DIR).mkdir(exist_ok=True)
     outcome = RunOutcome(run_dir, {})
@@ -53,7 +54,7 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
         try:
             record = _run_one(scenario, variant, device=device, run_dir=run_dir, run_id=run_id,
                               steps=steps, budget_bytes=budget_bytes, timeout_s=timeout_s,
-                              full_depth=full_depth, target=target)
+                              full_depth=full_depth, target=target, snapshot=snapshot)
         except KeyboardInterrupt:
             outcome.interrupted = True
             progress(f"[{i}/{len(variants)}] {variant.name} interrupted: no record written")
@@ -69,7 +70,7 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
 
 def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path, run_id: str,
              steps: int | None, budget_bytes: int | None, timeout_s: float | None,
-             full_depth: bool = False, target: str = "cuda") -> dict:
+             full_depth: bool = False, target: str = "cuda", snapshot: bool = False) -> dict:
     final = run_dir / f"{variant.name}.json"
     pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
     log = run_dir / LOG_DIR / f"{variant.name}.log"
@@ -84,6 +85,8 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         argv += ["--full-depth"]
     if device == "simulate":
         argv += ["--target", target]
+    if snapshot:
+        argv += ["--snapshot", str(run_dir / f"{variant.name}.snapshot.pickle")]
     worker = _start_worker(argv, log, fork=not device.startswith("cuda"))
     why = None
     try:

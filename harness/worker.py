@@ -58,7 +58,8 @@ def _too_big_for_ram(scenario, variant) -> str | None:
 
 def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                 result_path: Path, steps: int | None, budget_bytes: int | None,
-                full_depth: bool = False, target: str = "cuda") -> str:
+                full_depth: bool = False, target: str = "cuda",
+                snapshot_path: Path | None = None) -> str:
     import torch
 
     from harness.models import resolve_config
@@ -104,14 +105,22 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                     "every step after the second repeats it exactly")
     layers = _layers_to_extrapolate(scenario, source) if simulate and not full_depth \
         and budget_bytes is None else None
-    measured = _extrapolated(scenario, source, variant, train, torch_device, layers, target) \
-        if layers is not None else None
+    measured = _extrapolated(scenario, source, variant, train, torch_device, layers, target,
+                             snapshot_path) if layers is not None else None
     if measured is not None:
         outcome, memory, result, notes = measured
         sim_note = "; ".join(n for n in (sim_note, notes.pop(0)) if n)
     else:  # every layer (or the extrapolation failed: whatever went wrong, say it of all)
+        from harness.probes import make_probe
+
+        probe = make_probe(torch_device, budget_bytes, simulate=simulate, target=target)
+        probe.keep_snapshot = snapshot_path is not None
         outcome, memory, result, notes = _measure(scenario, source, variant, train, torch_device,
-                                                  budget_bytes, simulate, target)
+                                                  budget_bytes, simulate, target, probe)
+        if probe.snapshot is not None:
+            _write_snapshot(snapshot_path, probe.snapshot)
+    memory["snapshot_file"] = snapshot_path.name if snapshot_path and snapshot_path.is_file() \
+        else None
     record.update(outcome)
     record["notes"] = ([sim_note] if sim_note else []) + notes
     record["memory"] = memory
@@ -161,8 +170,14 @@ def _measure(scenario, source, variant, train, torch_device, budget_bytes: int |
     return outcome, memory, result, _notes(seen)
 
 
+def _write_snapshot(path: Path, snapshot: dict) -> None:
+    from harness.probes.snapshot import write
+
+    write(path, snapshot)
+
+
 def _extrapolated(scenario, source, variant, train, torch_device, layers: int,
-                  target: str = "cuda"):
+                  target: str = "cuda", snapshot_path: Path | None = None):
     """A deep model from shallow simulations: at EXTRAPOLATE_FROM[1] layers with each event
     labelled by layer, assembled into the `layers`-deep step (layers.py: the trace, its peaks,
     breakdown and reserved memory); at EXTRAPOLATE_FROM[0] too, to check that assembly against
@@ -190,6 +205,12 @@ def _extrapolated(scenario, source, variant, train, torch_device, layers: int,
     if why is None:
         memory = {**deep.assembled[0], **{key: memory[key] for key in (
             "paged_optimizer_bytes", "quantized_weight_bytes")}}  # not in the trace: affine
+        if snapshot_path is not None:
+            from harness.probes.simulate import snapshot_of
+
+            snapshot = snapshot_of(deep.assembled[1])
+            if snapshot is not None:
+                _write_snapshot(snapshot_path, snapshot)
         note = (f"simulated with {deep_depth} of the {layers} identical decoder layers, the "
                 f"{layers}-layer step assembled from them layer by layer (allocation trace, "
                 f"peaks, breakdown, reserved memory) and checked against {shallow_depth} layers")
@@ -268,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget", type=int)
     parser.add_argument("--full-depth", action="store_true")
     parser.add_argument("--target", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--snapshot", type=Path, help="write the memory snapshot here")
     args = parser.parse_args(argv)
     status = run_variant(args.scenario, args.variant, args.device, args.run_id, args.result,
-                         args.steps, args.memory_budget, args.full_depth, args.target)
+                         args.steps, args.memory_budget, args.full_depth, args.target,
+                         args.snapshot)
     print(status)
     return 0
 

@@ -50,6 +50,10 @@ class Probe(ABC):
         self.current: Phase | None = None
         self.extra: dict[str, Any] = {}  # device-specific fields for the record
         self._tracking = False
+        # With keep_snapshot, `snapshot` is then the run's memory snapshot in PyTorch's format
+        # (torch.cuda.memory._snapshot; see snapshot.py), for memory_viz.
+        self.keep_snapshot = False
+        self.snapshot: dict | None = None
 
     enforces_budget_in_tracker = True
     traces_allocations = False  # True where no allocator exists to ask (simulation)

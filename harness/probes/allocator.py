@@ -72,6 +72,10 @@ class CachingAllocator:
         self.reserved = 0
         self.allocated = 0
         self.expandable = expandable
+        # With `events` a list, each action is appended as PyTorch's allocator trace records it
+        # (torch.cuda.memory._snapshot's device_traces), for memory_viz (snapshot.py).
+        self.events: list[dict] | None = None
+        self.now_us = 0
         # Per pool (small?): cached free blocks as sorted (size, address), and by address.
         self._pools: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
         self._cached: dict[int, _Block] = {}
@@ -98,7 +102,13 @@ class CachingAllocator:
                 self._last[small] = rest
         block.free = False
         self.allocated += block.size
+        self._event("alloc", block.addr, block.size)
         return block
+
+    def _event(self, action: str, addr: int, size: int) -> None:
+        if self.events is not None:
+            self.events.append({"action": action, "addr": addr, "size": size, "stream": 0,
+                                "time_us": self.now_us, "frames": []})
 
     def _segment_block(self, size: int, small: bool) -> _Block:
         """Best fit among cached blocks, else a new segment (cudaMalloc)."""
@@ -111,6 +121,7 @@ class CachingAllocator:
         block = _Block(self._top, seg, self._segments, small)
         self._top += seg
         self.reserved += seg
+        self._event("segment_alloc", block.addr, seg)
         return block
 
     def _expandable_block(self, size: int, small: bool) -> _Block:
@@ -130,6 +141,7 @@ class CachingAllocator:
         self.reserved += grow
         start = self._mapped_end[small]
         self._mapped_end[small] += grow
+        self._event("segment_map", start, grow)
         if tail is not None:
             self._uncache(tail)
             tail.size += grow
@@ -142,6 +154,8 @@ class CachingAllocator:
 
     def free(self, block: _Block) -> None:
         self.allocated -= block.size
+        self._event("free_requested", block.addr, block.size)
+        self._event("free_completed", block.addr, block.size)
         block.free = True
         for neighbour in (block.prev, block.next):
             if neighbour is not None and neighbour.free and neighbour.segment == block.segment:

@@ -28,6 +28,10 @@ class CpuProbe(Probe):
         self._profiler.__exit__(None, None, None)
         allocations = list(_allocations(self._profiler))
         del self._profiler  # the event tree is large; free it before the record is written
+        if self.keep_snapshot:
+            from harness.probes.snapshot import measured_cpu
+
+            self.snapshot = measured_cpu(allocations)
         analysis = self._analysed(allocations)
         stats = [(phase, {"peak_allocated_bytes": peak, "peak_reserved_bytes": None})
                  for phase, peak in analysis.phase_peaks]

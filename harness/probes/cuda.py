@@ -70,6 +70,8 @@ class CudaProbe(Probe):
     def _memory(self) -> dict[str, Any]:
         snapshot = torch.cuda.memory._snapshot(self.device)
         torch.cuda.memory._record_memory_history(enabled=None)
+        if self.keep_snapshot:
+            self.snapshot = snapshot  # the allocator's own, as _dump_snapshot would write it
         stats = torch.cuda.memory_stats(self.device)
         self.extra["alloc_retries"] = stats.get("num_alloc_retries", 0) - self._retries_at_start
         trace = snapshot["device_traces"][self.device.index]

@@ -161,6 +161,8 @@ class SimulateProbe(Probe):
             self.labelled = (self.tracker.allocations, self.tracker.labels, self.tracker.owners,
                              list(self.phases))
         memory = self._memory_of(self.tracker.allocations, self._analysed(self.tracker.allocations))
+        if self.keep_snapshot:
+            self.snapshot = snapshot_of(self.tracker.allocations)
         if self.assemble_to is not None:
             try:
                 trace, analysis = self._assembled(self.assemble_to)
@@ -258,15 +260,32 @@ def repeak(memory: dict) -> dict:
     return memory
 
 
+def _expandable() -> bool | None:
+    """Whether the user's allocator configuration asks for expandable segments; None where it
+    asks for behaviour the replay does not model."""
+    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
+            or "").replace(" ", "")
+    if any(key in conf for key in ("max_split_size_mb", "roundup_power2_divisions")):
+        return None
+    return "expandable_segments:True" in conf
+
+
+def snapshot_of(allocations) -> dict | None:
+    """The memory_viz snapshot a CUDA run of this trace would leave (snapshot.py); None where
+    the allocator configuration is not modelled."""
+    from harness.probes.snapshot import simulated
+
+    expandable = _expandable()
+    return None if expandable is None else simulated(allocations, expandable)
+
+
 def _reserved_levels(allocations) -> tuple[tuple[list[int], list[int]] | None, str | None]:
     """Reserved bytes over time, from the caching-allocator replay (allocator.py), and which
     configuration was replayed; (None, None) where the user's allocator configuration asks for
     behaviour the replay does not model."""
-    conf = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
-            or "").replace(" ", "")
-    if any(key in conf for key in ("max_split_size_mb", "roundup_power2_divisions")):
+    expandable = _expandable()
+    if expandable is None:
         return None, None
-    expandable = "expandable_segments:True" in conf
     levels = replay(allocations, expandable=expandable)
     return ([t for t, _ in levels], [r for _, r in levels]), \
         "cuda-caching-allocator (" + ("expandable_segments" if expandable else
