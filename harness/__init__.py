@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 __version__ = "0.1.0"
-__all__ = ["load_results", "load_scenario"]
+__all__ = ["MemoryCallback", "load_results", "load_scenario", "profile"]
 
 
 class _QuietOptionalKernel(logging.Filter):
@@ -34,4 +34,8 @@ def __getattr__(name: str):
         from harness.scenario import load_scenario
 
         return load_scenario
+    if name in ("profile", "MemoryCallback"):
+        from harness import profiling
+
+        return getattr(profiling, name)
     raise AttributeError(name)

@@ -54,6 +54,7 @@ class Probe(ABC):
         # (torch.cuda.memory._snapshot; see snapshot.py), for memory_viz.
         self.keep_snapshot = False
         self.snapshot: dict | None = None
+        self._seeded: list[tuple[int, int, int]] = []  # see seed()
 
     enforces_budget_in_tracker = True
     traces_allocations = False  # True where no allocator exists to ask (simulation)
@@ -93,6 +94,17 @@ class Probe(ABC):
         """The loss scaler fp16 mixed precision trains with (amp_fp16)."""
         return torch.amp.GradScaler(self.device.type)
 
+    def seed(self, tensors) -> None:
+        """Tensors that exist before the probe started (a profiled script's model): their
+        storages enter the allocation trace as allocated now, so the peaks and the breakdown
+        count them, as the device's own figures do."""
+        now, seen = time.time_ns(), set()
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen and storage.nbytes():
+                seen.add(storage.data_ptr())
+                self._seeded.append((now, storage.data_ptr(), storage.nbytes()))
+
     def sight_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Name the optimizer's state (it exists once a step has run)."""
         from harness.optimizers import state_tensors
@@ -125,7 +137,7 @@ class Probe(ABC):
 
     def _analysed(self, allocations) -> Analysis:
         """An allocation trace (t_ns, key, ±bytes), named by the tracker's sightings."""
-        blocks = build_blocks(allocations)
+        blocks = build_blocks([*self._seeded, *allocations])
         attach_sightings(blocks, self.tracker.sightings)
         return analyse(blocks, self.phases)
 

@@ -32,7 +32,7 @@ class CpuProbe(Probe):
             from harness.probes.snapshot import measured_cpu
 
             self.snapshot = measured_cpu(allocations)
-        analysis = self._analysed(allocations)
+        analysis = self._analysed(allocations)  # (with any seeded tensors)
         stats = [(phase, {"peak_allocated_bytes": peak, "peak_reserved_bytes": None})
                  for phase, peak in analysis.phase_peaks]
         return self._shape(stats, analysis)

@@ -1,0 +1,217 @@
+"""Profile your own training code: the same phases, peaks and breakdown as `harness run`, in the
+same record format, so a run of your script lands in the same tables, gate and history.
+
+    import harness
+    with harness.profile("my-run", model=model, optimizer=optimizer) as prof:
+        for step, batch in enumerate(batches):
+            with prof.phase("forward", step):
+                optimizer.zero_grad(set_to_none=True)
+                loss = model(**batch).loss
+            with prof.phase("backward", step):
+                loss.backward()
+            with prof.phase("optimizer", step):
+                optimizer.step()
+    print(prof.record_path)
+
+or, with transformers' `Trainer` (TRL's `SFTTrainer` too), no change to the loop:
+
+    trainer = Trainer(..., callbacks=[harness.MemoryCallback("my-run")])
+
+The callback's phases: forward from the step's start to the end of the model's forward (the
+loss inside it), backward until the optimizer step, optimizer to the step's end (Trainer zeroes
+the grads there). The probe is the one `harness run` uses on that device (CUDA: the allocator's
+figures; CPU: the profiler's allocator events), and it costs the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.probes import Kind, Probe, make_probe
+
+DEFAULT_OUT = Path("results") / "_scratch"
+
+
+class Profiler:
+    """A probe around code the harness did not write; `write()` makes its record."""
+
+    def __init__(self, name: str, *, model: torch.nn.Module | None = None,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 device: torch.device | str | None = None, out: str | Path = DEFAULT_OUT,
+                 train: dict[str, Any] | None = None):
+        self.name, self.model, self.optimizer = name, model, optimizer
+        if device is None:
+            param = next(model.parameters(), None) if model is not None else None
+            device = param.device if param is not None else "cpu"
+        self.device = torch.device(device)
+        self.out, self.train = Path(out), dict(train or {})
+        self.probe: Probe = make_probe(self.device)
+        self.record_path: Path | None = None
+        self._hooks: list = []
+        self._open: contextlib.AbstractContextManager | None = None
+        self.current: str | None = None  # the phase entered with enter()
+
+    def start(self) -> None:
+        self.probe.start()
+        existing = [*self.model.parameters(), *self.model.buffers()] if self.model else []
+        if self.optimizer is not None:
+            from harness.optimizers import state_tensors
+
+            existing += state_tensors(self.optimizer)
+        self.probe.seed(existing)  # made before the probe started: counted from its start
+        if self.model is not None:
+            self.probe.sight(Kind.PARAM, list(self.model.parameters()))
+            self.probe.sight(Kind.BUFFER, list(self.model.buffers()))
+            self._hooks = self.probe.tracker.watch_grads(self.model)
+
+    def phase(self, name: str, step: int | None = None):
+        """A context: `name` is one of load, forward, backward, optimizer."""
+        return self._phase(name, step)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, step: int | None):
+        with self.probe.phase(name, step):
+            yield
+            if name == "optimizer" and self.optimizer is not None:
+                self.probe.sight_optimizer(self.optimizer)
+
+    # For callbacks, which see a phase's start and end as separate events.
+    def enter(self, name: str, step: int | None) -> None:
+        self.leave()
+        self._open, self.current = self.phase(name, step), name
+        self._open.__enter__()
+
+    def leave(self) -> None:
+        if self._open is not None:
+            opened, self._open, self.current = self._open, None, None
+            opened.__exit__(None, None, None)
+
+    def stop(self) -> dict[str, Any]:
+        self.leave()
+        for handle in self._hooks:
+            handle.remove()
+        return self.probe.stop()
+
+    def write(self, memory: dict[str, Any]) -> Path:
+        from harness import report
+        from harness.record import collect_env, new_run_id, write_record
+
+        run_id = new_run_id()
+        run_dir = self.out / self.name / run_id
+        record = _record(self.name, run_id, self.model, self.device, self.train, memory)
+        record["env"] = collect_env(str(self.device))
+        self.record_path = run_dir / f"{self.name}.json"
+        write_record(self.record_path, record)
+        report.write_summary(run_dir)
+        return self.record_path
+
+
+@contextlib.contextmanager
+def profile(name: str, *, model=None, optimizer=None, device=None, out=DEFAULT_OUT,
+            train: dict[str, Any] | None = None):
+    """Measure the enclosed training code; mark its phases with `prof.phase(...)`. The record is
+    written when the block ends (also when it raises: what was measured is kept)."""
+    prof = Profiler(name, model=model, optimizer=optimizer, device=device, out=out, train=train)
+    prof.start()
+    try:
+        yield prof
+    finally:
+        prof.write(prof.stop())
+
+
+def _record(name: str, run_id: str, model, device: torch.device, train: dict,
+            memory: dict) -> dict[str, Any]:
+    from harness.record import SCHEMA_VERSION
+    from harness.scenario import TrainSpec
+
+    config = getattr(model, "config", None)
+    params = list(model.parameters()) if model is not None else []
+    spec = {k: v for k, v in train.items() if k in {f.name for f in dataclasses.fields(TrainSpec)}}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "scenario": {"name": name, "path": None, "sha256": None, "baseline": name},
+        "sweep_point": None,
+        "variant": {"name": name, "index": 0, "description": "profiled training code",
+                    "techniques": [], "train_overrides": {}},
+        "model": {"config": getattr(config, "_name_or_path", None) or
+                  getattr(config, "model_type", None) or type(model).__name__,
+                  "weights": None, "attn_implementation": getattr(
+                      config, "_attn_implementation", None),
+                  "params_total": sum(p.numel() for p in params) or None,
+                  "params_trainable": sum(p.numel() for p in params if p.requires_grad) or None},
+        "train": {**dataclasses.asdict(TrainSpec()), **spec},
+        "device": str(device),
+        "method": "measured-cuda" if device.type == "cuda" else "measured-cpu",
+        "status": "ok" if memory.get("peak_allocated_bytes") is not None else "error",
+        "error": None if memory.get("peak_allocated_bytes") is not None else "nothing measured",
+        "memory": memory,
+        "timing": {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,
+                   "wall_s": None},
+        "notes": ["profiled: the phases are the user's code as the profiler marked them"],
+        "env": None,
+    }
+
+
+class MemoryCallback:
+    """A `transformers.TrainerCallback` that profiles a Trainer's (or SFTTrainer's) steps and
+    writes one record when training ends. Made a TrainerCallback subclass when instantiated, so
+    importing harness does not import transformers."""
+
+    def __new__(cls, name: str, *, out: str | Path = DEFAULT_OUT):
+        from transformers import TrainerCallback
+
+        class _Callback(TrainerCallback):
+            def __init__(self):
+                self.name, self.out = name, out
+                self.prof: Profiler | None = None
+                self.record_path: Path | None = None
+                self._hook = None
+                self._step = 0
+
+            def on_train_begin(self, args, state, control, model=None, optimizer=None,
+                               **kwargs):
+                train = {"batch_size": args.per_device_train_batch_size,
+                         "optimizer": str(getattr(args.optim, "value", args.optim)),
+                         "lr": args.learning_rate,
+                         "max_grad_norm": args.max_grad_norm, "seed": args.seed,
+                         "warmup_steps": 0, "steps": args.max_steps}
+                self.prof = Profiler(self.name, model=model, optimizer=optimizer, out=self.out,
+                                     train=train)
+                self.prof.start()
+                self._hook = model.register_forward_hook(self._forward_done, with_kwargs=True)
+
+            def _forward_done(self, module, args, kwargs, output):
+                # The model's forward (and its loss) is done: backward comes next.
+                ids = kwargs.get("input_ids") if kwargs else None
+                if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                    self.prof.train["seq_len"] = int(ids.shape[1])
+                if torch.is_grad_enabled() and self.prof.current == "forward":
+                    self.prof.enter("backward", self._step)
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self._step = state.global_step
+                self.prof.enter("forward", self._step)
+
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                self.prof.enter("optimizer", self._step)
+
+            def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+                if optimizer is not None:
+                    self.prof.probe.sight_optimizer(optimizer)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.prof.leave()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if self._hook is not None:
+                    self._hook.remove()
+                self.prof.train["steps"] = state.global_step
+                self.record_path = self.prof.write(self.prof.stop())
+
+        return _Callback()

@@ -1,0 +1,135 @@
+"""Profiling your own training code: `harness.profile()` around a hand-written loop and
+`harness.MemoryCallback` in transformers' Trainer and TRL's SFTTrainer write the record
+`harness run` writes — and for the same shape, the same peak."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness
+from tests.conftest import REPO, last_json, write_scenario
+from tests.conftest import harness as cli
+
+BATCH, SEQ = 2, 64
+
+
+def tiny_lora():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(REPO / "scenarios" / "models" / "tiny-llama.json")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16)), config
+
+
+def batches(vocab: int, n: int):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (ids := torch.randint(0, vocab, (SEQ,), generator=g)), "labels": ids}
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def harness_run(tmp_path_factory) -> dict:
+    """The same shape through `harness run` on CPU: two steps (one warm-up), LoRA r=8."""
+    folder = tmp_path_factory.mktemp("profiled")
+    path = write_scenario(folder, "same", [
+        {"name": "lora", "techniques": ["bf16", {"lora": {"r": 8, "lora_alpha": 16}}]}],
+        train={"batch_size": BATCH, "seq_len": SEQ})
+    proc = cli("run", str(path), "--device", "cpu", "--out", str(folder / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((Path(last_json(proc.stdout)["run_dir"]) / "lora.json").read_text())
+
+
+def test_a_profiled_loop_measures_what_harness_run_measures(tmp_path, harness_run):
+    model, config = tiny_lora()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # as harness run's adamw
+    data = batches(config.vocab_size, 2 * BATCH)
+    with harness.profile("loop", model=model, optimizer=optimizer, out=tmp_path,
+                         train={"batch_size": BATCH, "seq_len": SEQ}) as prof:
+        for step in range(2):
+            batch = {k: torch.stack([d[k] for d in data[step * BATCH:(step + 1) * BATCH]])
+                     for k in ("input_ids", "labels")}
+            with prof.phase("forward", step):
+                optimizer.zero_grad(set_to_none=True)
+                loss = model(**batch, use_cache=False).loss
+            with prof.phase("backward", step):
+                loss.backward()
+            with prof.phase("optimizer", step):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+            del loss
+    record = json.loads(prof.record_path.read_text())
+    assert record["status"] == "ok" and record["method"] == "measured-cpu"
+    mine, theirs = record["memory"], harness_run["memory"]
+    assert mine["peak_allocated_bytes"] == pytest.approx(theirs["peak_allocated_bytes"], rel=0.01)
+    for phase in ("forward", "backward", "optimizer"):
+        assert mine["phases"][phase]["peak_allocated_bytes"] == pytest.approx(
+            theirs["phases"][phase]["peak_allocated_bytes"], rel=0.01), phase
+    # The model existed before the profile began: its parameters are counted all the same.
+    assert mine["end_of_step_bytes"]["params"] == theirs["end_of_step_bytes"]["params"]
+    assert mine["end_of_step_bytes"]["optimizer"] == theirs["end_of_step_bytes"]["optimizer"]
+    # The record lands in the same tables.
+    assert len(harness.load_results(prof.record_path.parent)) == 1
+
+
+def test_the_trainer_callback_record_matches_harness_run(tmp_path, harness_run):
+    from transformers import Trainer, TrainingArguments
+
+    model, config = tiny_lora()
+    callback = harness.MemoryCallback("trainer", out=tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             max_steps=2, report_to="none", save_strategy="no", use_cpu=True,
+                             optim="adamw_torch", learning_rate=1e-4, logging_strategy="no",
+                             remove_unused_columns=False, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=batches(config.vocab_size, 8),
+            callbacks=[callback]).train()
+    record = json.loads(callback.record_path.read_text())
+    assert record["status"] == "ok"
+    assert (record["train"]["batch_size"], record["train"]["seq_len"], record["train"]["steps"]) \
+        == (BATCH, SEQ, 2)
+    mine, theirs = record["memory"], harness_run["memory"]
+    # Trainer's AdamW on CPU loops over parameters (no foreach temporaries): LoRA's state is
+    # tiny, so the peak — the start of backward — is the same.
+    assert mine["peak_phase"] == theirs["peak_phase"] == "backward"
+    assert mine["peak_allocated_bytes"] == pytest.approx(theirs["peak_allocated_bytes"], rel=0.01)
+    assert mine["breakdown_bytes"]["activations"] == pytest.approx(
+        theirs["breakdown_bytes"]["activations"], rel=0.01)
+
+
+def test_the_callback_profiles_sft_trainer(tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    config = AutoConfig.from_pretrained(REPO / "scenarios" / "models" / "tiny-llama.json")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}  # no tokenizer files: one in code
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), pad_token="t0",
+        eos_token="t1")
+    data = Dataset.from_list([{"input_ids": b["input_ids"].tolist()}
+                              for b in batches(config.vocab_size, 8)])
+    callback = harness.MemoryCallback("sft", out=tmp_path)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2,
+                     report_to="none", save_strategy="no", use_cpu=True, learning_rate=1e-4,
+                     logging_strategy="no", max_length=SEQ, packing=False,
+                     dataloader_num_workers=0)
+    SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+               peft_config=LoraConfig(r=8, lora_alpha=16), callbacks=[callback]).train()
+    record = json.loads(callback.record_path.read_text())
+    memory = record["memory"]
+    assert record["status"] == "ok" and memory["peak_phase"] == "backward"
+    trainable = record["model"]["params_trainable"]
+    # AdamW's two fp32 moments per adapter weight (and a step count per tensor).
+    assert memory["end_of_step_bytes"]["optimizer"] == pytest.approx(8 * trainable, rel=0.1)
+    assert all(memory["phases"][p]["peak_allocated_bytes"] > memory["end_of_step_bytes"]["params"]
+               for p in ("forward", "backward", "optimizer"))
