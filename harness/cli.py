@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from harness.fit import VARIED
 from harness.scenario import ScenarioError, list_scenarios, load_scenario
 from harness.units import parse_size
 
@@ -93,12 +94,17 @@ def _plot(run_dir: Path) -> list[Path]:
         return []
 
 
+def _run_folder(arg: str) -> Path:
+    run_dir = Path(arg)
+    if not run_dir.is_dir() or not any(run_dir.glob("*.json")):
+        raise BadInput(f"{run_dir}: not a run folder (no records)")
+    return run_dir
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from harness import report
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir() or not any(run_dir.glob("*.json")):
-        raise BadInput(f"{run_dir}: not a run folder (no records)")
+    run_dir = _run_folder(args.run_dir)
     for path in _plot(run_dir):
         print(path)
     report.write_summary(run_dir)  # links the pictures
@@ -330,10 +336,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import report
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir() or not any(run_dir.glob("*.json")):
-        raise BadInput(f"{run_dir}: not a run folder (no records)")
-    print(report.write_summary(run_dir))
+    print(report.write_summary(_run_folder(args.run_dir)))
     return 0
 
 
@@ -402,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
     fit.add_argument("--gpu-memory", required=True, metavar="SIZE",
                      help="the card's memory, e.g. 24GiB (what the reserved peak must fit)")
-    fit.add_argument("--vary", required=True, choices=("batch_size", "seq_len"))
+    fit.add_argument("--vary", required=True, choices=VARIED)
     fit.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
     fit.add_argument("--device", choices=("auto", "cuda", "cpu", "simulate"), default="auto",
                      help="as for run: auto is cuda if available, else simulate")

@@ -22,7 +22,7 @@ from typing import Any
 
 from harness.record import RecordError, read_record
 from harness.report import record_key
-from harness.units import parse_size
+from harness.units import parse_size, unit_for
 
 MARKS = ("+", "-", "~", "!", "x")
 HIGHER_IS_BETTER = {"tokens_per_s"}  # every other metric (bytes, seconds): lower is better
@@ -199,7 +199,7 @@ def compare(base_path: str | Path, new_path: str | Path, metric: str = "peak_all
     rows = compare_records(base, new, metric, threshold)
     counts = {m: sum(r.mark == m for r in rows) for m in MARKS}
     code = 1 if counts["+"] or counts["!"] else 0
-    table = markdown(rows, metric, threshold, base_dir, new_dir, bytes_metric)
+    table = markdown(rows, counts, metric, threshold, base_dir, new_dir, bytes_metric)
     summary = {"base": str(base_dir), "new": str(new_dir), "scenario": names.pop(),
                "metric": metric, "fail_above": str(threshold), "marks": counts,
                "exit": code, "rows": {r.key: {"mark": r.mark, "base": r.base, "new": r.new,
@@ -207,11 +207,10 @@ def compare(base_path: str | Path, new_path: str | Path, metric: str = "peak_all
     return code, table, summary
 
 
-def markdown(rows: list[Row], metric: str, threshold: Threshold, base_dir: Path,
-             new_dir: Path, bytes_metric: bool) -> str:
+def markdown(rows: list[Row], counts: dict[str, int], metric: str, threshold: Threshold,
+             base_dir: Path, new_dir: Path, bytes_metric: bool) -> str:
     values = [abs(v) for r in rows for v in (r.base, r.new) if v is not None]
-    unit, scale = ("GiB", 2**30) if bytes_metric and values and max(values) >= 2**30 else \
-        ("MiB", 2**20) if bytes_metric else ("", 1)
+    unit, scale = unit_for(max(values, default=None)) if bytes_metric else ("", 1)
 
     def show(value: float | None, signed: bool = False) -> str:
         if value is None:
@@ -228,7 +227,6 @@ def markdown(rows: list[Row], metric: str, threshold: Threshold, base_dir: Path,
         pct = "—" if r.delta is None or not r.base else f"{r.delta / r.base * 100:+.2f}%"
         lines.append(f"| {r.mark} | {r.key} | {show(r.base)} | {show(r.new)} | "
                      f"{show(r.delta, True)} | {pct} | {r.note} |")
-    counts = {m: sum(r.mark == m for r in rows) for m in MARKS}
     verdict = "FAIL" if counts["+"] or counts["!"] else "ok"
     lines += ["", f"{verdict}: " + ", ".join(f"{n} {m}" for m, n in counts.items() if n)]
     return "\n".join(lines)

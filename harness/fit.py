@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.units import unit_for
+
 VARIED = ("batch_size", "seq_len")
 
 
@@ -90,7 +92,7 @@ def search(probe: Callable[[int], dict], start: int, budget: int, multiple: int 
 
 
 def table(fits_: list[Fit], key: str, budget: int) -> str:
-    unit, scale = ("GiB", 2**30) if budget >= 2**30 else ("MiB", 2**20)
+    unit, scale = unit_for(budget)
 
     def peak(record: dict | None) -> str:
         if record is None:

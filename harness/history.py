@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report import _job, load_results
+from harness.report import load_results
+from harness.units import unit_for
 
 WHERE = ("git_sha", "torch", "transformers", "peft", "bitsandbytes", "gpu_name")
 
@@ -31,8 +32,7 @@ def history(results: Path, scenario: str | None, metric: str = "peak_allocated_b
     if not frames:
         return pd.DataFrame()
     frame = pd.concat(frames, ignore_index=True)
-    frame = frame.assign(job=[_job(r) for _, r in frame.iterrows()],
-                         date=pd.to_datetime(frame["run_id"].str[:15], format="%Y%m%dT%H%M%S",
+    frame = frame.assign(date=pd.to_datetime(frame["run_id"].str[:15], format="%Y%m%dT%H%M%S",
                                              utc=True))
     frame = frame.sort_values(["scenario", "job", "method", "device", "run_id"])
     rows = []
@@ -57,7 +57,7 @@ def history(results: Path, scenario: str | None, metric: str = "peak_allocated_b
 
 
 def markdown(table: pd.DataFrame, metric: str) -> str:
-    scale, unit = (2**30, "GiB") if table[metric].dropna().max() >= 2**30 else (2**20, "MiB")
+    unit, scale = unit_for(table[metric].dropna().max())
     lines = [f"{metric} ({unit}) per run, oldest first; `changed`: what differs from the "
              "series' previous run", "",
              "| scenario | variant | method | run | status | value | change | changed |",
@@ -76,7 +76,7 @@ def plot(table: pd.DataFrame, metric: str, path: Path) -> dict[str, list]:
     from harness.plot import _pyplot
 
     plt = _pyplot()
-    scale, unit = (2**30, "GiB") if table[metric].dropna().max() >= 2**30 else (2**20, "MiB")
+    unit, scale = unit_for(table[metric].dropna().max())
     series = [(key, rows[rows[metric].notna()]) for key, rows in table.groupby(
         ["scenario", "variant", "method", "device"], sort=False)]
     series = [(key, rows) for key, rows in series if not rows.empty]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report import BREAKDOWN, CARDS_GB, _job, load_results_in
+from harness.report import BREAKDOWN, CARDS_GB, _unit, load_results_in
+from harness.scenario import parse_point
 
 COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868",
            "activations": "#c44e52", "other": "#8172b3", "unattributed": "#937860"}
@@ -31,17 +32,12 @@ def _pyplot():
     return plt
 
 
-def _scale(frame: pd.DataFrame) -> tuple[str, int]:
-    peak = frame["peak_allocated_bytes"].dropna()
-    return ("GiB", 2**30) if len(peak) and peak.max() >= 2**30 else ("MiB", 2**20)
-
-
 def breakdown_png(frame: pd.DataFrame, path: Path) -> dict[str, dict[str, float]]:
     """The stacked bars; returns {row label: {category: bytes drawn}} (ok rows only)."""
     plt = _pyplot()
     ok = frame[frame["status"] == "ok"]
-    unit, scale = _scale(frame)
-    labels = [_job(r) for _, r in ok.iterrows()]
+    unit, scale = _unit(frame)
+    labels = list(ok["job"])
     drawn = {label: {k: float(r[f"{k}_bytes"] or 0) for k in BREAKDOWN}
              for label, (_, r) in zip(labels, ok.iterrows(), strict=True)}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 5))
@@ -80,11 +76,11 @@ def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, fl
     """Peak against the first swept key; returns {line label: [(x, peak bytes), ...]}."""
     plt = _pyplot()
     ok = frame[(frame["status"] == "ok") & frame["sweep_point"].notna()].copy()
-    points = [dict(p.split("=") for p in s.split(",")) for s in ok["sweep_point"]]
+    points = [parse_point(s) for s in ok["sweep_point"]]
     key = next(iter(points[0]))
     ok["x"] = [float(p[key]) for p in points]
     ok["others"] = [",".join(f"{k}={v}" for k, v in p.items() if k != key) for p in points]
-    unit, scale = _scale(frame)
+    unit, scale = _unit(frame)
     fig, ax = plt.subplots(figsize=(9, 5))
     lines: dict[str, list[tuple[float, float]]] = {}
     for (variant, others), rows in ok.groupby(["variant", "others"], sort=False):

@@ -126,36 +126,35 @@ def profile(name: str, *, model=None, optimizer=None, device=None, out=DEFAULT_O
 
 def _record(name: str, run_id: str, model, device: torch.device, train: dict,
             memory: dict) -> dict[str, Any]:
-    from harness.record import SCHEMA_VERSION
-    from harness.scenario import TrainSpec
+    """The record `harness run` writes (record.new_record), for code no scenario describes."""
+    from harness.record import new_record
+    from harness.scenario import ModelSpec, Scenario, TrainSpec, Variant
+    from harness.worker import method_for
 
     config = getattr(model, "config", None)
+    label = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or \
+        type(model).__name__
+    spec = TrainSpec(**{k: v for k, v in train.items()
+                        if k in {f.name for f in dataclasses.fields(TrainSpec)}})
+    variant = Variant(name=name, techniques=(), train=spec, description="profiled training code")
+    scenario = Scenario(name=name, description="", path=Path(name), sha256=None,
+                        model=ModelSpec(config=label,
+                                        attn_implementation=getattr(
+                                            config, "_attn_implementation", None) or "sdpa"),
+                        train=spec, baseline=name, variants=(variant,))
+    record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=str(device),
+                        method=method_for(str(device)))
     params = list(model.parameters()) if model is not None else []
-    spec = {k: v for k, v in train.items() if k in {f.name for f in dataclasses.fields(TrainSpec)}}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "scenario": {"name": name, "path": None, "sha256": None, "baseline": name},
-        "sweep_point": None,
-        "variant": {"name": name, "index": 0, "description": "profiled training code",
-                    "techniques": [], "train_overrides": {}},
-        "model": {"config": getattr(config, "_name_or_path", None) or
-                  getattr(config, "model_type", None) or type(model).__name__,
-                  "weights": None, "attn_implementation": getattr(
-                      config, "_attn_implementation", None),
-                  "params_total": sum(p.numel() for p in params) or None,
-                  "params_trainable": sum(p.numel() for p in params if p.requires_grad) or None},
-        "train": {**dataclasses.asdict(TrainSpec()), **spec},
-        "device": str(device),
-        "method": "measured-cuda" if device.type == "cuda" else "measured-cpu",
-        "status": "ok" if memory.get("peak_allocated_bytes") is not None else "error",
-        "error": None if memory.get("peak_allocated_bytes") is not None else "nothing measured",
-        "memory": memory,
-        "timing": {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,
-                   "wall_s": None},
-        "notes": ["profiled: the phases are the user's code as the profiler marked them"],
-        "env": None,
-    }
+    measured = memory.get("peak_allocated_bytes") is not None
+    record["scenario"]["path"] = None  # no scenario file
+    record["variant"]["index"] = 0
+    record["model"].update(weights=None, params_total=sum(p.numel() for p in params) or None,
+                           params_trainable=sum(p.numel() for p in params if p.requires_grad)
+                           or None)
+    record.update(status="ok" if measured else "error",
+                  error=None if measured else "nothing measured", memory=memory,
+                  notes=["profiled: the phases are the user's code as the profiler marked them"])
+    return record
 
 
 class MemoryCallback:

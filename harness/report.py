@@ -16,7 +16,7 @@ import pandas as pd
 from harness.probes.timeline import CATEGORIES
 from harness.record import read_record
 from harness.scenario import point_label
-from harness.units import GIB
+from harness.units import GIB, unit_for
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
 PHASE_NAMES = ("load", "forward", "backward", "optimizer")
@@ -43,6 +43,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "run_id": record["run_id"],
         "variant": record["variant"]["name"],
         "sweep_point": point_label(record["sweep_point"]) if record.get("sweep_point") else None,
+        "job": record_key(record),  # the variant with its sweep point, as the file is named
         "variant_index": record["variant"].get("index"),
         "baseline": record["scenario"].get("baseline"),
         "techniques": " + ".join(_technique_label(t) for t in record["variant"]["techniques"])
@@ -158,10 +159,8 @@ def header_line(frame: pd.DataFrame) -> str:
 
 
 def _unit(table: pd.DataFrame) -> tuple[str, int]:
-    """GiB for real models; MiB when every peak is under 1 GiB (tiny models), so that small
-    terms do not all print as 0.000."""
     peaks = table["peak_allocated_bytes"].dropna()
-    return ("GiB", GIB) if len(peaks) and peaks.max() >= GIB else ("MiB", 2**20)
+    return unit_for(peaks.max() if len(peaks) else None)
 
 
 def _size(value, scale: int) -> str:
@@ -193,8 +192,7 @@ def markdown(table: pd.DataFrame) -> str:
             **({"fits on (GiB left)": _fits_text(r)} if unit == "GiB" else {}),
         })
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-    notes = [f"- `{r['variant']}{'@' + r['sweep_point'] if swept and r['sweep_point'] else ''}` "
-             f"({r['status']}): {str(r['error']).splitlines()[0][:200]}"
+    notes = [f"- `{r['job']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
              for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
     fits = (" Fits on: the smallest common card whose memory holds the peak (reserved where "
             "known, else allocated; the CUDA context comes on top)." if unit == "GiB" else "")
@@ -206,7 +204,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", "status",
-               "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct", "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
+               "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",
+               "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
                "params_trainable", "params_total", "step_time_s_median", "tokens_per_s",
                "fits_on_gb", "fits_margin_bytes", "peak_phase", "device", "method", "run_id",
                "error"]
@@ -239,7 +238,7 @@ def terms_markdown(run_dir: Path) -> str:
         return "no estimated terms\n"
     names = list(dict.fromkeys(n for terms in columns.values() for n in terms))
     peak = max(b for terms in columns.values() for b in terms.values())
-    unit, scale = ("GiB", GIB) if peak >= GIB else ("MiB", 2**20)
+    unit, scale = unit_for(peak)
     body = pd.DataFrame([{"term": n, **{v: _size(t.get(n), scale) if n in t else "—"
                                         for v, t in columns.items()}} for n in names])
     return f"Terms in {unit}:\n\n" + body.to_markdown(index=False, disable_numparse=True) + "\n"
@@ -257,12 +256,6 @@ def record_key(record: dict) -> str:
     return f"{name}@{point_label(point)}" if point else name
 
 
-def _job(r) -> str:
-    """A row's variant with its sweep point, as its record's file is named."""
-    point = r.get("sweep_point")
-    return f"{r['variant']}@{point}" if isinstance(point, str) and point else r["variant"]
-
-
 def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -> str:
     """The last stdout line of `run`: one JSON object a script can read."""
     counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
@@ -273,9 +266,9 @@ def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -
         "method": None if frame.empty else frame["method"].iloc[0],
         "interrupted": interrupted,
         "counts": {k: int(v) for k, v in counts.items()},
-        "variants": {_job(r): {"status": r["status"],
-                               "peak_allocated_bytes": None if pd.isna(r["peak_allocated_bytes"])
-                               else int(r["peak_allocated_bytes"])}
+        "variants": {r["job"]: {"status": r["status"],
+                                "peak_allocated_bytes": None if pd.isna(r["peak_allocated_bytes"])
+                                else int(r["peak_allocated_bytes"])}
                      for _, r in frame.iterrows()},
     })
 
@@ -293,7 +286,7 @@ def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
     first = next(iter(runs.values()))
     rows = []
     for _, base in first.iterrows():
-        name = _job(base)
+        name = base["job"]
         row: dict[str, Any] = {"variant": name, "techniques": base["techniques"]}
         found: dict[str, Any] = {}
         for label, frame in runs.items():
@@ -331,7 +324,7 @@ def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
 
 
 def _one(frame: pd.DataFrame, job: str):
-    hits = frame[frame.apply(_job, axis=1) == job] if not frame.empty else frame
+    hits = frame[frame["job"] == job] if not frame.empty else frame
     return None if hits.empty else hits.iloc[-1]  # the latest run's, when several
 
 
@@ -348,7 +341,7 @@ def _diverging(est, ref) -> str:
 def methods_markdown(table: pd.DataFrame, scenario: str, run_id: str) -> str:
     labels = [c[:-len("_peak_bytes")] for c in table.columns if c.endswith("_peak_bytes")]
     peaks = [v for c in table.columns if c.endswith("_peak_bytes") for v in table[c].dropna()]
-    unit, scale = ("GiB", GIB) if peaks and max(peaks) >= GIB else ("MiB", 2**20)
+    unit, scale = unit_for(max(peaks) if peaks else None)
     rows = []
     for _, r in table.iterrows():
         row = {"variant": r["variant"]}

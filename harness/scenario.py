@@ -368,13 +368,16 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
     train, overrides = (base_train, {})
     if "train" in variant:
         train, overrides = _parse_train(path, variant["train"], base_train, "train", name)
+    _check_warmup(path, uses, train, "train.warmup_steps", name)
+    return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
+                   description=description)
+
+
+def _check_warmup(path, uses, train: TrainSpec, key: str, variant: str) -> None:
     warm = [u.name for u in uses if REGISTRY[u.name].needs_warmup]
     if warm and train.warmup_steps < 1:
         raise ScenarioError(path, f"{warm[0]} needs warmup_steps ≥ 1 (its first step compiles; "
-                                  "step time would include it)", key="train.warmup_steps",
-                            variant=name)
-    return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
-                   description=description)
+                                  "step time would include it)", key=key, variant=variant)
 
 
 def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) -> None:
@@ -458,15 +461,15 @@ def _parse_sweep(path, raw, train: TrainSpec) -> tuple[tuple[str, tuple], ...]:
         if not isinstance(values, list) or not values:
             raise ScenarioError(path, f"must be a non-empty list of values, got "
                                       f"{_type_name(values)}", key=f"sweep.{key}")
+        checked = []
         for i, value in enumerate(values):
-            try:
-                _parse_train(path, {key: value}, train, "sweep")
+            try:  # checked, and typed, as a train value
+                checked.append(getattr(_parse_train(path, {key: value}, train, "sweep")[0], key))
             except ScenarioError as e:
                 raise ScenarioError(path, e.message, key=f"sweep.{key}[{i}]") from None
-        if len(set(map(repr, values))) != len(values):
+        if len(set(map(repr, checked))) != len(checked):
             raise ScenarioError(path, "lists a value twice", key=f"sweep.{key}")
-        axes.append((key, tuple(float(v) if _TRAIN_TYPES[key][0] == "float" else v
-                                for v in values)))
+        axes.append((key, tuple(checked)))
     return tuple(axes)
 
 
@@ -479,9 +482,6 @@ def _points(sweep) -> list[tuple[tuple[str, Any], ...]]:
 def _at_point(path, variant: Variant, point) -> Variant:
     """The variant at one sweep point: the point's train values on top of the variant's."""
     train = dataclasses.replace(variant.train, **dict(point))
-    warm = [u.name for u in variant.techniques if REGISTRY[u.name].needs_warmup]
-    if warm and train.warmup_steps < 1:
-        raise ScenarioError(path, f"{warm[0]} needs warmup_steps ≥ 1 (its first step compiles)",
-                            key="sweep.warmup_steps", variant=variant.name)
+    _check_warmup(path, variant.techniques, train, "sweep.warmup_steps", variant.name)
     return dataclasses.replace(variant, name=f"{variant.declared}@{point_label(point)}",
                                train=train, sweep_point=tuple(point))

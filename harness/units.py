@@ -42,5 +42,11 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def unit_for(largest_bytes) -> tuple[str, int]:
+    """How a table or plot shows sizes: GiB for real models; MiB when the largest figure is
+    under 1 GiB (tiny models), so that small terms do not all print as 0.000."""
+    return ("GiB", GIB) if largest_bytes is not None and largest_bytes >= GIB else ("MiB", 2**20)
+
+
 def gib(n_bytes: int | None) -> float | None:
     return None if n_bytes is None else n_bytes / GIB

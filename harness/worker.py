@@ -221,7 +221,8 @@ def _extrapolated(scenario, source, variant, train, torch_device, layers: int,
         memory = repeak({**memory, "reserved_model": None})
         note = (f"simulated with {shallow_depth} and {deep_depth} of the {layers} identical "
                 "decoder layers, every allocated byte count extrapolated one layer at a time; "
-                f"reserved memory needs --full-depth, which simulates every layer ({why})")
+                f"reserved memory needs --full-depth, which simulates every layer (not "
+                f"assembled: {why})")
     for key in ("params_total", "params_trainable", "quantized_params", "quantized_weight_bytes"):
         setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))
     return outcome, memory, result, [note, *notes]
@@ -237,9 +238,9 @@ def _disagreement(assembled: tuple, affine: dict, events: list[int], layers: int
     low, high = EXTRAPOLATE_FROM
     expected = events[1] + (layers - high) * (events[1] - events[0]) // (high - low)
     if len(trace) != expected:
-        return f"not assembled: {len(trace)} allocation events, not {expected}"
+        return f"{len(trace)} allocation events, not {expected}"
     if memory["end_of_step_bytes"] != affine["end_of_step_bytes"]:
-        return "not assembled: what persists between steps is not what each layer adds"
+        return "what persists between steps is not what each layer adds"
     return None
 
 

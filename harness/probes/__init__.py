@@ -135,11 +135,14 @@ class Probe(ABC):
 
     # -- shared shaping of the record's memory section ----------------------------------------
 
-    def _analysed(self, allocations) -> Analysis:
-        """An allocation trace (t_ns, key, ±bytes), named by the tracker's sightings."""
+    def _named_blocks(self, allocations) -> list:
+        """An allocation trace (t_ns, key, ±bytes) as blocks, named by the tracker's sightings."""
         blocks = build_blocks([*self._seeded, *allocations])
         attach_sightings(blocks, self.tracker.sightings)
-        return analyse(blocks, self.phases)
+        return blocks
+
+    def _analysed(self, allocations) -> Analysis:
+        return analyse(self._named_blocks(allocations), self.phases)
 
     def _shape(self, phase_stats: list[tuple[Phase, dict[str, int | None]]],
                analysis: Analysis | None, breakdown_note: str | None = None) -> dict[str, Any]:

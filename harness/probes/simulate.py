@@ -37,7 +37,7 @@ from harness.probes.layers import (
     label_layers,
     own_layers,
 )
-from harness.probes.timeline import Phase, analyse, attach_sightings, build_blocks, peak_within
+from harness.probes.timeline import Phase, analyse, build_blocks, peak_within
 
 
 class SimulateProbe(Probe):
@@ -160,12 +160,13 @@ class SimulateProbe(Probe):
         if self.tracker.labels is not None:
             self.labelled = (self.tracker.allocations, self.tracker.labels, self.tracker.owners,
                              list(self.phases))
-        memory = self._memory_of(self.tracker.allocations, self._analysed(self.tracker.allocations))
+        named = self._named_blocks(self.tracker.allocations)
+        memory = self._memory_of(self.tracker.allocations, analyse(named, self.phases))
         if self.keep_snapshot:
             self.snapshot = snapshot_of(self.tracker.allocations)
         if self.assemble_to is not None:
             try:
-                trace, analysis = self._assembled(self.assemble_to)
+                trace, analysis = self._assembled(self.assemble_to, named)
                 assembled = self._memory_of(trace, analysis)
                 # What the tracker would have counted at that depth.
                 assembled["tracked_tensor_peak_bytes"] = analysis.peak_bytes
@@ -184,14 +185,12 @@ class SimulateProbe(Probe):
         self.extra["reserved_model"] = model
         return self._shape(stats, analysis)
 
-    def _assembled(self, layers: int):
+    def _assembled(self, layers: int, named: list):
         """(trace, analysis) of the `layers`-deep model, from this run's labelled trace: each
-        block named as the block it repeats was. Raises NotAssembled."""
+        block named as the block it repeats (in `named`, this run's) was. Raises NotAssembled."""
         if not isinstance(self.labelled, tuple):
             raise NotAssembled(self.labelled or "the trace was not labelled by layer")
         trace, phases, origin = assemble(*self.labelled, layers)
-        named = build_blocks(self.tracker.allocations)
-        attach_sightings(named, self.tracker.sightings)
         kinds = {block.ptr: block.kind for block in named}
         blocks = build_blocks(trace)
         for block in blocks:

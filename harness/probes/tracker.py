@@ -109,14 +109,17 @@ class Tracker(TorchDispatchMode):
             if self.labels is not None:
                 self.labels.append(self.layer)
 
+    def _key(self, t: torch.Tensor) -> int | None:
+        """A (fake) tensor's storage's trace id, once the tracker has seen it."""
+        return self._seen.get(t.untyped_storage()) if is_fake(t) else None
+
     def layer_of(self, t: torch.Tensor) -> int | None:
         """The layer a (fake) tensor's storage belongs to, in a labelled trace."""
-        key = self._seen.get(t.untyped_storage()) if is_fake(t) else None
-        return self.owners.get(key)
+        return self.owners.get(self._key(t))
 
     def own(self, t: torch.Tensor, layer: int | None) -> None:
         """Say that a tensor's storage belongs to `layer` (parameters, by their module)."""
-        key = self._seen.get(t.untyped_storage()) if is_fake(t) else None
+        key = self._key(t)
         if key is not None:
             self.owners[key] = layer
 
@@ -124,12 +127,11 @@ class Tracker(TorchDispatchMode):
         self._current = _NOBODY
 
     def _owner(self, t) -> int | None | object:
-        key = self._seen.get(t.untyped_storage()) if is_fake(t) else None
-        return self.owners.get(key, _NOBODY)
+        return self.owners.get(self._key(t), _NOBODY)
 
     def _inherit(self, func, args, out, first_new: int) -> None:
-        new = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and is_fake(t)
-               and self._seen.get(t.untyped_storage(), 0) >= first_new]
+        new = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+               and (self._key(t) or 0) >= first_new]
         if func.__name__.startswith("_foreach_") and isinstance(out, (list, tuple)) and args \
                 and isinstance(args[0], (list, tuple)) and len(args[0]) == len(out):
             fresh = {id(t) for t in new}
