@@ -96,6 +96,7 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> d
             "params_trainable": None,
         },
         "train": {k: getattr(variant.train, k) for k in variant.train.__dataclass_fields__},
+        "parallel": variant.parallel.as_dict() if variant.parallel else None,
         "device": device,
         "method": method,
         "status": "error",

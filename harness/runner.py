@@ -87,7 +87,9 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         argv += ["--target", target]
     if snapshot:
         argv += ["--snapshot", str(run_dir / f"{variant.name}.snapshot.pickle")]
-    worker = _start_worker(argv, log, fork=not device.startswith("cuda"))
+    ranks = variant.parallel.world_size if variant.parallel and device != "simulate" else None
+    worker = _start_ranks(argv, log, ranks) if ranks else \
+        _start_worker(argv, log, fork=not device.startswith("cuda"))
     why = None
     try:
         code = worker.wait(timeout_s)
@@ -98,6 +100,9 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         worker.kill_group()
         pending.unlink(missing_ok=True)
         raise
+    if ranks:
+        return _collect_ranks(scenario, variant, device, run_id, final, pending, log, ranks,
+                              code, why)
     # A record the worker finished is the measurement, even if the process died at exit after.
     if why is None and pending.is_file():
         try:
@@ -111,11 +116,52 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         why = f"worker exited with code {code}" + (
             f" (killed by {signal.Signals(-code).name})" if code < 0 else "")
     pending.unlink(missing_ok=True)
+    return _error_record(scenario, variant, device, run_id, final, why + "\n" + _tail(log))
+
+
+def _error_record(scenario: Scenario, variant: Variant, device: str, run_id: str, final: Path,
+                  error: str) -> dict:
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
                         method=method_for(device))
     record["variant"]["index"] = scenario.index(variant)
-    record.update(status="error", error=why + "\n" + _tail(log))
+    record.update(status="error", error=error)
     record["env"] = collect_env("cpu")  # never touch CUDA here: a context would skew the workers
+    write_record(final, record)
+    return record
+
+
+def _collect_ranks(scenario: Scenario, variant: Variant, device: str, run_id: str, final: Path,
+                   pending: Path, log: Path, ranks: int, code: int, why: str | None) -> dict:
+    """The variant's record from its ranks' (parallel.merge). Any rank without a record — it
+    died, or torchrun stopped it when another died — makes the variant an error that says
+    which, with the others' figures kept in `memory.ranks`."""
+    from harness.parallel import merge
+    from harness.worker import rank_record_path
+
+    records, unreadable = {}, []
+    for rank in range(ranks):
+        path = rank_record_path(pending, rank)
+        if path.is_file():
+            try:
+                records[rank] = read_record(path)
+            except (RecordError, ValueError, KeyError):
+                unreadable.append(rank)
+            path.unlink(missing_ok=True)
+    missing = [r for r in range(ranks) if r not in records]
+    if not missing and why is None:
+        record = merge(records, ranks)
+        write_record(final, record)
+        return record
+    if why is None:
+        why = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+               f"{ranks} wrote no record" + (" (unreadable)" if unreadable else "") +
+               f"; torchrun exited with code {code}" +
+               (f" (killed by {signal.Signals(-code).name})" if code < 0 else ""))
+    error = why + "\n" + _tail(log)
+    if not records:
+        return _error_record(scenario, variant, device, run_id, final, error)
+    record = merge(records, ranks)
+    record.update(status="error", error=error)
     write_record(final, record)
     return record
 
@@ -176,6 +222,21 @@ def _start_worker(argv: list[str], log: Path, *, fork: bool) -> _Worker:
             [sys.executable, "-m", "harness.worker", *argv], stdout=log_file,
             stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+
+def _start_ranks(argv: list[str], log: Path, ranks: int) -> _Worker:
+    """`ranks` workers under torchrun (standalone: its own rendezvous on a free local port),
+    in a session of their own. torchrun stops every rank once one fails, so a dead rank ends
+    the variant instead of leaving the others waiting in a collective."""
+    with open(log, "w") as log_file:
+        return _Worker(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc-per-node={ranks}", "--max-restarts=0", "--monitor-interval=0.5",
+             "-m", "harness.worker", *argv],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1",
+                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(
+                     1, (os.cpu_count() or 1) // ranks)))}))
 
 
 def _tail(path: Path) -> str:

@@ -5,6 +5,9 @@ unknown techniques (with "did you mean"), types and ranges, duplicate variants, 
 names no variant, techniques that conflict or lack what they require. Each problem is a
 `ScenarioError` whose text is one line naming the file, the variant and the key.
 
+A top-level `parallel: {strategy: fsdp2, world_size: 8, …}` trains every variant in that many
+processes (parallel.py); a variant's own `parallel:` replaces it, `parallel: null` is one process.
+
 A top-level `sweep: {seq_len: [512, 1024], batch_size: [1, 2]}` crosses every variant with
 every point of the grid (the cartesian product, in the order written): each (variant, point) is
 a `Variant` of its own, named `lora@seq_len=512,batch_size=1`, whose train settings are the
@@ -72,6 +75,41 @@ class TrainSpec:
     seed: int = 0
 
 
+STRATEGIES = ("ddp", "fsdp2")
+REDUCE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """How many processes train the variant, and how they split the model (parallel.py)."""
+
+    strategy: str  # ddp | fsdp2
+    world_size: int
+    # fsdp2: free each unit's gathered parameters after its forward (all-gather again in
+    # backward); put the sharded parameters, grads and the optimizer step on the CPU; the
+    # dtype parameters are gathered in / gradients reduced in (None: the parameters' own).
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+    # ddp: gradient bucket size, and whether grads are views into the buckets.
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options that apply to the strategy, for records and tables."""
+        keys = _PARALLEL_KEYS[self.strategy]
+        return {k: getattr(self, k) for k in ("strategy", "world_size", *keys)}
+
+    def label(self) -> str:
+        return f"{self.strategy}×{self.world_size}"
+
+
+_PARALLEL_KEYS = {"fsdp2": ("reshard_after_forward", "cpu_offload", "param_dtype",
+                            "reduce_dtype"),
+                  "ddp": ("bucket_cap_mb", "gradient_as_bucket_view")}
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str  # unique in the scenario; with a sweep point: "<declared name>@<point>"
@@ -80,6 +118,7 @@ class Variant:
     train_overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     sweep_point: tuple[tuple[str, Any], ...] = ()  # (train key, value) pairs, in sweep order
+    parallel: ParallelSpec | None = None  # None: one process
 
     @property
     def declared(self) -> str:
@@ -308,6 +347,48 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
     return dataclasses.replace(base, **values), dict(train)
 
 
+def _parse_parallel(path, raw, where: str, variant=None) -> ParallelSpec | None:
+    """`parallel: {strategy, world_size, …}`; null: one process."""
+    if raw is None:
+        return None
+    given = _require_mapping(path, raw, where, variant)
+    strategy = given.get("strategy")
+    if strategy not in STRATEGIES:
+        raise ScenarioError(path, f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}",
+                            key=f"{where}.strategy", variant=variant)
+    options = _PARALLEL_KEYS[strategy]
+    for key in given:
+        if key not in ("strategy", "world_size", *options):
+            other = next((s for s, keys in _PARALLEL_KEYS.items() if key in keys), None)
+            if other is not None:  # an option of the other strategy contradicts this one
+                raise ScenarioError(path, f"is an option of {other}, not of {strategy}",
+                                    key=f"{where}.{key}", variant=variant)
+            _unknown_keys(path, {key: None}, ["strategy", "world_size", *options], where, variant)
+    if "world_size" not in given:
+        raise ScenarioError(path, "missing (how many processes: GPUs, or CPU ranks)",
+                            key=f"{where}.world_size", variant=variant)
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        full = f"{where}.{key}"
+        if key in ("world_size",):
+            _check_type(path, full, value, "int", variant)
+            if value < 1:
+                raise ScenarioError(path, f"must be ≥ 1, got {value!r}", key=full, variant=variant)
+        elif key in ("reshard_after_forward", "cpu_offload", "gradient_as_bucket_view"):
+            _check_type(path, full, value, "bool", variant)
+        elif key in ("param_dtype", "reduce_dtype"):
+            if value is not None and value not in REDUCE_DTYPES:
+                raise ScenarioError(path, f"must be one of {', '.join(REDUCE_DTYPES)} or null, "
+                                          f"got {value!r}", key=full, variant=variant)
+        elif key == "bucket_cap_mb":
+            _check_type(path, full, value, "float", variant)
+            if value <= 0:
+                raise ScenarioError(path, f"must be > 0, got {value!r}", key=full, variant=variant)
+            value = float(value)
+        values[key] = value
+    return ParallelSpec(**values)
+
+
 def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
     key = f"techniques[{index}]"
     if isinstance(entry, str):
@@ -339,7 +420,7 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
 
 
 def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
-                   only: str | None = None) -> Variant:
+                   only: str | None = None, parallel: ParallelSpec | None = None) -> Variant:
     key = f"variants[{index}]"
     variant = _require_mapping(path, raw, key)
     name = variant.get("name")
@@ -348,7 +429,8 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
                                   f"got {name!r}", key=f"{key}.name")
     if name in names:
         raise ScenarioError(path, "duplicate variant name", key=f"{key}.name", variant=name)
-    _unknown_keys(path, variant, ["name", "description", "techniques", "train"], key, name)
+    _unknown_keys(path, variant, ["name", "description", "techniques", "train", "parallel"],
+                  key, name)
     description = variant.get("description", "")
     if description:
         _check_type(path, f"{key}.description", description, "str", name)
@@ -369,8 +451,10 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
     if "train" in variant:
         train, overrides = _parse_train(path, variant["train"], base_train, "train", name)
     _check_warmup(path, uses, train, "train.warmup_steps", name)
+    if "parallel" in variant:  # the variant's own replaces the scenario's; null: one process
+        parallel = _parse_parallel(path, variant["parallel"], "parallel", name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
-                   description=description)
+                   description=description, parallel=parallel)
 
 
 def _check_warmup(path, uses, train: TrainSpec, key: str, variant: str) -> None:
@@ -412,8 +496,8 @@ def _cached_meta_model(model: ModelSpec, source):
 
 def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
-    _unknown_keys(path, top, ["name", "description", "model", "train", "baseline", "variants",
-                              "sweep"], "scenario")
+    _unknown_keys(path, top, ["name", "description", "model", "train", "parallel", "baseline",
+                              "variants", "sweep"], "scenario")
     for key in ("name", "model", "variants"):
         if key not in top:
             raise ScenarioError(path, "missing", key=key)
@@ -426,13 +510,14 @@ def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenar
         _check_type(path, "description", description, "str")
     model = _parse_model(path, top["model"], deep=only is None)
     train, _ = _parse_train(path, top.get("train", {}) or {}, TrainSpec(), "train")
+    parallel = _parse_parallel(path, top.get("parallel"), "parallel")
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
         raise ScenarioError(path, "must be a non-empty list of variants", key="variants")
     variants: list[Variant] = []
     names: set[str] = set()
     for i, rv in enumerate(raw_variants):
-        v = _parse_variant(path, rv, i, train, names, only)
+        v = _parse_variant(path, rv, i, train, names, only, parallel)
         names.add(v.name)
         variants.append(v)
     if only is None:

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from harness import parallel as parallel_training
 from harness.models import ConfigSource, build_model, quantized_weights
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
-from harness.scenario import ModelSpec, TrainSpec
+from harness.scenario import ModelSpec, ParallelSpec, TrainSpec
 from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
 
 
@@ -47,24 +48,33 @@ def make_batch(train: TrainSpec, vocab_size: int, device: torch.device) -> dict[
 
 
 def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
-          device: torch.device) -> BuildContext:
+          device: torch.device, parallel: ParallelSpec | None = None) -> BuildContext:
+    """The model with the techniques applied; with `parallel`, sharded or wrapped for this
+    rank (parallel.py; the process group is up). A simulation builds on meta."""
     ctx = BuildContext(device=device)
     apply_stage(Stage.LOAD, ctx, uses)
-    ctx.model = build_model(spec, source, ctx.load, device)
+    on_meta = device.type != "meta" and parallel_training.build_on_meta(
+        parallel, spec.weights, ctx.load.quantization is not None)
+    ctx.model = build_model(spec, source, ctx.load, torch.device("meta") if on_meta else device)
     apply_stage(Stage.MODEL, ctx, uses)
     apply_stage(Stage.STEP, ctx, uses)
+    if parallel is not None:
+        parallel_training.wrap(ctx, parallel, device)
+        if on_meta:
+            parallel_training.materialize(ctx.model, device)
     return ctx
 
 
 def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               uses: tuple[TechniqueUse, ...], train: TrainSpec, device: torch.device,
-              result: TrainResult) -> None:
+              result: TrainResult, parallel: ParallelSpec | None = None) -> None:
     """Build, then run warm-up + measured steps under `probe`. Fills `result` as it goes, so
     an OOM midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
-        ctx = probe.build(lambda where: build(spec, source, uses, where), device)
+        ctx = probe.build(lambda where: build(spec, source, uses, where, parallel), device)
         model = ctx.model
+        forward = ctx.forward_module or model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(train.optimizer, params, train)
         batch = make_batch(train, model.config.vocab_size, device)
@@ -84,6 +94,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
     scaler = probe.grad_scaler() if ctx.grad_scaler else None
+    gathers = parallel_training.named_gathers(model, probe.tracker)
+    gathers.__enter__()
     try:
         for step in range(train.warmup_steps + train.steps):
             started = time.perf_counter()
@@ -91,7 +103,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 optimizer.zero_grad(set_to_none=True)
                 with autocast, probe.tracker.saved_tensors():
                     if ctx.loss_fn is None:
-                        outputs = model(**batch, use_cache=False)
+                        outputs = forward(**batch, use_cache=False)
                         loss = outputs.loss
                         probe.sight(Kind.OUTPUT, [loss, outputs.logits])
                         # Keep only the loss, as a training loop does: the logits go unless saved.
@@ -101,6 +113,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                         probe.sight(Kind.OUTPUT, loss)
             with probe.phase("backward", step):
                 (scaler.scale(loss) if scaler else loss).backward()
+                # FSDP2 sets each sharded grad after its reduce-scatter, no accumulation hook.
+                probe.sight(Kind.GRAD, [p.grad for p in params if p.grad is not None])
             with probe.phase("optimizer", step):
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -112,11 +126,14 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 else:
                     optimizer.step()
                 probe.sight_optimizer(optimizer)
+                # Again: FSDP2 re-allocates an uneven (padded) shard at its first forward.
+                probe.sight(Kind.PARAM, list(model.parameters()))
             del loss
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else
              result.warmup_times_s).append(elapsed)
     finally:
+        gathers.__exit__(None, None, None)
         # Outside the measured steps; the state exists once the first step has run.
         result.paged_optimizer_bytes = paged_state_bytes(optimizer)
         for handle in grad_hooks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -47,6 +48,8 @@ def _too_big_for_ram(scenario, variant) -> str | None:
     apply_stage(Stage.LOAD, ctx, variant.techniques)
     source = resolve_config(scenario.model, scenario.path)
     needed = parameter_bytes_on_meta(scenario.model, source, ctx.load)
+    if variant.parallel is not None and variant.parallel.strategy == "ddp":
+        needed *= variant.parallel.world_size  # every rank holds a replica (FSDP2: a shard)
     available = psutil.virtual_memory().available
     if needed > available / 2:
         dtype = str(ctx.load.dtype or "torch.float32").replace("torch.", "")
@@ -62,9 +65,8 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                 snapshot_path: Path | None = None) -> str:
     import torch
 
-    from harness.models import resolve_config
+    from harness import parallel as parallel_training
     from harness.techniques import simulation_reason, unsupported_reason
-    from harness.train import timing
 
     scenario = load_scenario(scenario_path, only=variant_name)
     variant = scenario.variant(variant_name)
@@ -73,25 +75,98 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
                         method=method_for(device))
     record["variant"]["index"] = scenario.index(variant)
-    record["env"] = collect_env(device if device.startswith("cuda") and torch.cuda.is_available()
-                                else "cpu")
     started = time.perf_counter()
 
     reason = _cuda_missing_reason() if device.startswith("cuda") else None
+    simulate = device == "simulate"
+    parallel, rank = variant.parallel, None
+    if parallel is not None and not simulate and "RANK" in os.environ and reason is None:
+        # One of the ranks torchrun started (runner.py): join the others; write our own record.
+        rank, where = parallel_training.init_rank(parallel, "cuda" if device.startswith("cuda")
+                                                  else "cpu")
+        result_path = rank_record_path(result_path, rank)
+        if where is not None:
+            device = record["device"] = str(where)
     if device == "cuda" and reason is None:
         device = record["device"] = f"cuda:{torch.cuda.current_device()}"
-    simulate = device == "simulate"
+    record["env"] = collect_env(device if device.startswith("cuda") and torch.cuda.is_available()
+                                else "cpu")
     torch_device = torch.device("cpu" if simulate else device)  # simulation: fake CPU tensors
     if simulate:
         reason = simulation_reason(variant.techniques, variant.train.optimizer)
     else:
         reason = reason or unsupported_reason(variant.techniques, torch_device)
+    if reason is None and parallel is not None:
+        reason = parallel_training.unsupported_reason(
+            parallel, [u.name for u in variant.techniques], torch_device, simulate)
     if reason is None and torch_device.type == "cpu" and not simulate:
         reason = _too_big_for_ram(scenario, variant)
     if reason is not None:
         record.update(status="unsupported", error=reason)
         write_record(result_path, record)
         return record["status"]
+    if parallel is not None and simulate:
+        return _simulate_ranks(scenario, variant, record, result_path, budget_bytes, full_depth,
+                               target, snapshot_path, started)
+    try:
+        _run_measured(scenario, variant, record, torch_device, budget_bytes, full_depth, target,
+                      snapshot_path, started)
+    finally:
+        if rank is not None:
+            parallel_training.leave()
+    write_record(result_path, record)
+    return record["status"]
+
+
+def rank_record_path(result_path: Path, rank: int) -> Path:
+    """Where rank `rank` of a parallel variant writes its record (the runner merges them)."""
+    return result_path.with_name(f"{result_path.stem}.rank{rank}.json")
+
+
+def _simulate_ranks(scenario, variant, record, result_path: Path, budget_bytes, full_depth,
+                    target, snapshot_path, started) -> str:
+    """Every rank of a parallel variant, simulated on the fake process group in this process:
+    one of each kind of rank (ranks whose shards have the same shapes allocate the same),
+    merged as the runner merges measured ranks' records."""
+    import copy
+
+    import torch
+
+    from harness import parallel as parallel_training
+    from harness.models import resolve_config
+    from harness.train import build
+
+    spec = variant.parallel
+    with parallel_training.fake_group(spec, 0):
+        model = build(scenario.model, resolve_config(scenario.model, scenario.path),
+                      variant.techniques, torch.device("meta")).model
+    kinds = parallel_training.representative_ranks(model, spec.world_size)
+    del model
+    records = {}
+    for rank, alike in kinds.items():
+        ranked = copy.deepcopy(record)
+        with parallel_training.fake_group(spec, rank):
+            _run_measured(scenario, variant, ranked, torch.device("cpu"), budget_bytes,
+                          full_depth, target, snapshot_path if rank == 0 else None, started)
+        for other in alike:
+            records[other] = ranked
+    if len(kinds) < spec.world_size:
+        note = (f"simulated {len(kinds)} of the {spec.world_size} ranks: the others hold shards "
+                "of the same shapes as one of those")
+        records[0]["notes"].insert(0, note)
+    merged = parallel_training.merge(records, spec.world_size)
+    merged["timing"]["wall_s"] = round(time.perf_counter() - started, 3)
+    write_record(result_path, merged)
+    return merged["status"]
+
+
+def _run_measured(scenario, variant, record, torch_device, budget_bytes, full_depth, target,
+                  snapshot_path, started) -> None:
+    """Build and train the variant under this device's probe; fill `record`'s results."""
+    from harness.models import resolve_config
+    from harness.train import timing
+
+    simulate = record["device"] == "simulate"
 
     source = resolve_config(scenario.model, scenario.path)
     train, sim_note = variant.train, None
@@ -133,8 +208,6 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     record["timing"] = {**(timing(result, train) if not simulate else
                            {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None}),
                         "wall_s": round(time.perf_counter() - started, 3)}
-    write_record(result_path, record)
-    return record["status"]
 
 
 def _measure(scenario, source, variant, train, torch_device, budget_bytes: int | None,
@@ -155,7 +228,7 @@ def _measure(scenario, source, variant, train, torch_device, budget_bytes: int |
         probe.start()
         try:
             run_steps(probe, scenario.model, source, variant.techniques, train, torch_device,
-                      result)
+                      result, variant.parallel)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:

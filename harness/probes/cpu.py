@@ -9,6 +9,7 @@ Reserved memory has no CPU meaning: `peak_reserved_bytes` is null.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
@@ -26,7 +27,7 @@ class CpuProbe(Probe):
 
     def _memory(self) -> dict[str, Any]:
         self._profiler.__exit__(None, None, None)
-        allocations = list(_allocations(self._profiler))
+        allocations = _with_lost_frees(list(_allocations(self._profiler)), self.tracker.deaths)
         del self._profiler  # the event tree is large; free it before the record is written
         if self.keep_snapshot:
             from harness.probes.snapshot import measured_cpu
@@ -47,3 +48,36 @@ def _allocations(prof):
         if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
             yield node.start_time_ns, fields.ptr, fields.alloc_size
         stack.extend(node.children)
+
+
+def _with_lost_frees(allocations: list, deaths: list) -> list:
+    """The profiler records the allocator's events of the threads it profiles only: a tensor
+    whose last reference another thread drops (a gloo worker, done with a collective's
+    buffers) is freed unseen, and its block would stay live to the end. Where the tracker saw
+    such a block's storage die, its free is added then (the first death at its address after
+    it was allocated, before the address was handed out again)."""
+    if not deaths:
+        return allocations
+    by_ptr: dict[int, list[int]] = {}
+    for t, ptr in sorted(deaths):
+        by_ptr.setdefault(ptr, []).append(t)
+    open_at: dict[int, tuple[int, int]] = {}  # ptr → (t_alloc, bytes) of a block not freed
+    added = []
+
+    def close(ptr: int, before: int | None) -> None:
+        t_alloc, size = open_at.pop(ptr)
+        times = by_ptr.get(ptr, [])
+        i = bisect.bisect_right(times, t_alloc)
+        if i < len(times) and (before is None or times[i] < before):
+            added.append((times[i], ptr, -size))
+
+    for t, ptr, delta in sorted(allocations, key=lambda a: (a[0], a[2] < 0)):
+        if delta > 0:
+            if ptr in open_at:  # handed out again: the free was missed
+                close(ptr, t)
+            open_at[ptr] = (t, delta)
+        elif delta < 0:
+            open_at.pop(ptr, None)
+    for ptr in list(open_at):
+        close(ptr, None)
+    return allocations + added

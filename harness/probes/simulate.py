@@ -79,6 +79,7 @@ class SimulateProbe(Probe):
         # keep it alive, or the memo forgets it and each op would see a new copy.
         leaves = []
         for t in tree_leaves(tensors):
+            t = getattr(t, "_local_tensor", t)  # a DTensor: its rank's shard
             if isinstance(t, torch.Tensor) and not is_fake(t):
                 t = self._fake.from_tensor(t)
                 self._copies.append(t)

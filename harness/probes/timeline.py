@@ -35,13 +35,16 @@ class Kind(enum.IntEnum):
     BUFFER = 2  # module buffers (rotary tables, ...)
     OUTPUT = 3  # model outputs: the loss, logits
     SAVED = 4  # packed by autograd for backward
-    OPTIMIZER = 5
-    GRAD = 6
-    PARAM = 7
+    # What a collective reads or writes (parallel training): FSDP2's gathered parameters — also
+    # when autograd saves them — and reduce-scatter buffers, DDP's buckets.
+    COMM = 5
+    OPTIMIZER = 6
+    GRAD = 7
+    PARAM = 8
 
 
 _CATEGORY = {Kind.TENSOR: "other", Kind.INPUT: "other", Kind.BUFFER: "other", Kind.OUTPUT: "other",
-             Kind.SAVED: "activations", Kind.OPTIMIZER: "optimizer", Kind.GRAD: "grads",
+             Kind.SAVED: "activations", Kind.COMM: "other", Kind.OPTIMIZER: "optimizer", Kind.GRAD: "grads",
              Kind.PARAM: "params"}
 
 

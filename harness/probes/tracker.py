@@ -42,6 +42,11 @@ class Tracker(TorchDispatchMode):
         # are keyed by a counter instead of an address.
         self.allocations: list[tuple[int, int, int]] | None = [] if trace_allocations else None
         self._seen = WeakIdKeyDictionary()
+        self._live: dict[int, int] = {}  # traced: id → bytes of each storage alive now
+        # Untraced (a real allocator's trace): when each seen storage died, at which address —
+        # for frees the allocator trace misses (see CpuProbe).
+        self.deaths: list[tuple[int, int]] = []
+        self._where = WeakIdKeyDictionary()
         self._last_ns = 0
         # A labelled trace (simulation, to be assembled at another depth: layers.py) also says
         # which decoder layer each allocation event belongs to: `layer` is the one whose forward
@@ -67,6 +72,7 @@ class Tracker(TorchDispatchMode):
     def sight(self, kind: Kind, tensors) -> None:
         now = self._now()
         for t in tree_leaves(tensors):
+            t = getattr(t, "_local_tensor", t)  # a DTensor's storage is its rank's shard's
             if isinstance(t, torch.Tensor) and t.device.type != "meta" and (
                     self.allocations is None or is_fake(t)):  # simulated: only fake is device
                 storage = t.untyped_storage()
@@ -81,18 +87,24 @@ class Tracker(TorchDispatchMode):
         seen = self._seen.get(storage)
         if seen is not None:
             return seen
+        if not storage.nbytes() and self.allocations is not None:
+            return 0  # freed by a resize (see resized); counted when it has bytes again
         size = round_block(storage.nbytes())
         key = 0
         if self.allocations is not None:
             key = len(self.allocations) + 1
             self.allocations.append((now, key, size))
+            self._live[key] = size
             if self.labels is not None:
                 self.labels.append(self.layer)
                 if self.layer is not None:
                     self.owners[key] = self.layer
         self._seen[storage] = key
         self.live_bytes += size
-        weakref.finalize(storage, self._release, size, key)
+        where = None
+        if self.allocations is None:  # where its memory is: kept current across resizes
+            where = self._where[storage] = [storage.data_ptr()]
+        weakref.finalize(storage, self._release, size, key, where)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
         return key
 
@@ -102,7 +114,23 @@ class Tracker(TorchDispatchMode):
                 f"memory budget exceeded: {self.live_bytes} tracked bytes > budget "
                 f"{self.budget_bytes} bytes")
 
-    def _release(self, size: int, key: int) -> None:
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """A traced storage was resized in place (FSDP2 frees and re-allocates gathered
+        parameters so): its old bytes are freed now, its new ones a new allocation."""
+        if self.allocations is None:  # a real allocator's trace has the free and allocation
+            if storage in self._where:
+                self._where[storage][0] = storage.data_ptr()
+            return
+        key = self._seen.pop(storage, None)
+        if key in self._live:
+            self._release(self._live[key], key)
+        self._count(storage, self._now())
+
+    def _release(self, size: int, key: int, where: list[int] | None = None) -> None:
+        if self.allocations is not None and self._live.pop(key, None) is None:
+            return  # freed already, by a resize (the storage itself dies now)
+        if where is not None:
+            self.deaths.append((self._now(), where[0]))
         self.live_bytes -= size
         if self.allocations is not None:
             self.allocations.append((self._now(), key, -size))
@@ -173,6 +201,7 @@ class Tracker(TorchDispatchMode):
         first_new = len(self.allocations) + 1 if self.allocations is not None else 0
         out = func(*args, **(kwargs or {}))
         self.sight(Kind.TENSOR, out)
+
         if self.inherit and self.labels is not None and self.layer is None:
             self._inherit(func, args, out, first_new)
         del held

@@ -61,6 +61,8 @@ class BuildContext:
     device: torch.device
     load: LoadOptions = field(default_factory=LoadOptions)
     model: Any = None  # set between the LOAD and MODEL stages
+    # What the loop calls for the loss, when not the model itself (DDP's wrapper; parallel.py).
+    forward_module: Any = None
     autocast_dtype: torch.dtype | None = None
     grad_scaler: bool = False  # fp16 autocast: scale the loss, unscale grads before clipping
     # (model, batch) → loss; None: the model's own loss, `model(**batch).loss`.

@@ -1,0 +1,297 @@
+"""Training in several processes: PyTorch's DDP and FSDP2, as users run them.
+
+A variant with `parallel: {strategy, world_size, …}` runs as `world_size` ranks that torchrun
+(`python -m torch.distributed.run`) starts, each a worker measuring its own process with the
+device's probe: gloo between CPU ranks, NCCL between GPUs (one per rank). The runner merges
+their records (`merge`): `memory` is the rank with the highest peak, `memory.ranks` every
+rank's figures, `memory.imbalance` how far the highest peak is above the ranks' mean.
+
+Simulated, the ranks are predicted one after another in one process, on PyTorch's fake process
+group (collectives that move no data) with fake tensors: rank r is the same build with the fake
+group saying "rank r of N". Ranks whose shards have the same shapes allocate the same, so one of
+each kind is simulated (`representative_ranks`).
+
+FSDP2 (`fully_shard`) shards each decoder layer and then the root (the embedding, final norm
+and LM head), as TorchTitan and the FSDP2 tutorial do; with random weights the model is built
+on the meta device, sharded, then given storage rank by rank, so no rank ever holds the whole
+model. DDP wraps the built model; its gradient buckets live in its C++ reducer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+from typing import Any
+
+import torch
+
+from harness.probes.timeline import Kind
+from harness.scenario import ParallelSpec
+from harness.techniques import Unsupported
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+# How long a rank waits in a collective for the others: a dead rank then ends the live ones
+# with an error rather than a hang (torchrun also stops them once it sees one exit).
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("HARNESS_COLLECTIVE_TIMEOUT_S", "300"))
+# Techniques whose loss calls the decoder and the head separately (not the wrapped model):
+# under FSDP2 the root's parameters are gathered by the root's forward, under DDP the reducer
+# is armed by the wrapper's.
+_OWN_LOSS = ("chunked_nll",)
+
+
+def dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def unsupported_reason(spec: ParallelSpec, technique_names, device: torch.device,
+                       simulate: bool) -> str | None:
+    """Why this device or this build cannot run the variant's parallel training, or None."""
+    names = set(technique_names)
+    if "qlora" in names and spec.strategy == "fsdp2":
+        return ("QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "
+                "quant_storage matched to the compute dtype) is not built into the harness yet")
+    own = sorted(names.intersection(_OWN_LOSS))
+    if own:
+        return (f"{own[0]} computes the loss from the decoder and the head separately, not "
+                f"through the {spec.strategy.upper()}-wrapped model that gathers (FSDP2) or "
+                "reduces (DDP) around its forward")
+    if spec.cpu_offload:
+        if simulate:
+            return ("FSDP2 CPU offload is not simulated: the fake tensors of a simulation all "
+                    "live on one device, so what stays on the host cannot be told apart")
+        if device.type == "cpu":
+            return "FSDP2 CPU offload needs a CUDA device: on CPU there is nothing to offload"
+    if simulate and spec.strategy == "ddp":
+        return ("DDP is not simulated: its reducer (C++) reads every parameter's storage when "
+                "it wraps the model, which fake tensors do not have; simulate FSDP2, or measure")
+    if device.type == "cuda" and not simulate:
+        visible = torch.cuda.device_count()
+        if visible < spec.world_size:
+            return (f"{spec.label()} needs {spec.world_size} CUDA devices, "
+                    f"{visible} visible")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Process groups
+
+
+def init_rank(spec: ParallelSpec, device_type: str) -> tuple[int, torch.device | None]:
+    """In a worker torchrun started: join the group; (rank, this rank's CUDA device or None)."""
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    where = None
+    if device_type == "cuda":
+        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(where)
+    dist.init_process_group(BACKENDS[device_type], timeout=dt.timedelta(
+        seconds=COLLECTIVE_TIMEOUT_S), device_id=where)
+    return rank, where
+
+
+@contextlib.contextmanager
+def fake_group(spec: ParallelSpec, rank: int):
+    """PyTorch's fake process group as rank `rank` of `spec.world_size`: every collective
+    returns at once, moving nothing (torch.testing._internal.distributed.fake_pg)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=spec.world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def representative_ranks(model: torch.nn.Module, world_size: int) -> dict[int, list[int]]:
+    """Ranks that hold shards of different shapes → the ranks like each one. FSDP2 cuts each
+    parameter along dim 0 as torch.chunk does: ceil(d / N) rows per rank, the last ranks fewer
+    (or none); every rank allocates the padded size for its shards, but AdamW's state and
+    what reads the unpadded shard follow the real rows."""
+    groups: dict[tuple, list[int]] = {}
+    shapes = [p.shape[0] if p.dim() else 1 for p in model.parameters()]
+    for rank in range(world_size):
+        rows = []
+        for d in shapes:
+            chunk = -(-d // world_size)
+            rows.append(max(0, min(chunk, d - rank * chunk)))
+        groups.setdefault(tuple(rows), []).append(rank)
+    return {ranks[0]: ranks for ranks in groups.values()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrapping the model
+
+
+def build_on_meta(spec: ParallelSpec | None, weights: str, quantized: bool) -> bool:
+    """Whether a real run builds on meta and shards before any storage exists (FSDP2 with
+    random weights): no rank ever holds the unsharded model."""
+    return spec is not None and spec.strategy == "fsdp2" and weights == "random" and not quantized
+
+
+def wrap(ctx, spec: ParallelSpec, device: torch.device) -> None:
+    """Shard (FSDP2, in place: ctx.model becomes the root FSDP module) or replicate (DDP:
+    ctx.forward_module is the wrapper the loop calls) the built model."""
+    if ctx.loss_fn is not None:
+        raise Unsupported(unsupported_reason(spec, _OWN_LOSS, device, False))
+    if spec.strategy == "fsdp2":
+        _fully_shard(ctx.model, spec, device)
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ctx.forward_module = DistributedDataParallel(
+            ctx.model, device_ids=[device] if device.type == "cuda" else None,
+            bucket_cap_mb=spec.bucket_cap_mb,
+            gradient_as_bucket_view=spec.gradient_as_bucket_view)
+
+
+def _fully_shard(model: torch.nn.Module, spec: ParallelSpec, device: torch.device) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
+
+    from harness.probes.layers import decoder_layers
+
+    # The mesh's device type is where the shards live: a simulation's fake tensors are CPU's.
+    mesh_device = "cpu" if device.type == "meta" else device.type
+    options: dict[str, Any] = dict(
+        mesh=init_device_mesh(mesh_device, (spec.world_size,)),
+        reshard_after_forward=spec.reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=dtype(spec.param_dtype),
+                                       reduce_dtype=dtype(spec.reduce_dtype)),
+        offload_policy=CPUOffloadPolicy() if spec.cpu_offload else OffloadPolicy())
+    layers = decoder_layers(model)
+    if layers is None:
+        raise Unsupported("FSDP2: no list of identical decoder layers found to shard one by one")
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Storage for a model sharded on meta: each rank's own shards, parameters drawn from
+    normal(0, 0.02) and buffers zeroed (rotary frequencies included). Values do not change
+    memory, but uninitialised storage could hold NaNs and denormals that slow CPU kernels."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            local = getattr(p, "_local_tensor", p)
+            if local.is_floating_point():
+                local.normal_(0.0, 0.02)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.zero_()
+
+
+@contextlib.contextmanager
+def named_gathers(model: torch.nn.Module, tracker):
+    """While FSDP2 trains `model`: each parameter it gathers (the all-gather outputs and the
+    unsharded parameter viewing them) is named a collective's buffer, `other` in the breakdown
+    even where autograd saves it for backward; and, in a simulation, the gathers' storage frees
+    and re-allocations, which FSDP2 makes by resizing storage in place (`free_storage`,
+    `alloc_storage`) rather than by any op, enter the trace. Nothing when `model` is not
+    sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    from unittest import mock
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+    init_unsharded = _fsdp_param.FSDPParam.init_unsharded_param
+
+    def alloc_storage(tensor):
+        alloc(tensor)
+        tracker.resized(tensor.untyped_storage())
+
+    def free_storage(tensor):
+        free(tensor)
+        tracker.resized(tensor.untyped_storage())
+
+    def init_unsharded_param(fsdp_param):  # after each all-gather's copy-out
+        init_unsharded(fsdp_param)
+        tracker.sight(Kind.COMM, [*fsdp_param.all_gather_outputs, fsdp_param._unsharded_param])
+
+    with mock.patch.object(_fsdp_param, "alloc_storage", alloc_storage), \
+            mock.patch.object(_fsdp_param, "free_storage", free_storage), \
+            mock.patch.object(_fsdp_param_group, "alloc_storage", alloc_storage), \
+            mock.patch.object(_fsdp_param.FSDPParam, "init_unsharded_param",
+                              init_unsharded_param):
+        yield
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def rank_entry(rank: int, record: dict[str, Any]) -> dict[str, Any]:
+    memory = record["memory"]
+    return {"rank": rank, "status": record["status"],
+            "error": record["error"].splitlines()[0][:300] if record["error"] else None,
+            **{key: memory.get(key) for key in (
+                "peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "breakdown_bytes",
+                "end_of_step_bytes")}}
+
+
+def imbalance(ranks: list[dict[str, Any]]) -> float | None:
+    """How far the highest per-rank peak is above the ranks' mean: max / mean − 1 (0 when
+    balanced); None unless every rank has a peak."""
+    peaks = [r["peak_allocated_bytes"] for r in ranks]
+    if not peaks or None in peaks or not sum(peaks):
+        return None
+    return round(max(peaks) / (sum(peaks) / len(peaks)) - 1, 6)
+
+
+_WORST = ("error", "oom", "unsupported", "ok")
+
+
+def merge(records: dict[int, dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """One record from every rank's: the rank with the highest peak (its `memory`, timing and
+    model figures), `memory.ranks` for all, `memory.rank`, `memory.imbalance`; the worst status
+    (a rank's error or OOM is the variant's), with that rank's error."""
+    ranks = [rank_entry(rank, records[rank]) for rank in sorted(records)]
+    worst = min(records.values(), key=lambda r: _WORST.index(r["status"]))
+    peaked = [r for r in records if records[r]["memory"].get("peak_allocated_bytes") is not None]
+    top = max(peaked, key=lambda r: records[r]["memory"]["peak_allocated_bytes"]) if peaked \
+        else min(records)
+    merged = dict(records[top])
+    merged["memory"] = {**records[top]["memory"], "rank": top, "ranks": ranks,
+                        "imbalance": imbalance(ranks)}
+    if worst["status"] != "ok":
+        rank = next(r for r in sorted(records) if records[r] is worst)
+        merged["status"] = worst["status"]
+        merged["error"] = f"rank {rank}: {worst['error']}"
+    notes = []
+    for rank in sorted(records):
+        for note in records[rank]["notes"]:
+            if note not in notes:
+                notes.append(note)
+    merged["notes"] = notes
+    missing = world_size - len(records)
+    if missing:
+        merged["notes"].append(f"{missing} of {world_size} ranks wrote no record")
+    return merged
