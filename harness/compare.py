@@ -126,6 +126,7 @@ def _what_ran(record: dict) -> dict[str, Any]:
         "model": {k: v for k, v in record["model"].items() if k != "params_trainable"},
         "techniques": record["variant"]["techniques"],
         "train": {k: v for k, v in record["train"].items() if k != "steps"},
+        "parallel": record.get("parallel"),  # strategy, world size and options
         "target": memory.get("target"),
     }
 
@@ -171,7 +172,26 @@ def compare_records(base: dict[str, dict], new: dict[str, dict], metric: str,
             else:
                 mark = "+" if (delta > 0) != better_up else "-"
             rows.append(Row(key, mark, va, vb, ""))
+            if mark != "+":  # a parallel record's figure is its busiest rank's: ask each rank
+                worse = _worse_rank(a, b, metric, threshold, better_up)
+                if worse:
+                    rows[-1] = Row(key, "+", va, vb, worse)
     return rows
+
+
+def _worse_rank(base: dict, new: dict, metric: str, threshold: Threshold,
+                better_up: bool) -> str | None:
+    """The first rank whose own `metric` (a key of memory.ranks' entries) got worse beyond the
+    threshold while the busiest rank's did not, as 'rank r: A → B'; None."""
+    ranks = [(r.get("memory") or {}).get("ranks") or [] for r in (base, new)]
+    if not ranks[0] or len(ranks[0]) != len(ranks[1]):
+        return None
+    for old, now in zip(*ranks, strict=True):
+        va, vb = old.get(metric), now.get(metric)
+        if isinstance(va, int) and isinstance(vb, int) and not threshold.allows(va, vb - va) \
+                and (vb > va) != better_up:
+            return f"rank {old['rank']}: {va:,} → {vb:,}"
+    return None
 
 
 def _line(text: str | None) -> str:

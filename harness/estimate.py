@@ -544,6 +544,9 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
     try:
         if source.kind != "file":
             raise NotModelled("the config of a hub id not in the local cache cannot be read")
+        if variant.parallel is not None:
+            raise NotModelled(f"{variant.parallel.label()}: the closed form has no sharding or "
+                              "collective buffers; simulate it (--device simulate)")
         shapes = read_shapes(source.location)
         stack = read_stack(variant.techniques, train, scenario.model.attn_implementation)
         result = estimate(shapes, stack, train.batch_size, train.seq_len, train.warmup_steps,

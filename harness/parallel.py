@@ -197,13 +197,25 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def named_gathers(model: torch.nn.Module, tracker):
-    """While FSDP2 trains `model`: each parameter it gathers (the all-gather outputs and the
-    unsharded parameter viewing them) is named a collective's buffer, `other` in the breakdown
-    even where autograd saves it for backward; and, in a simulation, the gathers' storage frees
-    and re-allocations, which FSDP2 makes by resizing storage in place (`free_storage`,
-    `alloc_storage`) rather than by any op, enter the trace. Nothing when `model` is not
-    sharded."""
+def named_buffers(model: torch.nn.Module, tracker):
+    """While `model` trains, name what its collectives use, `other` in the breakdown.
+
+    FSDP2: each parameter it gathers (the all-gather outputs and the unsharded parameter
+    viewing them), also where autograd saves it for backward; and, in a simulation, the
+    gathers' storage frees and re-allocations, which FSDP2 makes by resizing storage in place
+    (`free_storage`, `alloc_storage`) rather than by any op, enter the trace.
+    DDP: its gradient buckets (which it re-allocates once, in the second step's forward, in
+    the order gradients arrived), through a communication hook that names each bucket and
+    all-reduces it as DDP's own does (`allreduce_hook`).
+    Nothing for a model in one process."""
+    if _is_ddp(model):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def named_allreduce(state, bucket):
+            tracker.sight(Kind.COMM, bucket.buffer())
+            return allreduce_hook(state, bucket)
+
+        model.register_comm_hook(None, named_allreduce)
     if not is_sharded(model):
         yield
         return
@@ -232,6 +244,12 @@ def named_gathers(model: torch.nn.Module, tracker):
             mock.patch.object(_fsdp_param.FSDPParam, "init_unsharded_param",
                               init_unsharded_param):
         yield
+
+
+def _is_ddp(model: torch.nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

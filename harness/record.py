@@ -14,6 +14,9 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       train_overrides}
     model            {config, source, weights, attn_implementation, params_total, params_trainable}
     train            the effective train settings (scenario's, variant overrides, --steps)
+    parallel         null (one process), or {strategy: "ddp" | "fsdp2", world_size, and the
+                     strategy's options: reshard_after_forward, cpu_offload, param_dtype,
+                     reduce_dtype (fsdp2); bucket_cap_mb, gradient_as_bucket_view (ddp)}
     device           "cpu" | "cuda:0" | "simulate" | "estimate"
     method           "measured-cpu" | "measured-cuda" | "simulated" (fake tensors) | "estimated"
                      (closed form, harness/estimate.py: no tensor created)
@@ -28,7 +31,14 @@ Bytes are whole integers; anything the tool cannot know is null, never a guess.
                       (the same categories live after the last optimizer step: what persists
                       between steps), paged_optimizer_bytes (bitsandbytes paged state in CUDA
                       unified memory, which no allocator figure includes; 0 when none),
-                      tracked_tensor_peak_bytes, budget_bytes, snapshot_file (with --snapshot:
+                      tracked_tensor_peak_bytes, budget_bytes, rank / ranks / imbalance
+                      (parallel: every other figure of `memory` is rank `rank`'s, the one with
+                      the highest peak; `ranks` one entry per rank — rank, status, error,
+                      peak_allocated_bytes, peak_reserved_bytes, peak_phase, breakdown_bytes,
+                      end_of_step_bytes —, its params/grads/optimizer that rank's shards and
+                      the collectives' buffers under other; `imbalance` the highest rank peak
+                      over the ranks' mean, minus 1; all three null for one process),
+                      snapshot_file (with --snapshot:
                       the memory_viz snapshot beside the record, or null), device extras (simulated:
                       target, "cuda" or "cpu": whether CUDA kernels' scratch buffers are
                       modelled; reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's

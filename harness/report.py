@@ -48,6 +48,10 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "baseline": record["scenario"].get("baseline"),
         "techniques": " + ".join(_technique_label(t) for t in record["variant"]["techniques"])
         or "(none)",
+        "parallel": parallel_label(record.get("parallel")),
+        "world_size": (record.get("parallel") or {}).get("world_size"),
+        "max_rank": memory.get("rank"),  # a parallel record's figures are this rank's
+        "imbalance": memory.get("imbalance"),
         "status": record["status"],
         "error": record["error"],
         "device": record["device"],
@@ -75,6 +79,18 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "path": str(path),
     }
     return row
+
+
+def parallel_label(parallel: dict[str, Any] | None) -> str | None:
+    """`fsdp2×8`, with the options that differ from the defaults: `fsdp2×8 param_dtype=bfloat16`."""
+    if not parallel:
+        return None
+    from harness.scenario import ParallelSpec
+
+    default = ParallelSpec(parallel["strategy"], parallel["world_size"]).as_dict()
+    changed = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in parallel.items()
+               if k in default and v != default[k]]
+    return " ".join([f"{parallel['strategy']}×{parallel['world_size']}", *changed])
 
 
 def _technique_label(use: dict[str, Any]) -> str:
@@ -174,12 +190,16 @@ def _pct(value) -> str:
 def markdown(table: pd.DataFrame) -> str:
     unit, scale = _unit(table)
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
+    parallel = "parallel" in table and table["parallel"].notna().any()
     rows = []
     for _, r in table.iterrows():
         rows.append({
             "variant": r["variant"],
             **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
             "techniques": r["techniques"],
+            **({"parallel": r["parallel"] or "—",
+                "imbalance": _pct(r["imbalance"] * 100 if pd.notna(r["imbalance"]) else pd.NA)}
+               if parallel else {}),
             "status": r["status"],
             f"peak {unit}": _size(r["peak_allocated_bytes"], scale),
             f"reserved {unit}": _size(r["peak_reserved_bytes"], scale),
@@ -196,14 +216,19 @@ def markdown(table: pd.DataFrame) -> str:
              for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
     fits = (" Fits on: the smallest common card whose memory holds the peak (reserved where "
             "known, else allocated; the CUDA context comes on top)." if unit == "GiB" else "")
-    text = (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak.{fits}"
-            "\n\n" + body + "\n")
+    ranks = (" A parallel row's figures are its busiest rank's (the highest peak; every rank's "
+             "are in the record's memory.ranks), its shares of params, grads and optimizer "
+             "state that rank's shards; imbalance: the highest rank peak over the ranks' mean."
+             if parallel else "")
+    text = (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak."
+            f"{fits}{ranks}\n\n" + body + "\n")
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
     return text
 
 
-CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", "status",
+CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", "parallel",
+               "world_size", "max_rank", "imbalance", "status",
                "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",
                "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
                "params_trainable", "params_total", "step_time_s_median", "tokens_per_s",

@@ -75,6 +75,8 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
     pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
     log = run_dir / LOG_DIR / f"{variant.name}.log"
     pending.unlink(missing_ok=True)
+    for stale in pending.parent.glob(f"{variant.name}.pending.rank*.json"):
+        stale.unlink()
     argv = ["--scenario", str(scenario.path), "--variant", variant.name, "--device", device,
             "--run-id", run_id, "--result", str(pending)]
     if steps is not None:

@@ -94,7 +94,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
     scaler = probe.grad_scaler() if ctx.grad_scaler else None
-    gathers = parallel_training.named_gathers(model, probe.tracker)
+    gathers = parallel_training.named_buffers(forward, probe.tracker)
     gathers.__enter__()
     try:
         for step in range(train.warmup_steps + train.steps):

@@ -85,6 +85,9 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
         rank, where = parallel_training.init_rank(parallel, "cuda" if device.startswith("cuda")
                                                   else "cpu")
         result_path = rank_record_path(result_path, rank)
+        if snapshot_path is not None:  # <variant>.rank<r>.snapshot.pickle
+            snapshot_path = snapshot_path.with_name(
+                snapshot_path.name.replace(".snapshot.", f".rank{rank}.snapshot.", 1))
         if where is not None:
             device = record["device"] = str(where)
     if device == "cuda" and reason is None:
@@ -178,8 +181,10 @@ def _run_measured(scenario, variant, record, torch_device, budget_bytes, full_de
         sim_note = (f"simulated {train.warmup_steps + train.steps} of "
                     f"{variant.train.warmup_steps + variant.train.steps} steps: on fake tensors "
                     "every step after the second repeats it exactly")
+    # FSDP2 gathers a layer's parameters from the previous layer's hooks (and prefetches in
+    # backward): not the one-layer-at-a-time pattern assembly repeats, so every layer runs.
     layers = _layers_to_extrapolate(scenario, source) if simulate and not full_depth \
-        and budget_bytes is None else None
+        and budget_bytes is None and variant.parallel is None else None
     measured = _extrapolated(scenario, source, variant, train, torch_device, layers, target,
                              snapshot_path) if layers is not None else None
     if measured is not None:
@@ -198,7 +203,7 @@ def _run_measured(scenario, variant, record, torch_device, budget_bytes, full_de
         else None
     record.update(outcome)
     record["notes"] = ([sim_note] if sim_note else []) + notes
-    record["memory"] = memory
+    record["memory"] = {**memory, "rank": None, "ranks": None, "imbalance": None}  # one process
     record["model"]["quantized_params"] = result.quantized_params
     record["model"].update(params_total=result.params_total or None,
                            params_trainable=result.params_trainable if result.params_total else None)

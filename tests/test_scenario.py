@@ -126,6 +126,24 @@ BAD = [
     ((["variants", 0], {"name": "full", "techniques": ["compile"], "train": {"warmup_steps": 0}}),
      "full", "train.warmup_steps", "compile needs warmup_steps ≥ 1"),
     ((["variants", 0, "colour"], "red"), "full", "variants[0].colour", "unknown key"),
+    # Parallel training: at the top (every variant) or in a variant.
+    ((["parallel"], {"strategy": "fsdp", "world_size": 2}), None, "parallel.strategy",
+     "one of ddp, fsdp2"),
+    ((["parallel"], {"strategy": "fsdp2"}), None, "parallel.world_size", "missing"),
+    ((["parallel"], {"strategy": "fsdp2", "world_size": 0}), None, "parallel.world_size", "≥ 1"),
+    ((["parallel"], {"strategy": "fsdp2", "world_size": "8"}), None, "parallel.world_size",
+     "must be int"),
+    ((["parallel"], {"strategy": "fsdp2", "world_size": 2, "reshard": True}), None,
+     "parallel.reshard", "allowed: strategy, world_size, reshard_after_forward"),
+    ((["variants", 0, "parallel"], {"strategy": "ddp", "world_size": 2,
+                                    "reshard_after_forward": False}), "full",
+     "parallel.reshard_after_forward", "an option of fsdp2, not of ddp"),
+    ((["variants", 0, "parallel"], {"strategy": "fsdp2", "world_size": 2,
+                                    "param_dtype": "bf16"}), "full", "parallel.param_dtype",
+     "one of float32, bfloat16, float16"),
+    ((["variants", 0, "parallel"], {"strategy": "ddp", "world_size": 2, "bucket_cap_mb": 0}),
+     "full", "parallel.bucket_cap_mb", "> 0"),
+    ((["variants", 0, "parallel"], [2]), "full", "parallel", "must be a mapping"),
 ]
 
 
