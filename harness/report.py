@@ -197,7 +197,7 @@ def markdown(table: pd.DataFrame) -> str:
             "variant": r["variant"],
             **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
             "techniques": r["techniques"],
-            **({"parallel": r["parallel"] or "—",
+            **({"parallel": r["parallel"] if isinstance(r["parallel"], str) else "—",
                 "imbalance": _pct(r["imbalance"] * 100 if pd.notna(r["imbalance"]) else pd.NA)}
                if parallel else {}),
             "status": r["status"],

@@ -84,7 +84,8 @@ def _attributed(rank: dict) -> int:
 
 def test_keeping_gathered_layers_after_forward_costs_their_full_size(runs):
     keep, reshard = runs["cpu"]["fsdp2-keep"], runs["cpu"]["fsdp2"]
-    extra = keep["memory"]["peak_allocated_bytes"] - reshard["memory"]["peak_allocated_bytes"]
+    extra = max(map(_attributed, keep["memory"]["ranks"])) - \
+        max(map(_attributed, reshard["memory"]["ranks"]))
     # tiny-llama's 4 decoder layers: those whose backward does not follow their forward at
     # once stay gathered (half of them sharded already) until it.
     assert extra >= 2 * LAYER_PARAMS * 4, extra
@@ -135,6 +136,29 @@ def test_the_table_shows_the_strategy_and_the_busiest_rank(runs):
     table = markdown(summary_table(frame))
     assert "| parallel" in table and "fsdp2×2 reshard_after_forward=false" in table
     assert "busiest rank" in table
+    single = next(line for line in table.splitlines() if line.startswith("| single "))
+    assert single.split("|")[3].strip() == "—"  # one process: no strategy
+
+
+def test_compare_flags_a_rank_that_grew_when_the_busiest_did_not(runs, tmp_path):
+    base = runs["cpu"]["fsdp2-3"]
+    lighter = min(base["memory"]["ranks"], key=lambda r: r["peak_allocated_bytes"])
+    new = json.loads(json.dumps(base))
+    grown = new["memory"]["ranks"][lighter["rank"]]
+    # A per-rank figure that moved while the record's own (the busiest rank's, as the record
+    # was written) did not: a regression on that rank all the same.
+    grown["peak_allocated_bytes"] = int(lighter["peak_allocated_bytes"] * 1.05)
+    for folder, record in (("base", base), ("new", new)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "fsdp2-3.json").write_text(json.dumps(record))
+    proc = harness("compare", str(tmp_path / "base"), str(tmp_path / "new"), "--fail-above", "1%")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"rank {lighter['rank']}:" in proc.stdout
+    # Another world size is another experiment, not a regression.
+    new["parallel"]["world_size"] = 4
+    (tmp_path / "new" / "fsdp2-3.json").write_text(json.dumps(new))
+    proc = harness("compare", str(tmp_path / "base"), str(tmp_path / "new"))
+    assert proc.returncode == 0 and "parallel changed" in proc.stdout
 
 
 def test_a_rank_that_dies_ends_as_an_error_record_not_a_hang(tmp_path):
