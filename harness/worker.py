@@ -80,10 +80,15 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     reason = _cuda_missing_reason() if device.startswith("cuda") else None
     simulate = device == "simulate"
     parallel, rank = variant.parallel, None
-    if parallel is not None and not simulate and "RANK" in os.environ and reason is None:
-        # One of the ranks torchrun started (runner.py): join the others; write our own record.
-        rank, where = parallel_training.init_rank(parallel, "cuda" if device.startswith("cuda")
-                                                  else "cpu")
+    if parallel is not None and not simulate and "RANK" in os.environ:
+        # One of the ranks torchrun started (runner.py): join the others, unless this device
+        # cannot run them (too few GPUs, say: then every rank says so); write our own record.
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        reason = reason or parallel_training.unsupported_reason(
+            parallel, [u.name for u in variant.techniques], torch.device(kind), False)
+        rank, where = int(os.environ["RANK"]), None
+        if reason is None:
+            rank, where = parallel_training.init_rank(parallel, kind)
         result_path = rank_record_path(result_path, rank)
         if snapshot_path is not None:  # <variant>.rank<r>.snapshot.pickle
             snapshot_path = snapshot_path.with_name(
@@ -115,8 +120,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
         _run_measured(scenario, variant, record, torch_device, budget_bytes, full_depth, target,
                       snapshot_path, started)
     finally:
-        if rank is not None:
-            parallel_training.leave()
+        parallel_training.leave()  # if this is a rank
     write_record(result_path, record)
     return record["status"]
 

@@ -61,3 +61,30 @@ def test_cuda_budget_is_a_real_allocator_oom(tmp_path):
     assert got["full-fp32"]["status"] == "oom"
     assert "out of memory" in got["full-fp32"]["error"].lower()
     assert got["lora"]["status"] in ("ok", "oom")  # recorded either way, never lost
+
+
+def test_fsdp2_on_cuda_ranks_shard_and_the_simulation_predicts_them(tmp_path):
+    """FSDP2 under torchrun with NCCL: one rank per GPU (one rank where only one is visible),
+    each rank's sharded parameters and state 1/N of one process's, and the simulation of the
+    same ranks within 5 % of the allocator's peak."""
+    import torch
+
+    ranks = min(torch.cuda.device_count(), 2)
+    path = write_scenario(tmp_path, "gpu_fsdp", [
+        {"name": "single", "techniques": ["bf16"]},
+        {"name": "fsdp2", "techniques": ["bf16"],
+         "parallel": {"strategy": "fsdp2", "world_size": ranks}},
+    ], train={"batch_size": 4, "seq_len": 512})
+    got = {}
+    for device in ("cuda", "simulate"):
+        proc = harness("run", str(path), "--device", device, "--out", str(tmp_path / device))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[device] = records(Path(last_json(proc.stdout)["run_dir"]))
+    single, fsdp2 = got["cuda"]["single"], got["cuda"]["fsdp2"]
+    assert fsdp2["status"] == "ok", fsdp2["error"]
+    assert len(fsdp2["memory"]["ranks"]) == ranks
+    for rank in fsdp2["memory"]["ranks"]:
+        assert rank["end_of_step_bytes"]["optimizer"] == pytest.approx(
+            single["memory"]["end_of_step_bytes"]["optimizer"] / ranks, rel=0.01)
+    simulated = got["simulate"]["fsdp2"]["memory"]["peak_allocated_bytes"]
+    assert simulated == pytest.approx(fsdp2["memory"]["peak_allocated_bytes"], rel=0.05)
