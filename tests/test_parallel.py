@@ -172,7 +172,7 @@ def test_a_rank_that_dies_ends_as_an_error_record_not_a_hang(tmp_path):
                            stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
     victim = _wait_for_rank(str(path), rank=1, within_s=90)
-    time.sleep(max(0.0, 12 - (time.time() - victim.create_time())))  # past imports, training
+    time.sleep(max(0.0, 9 - (time.time() - victim.create_time())))  # past imports: training
     victim.send_signal(signal.SIGKILL)
     stdout, stderr = run.communicate(timeout=120)
     assert time.monotonic() - started < 150

@@ -33,16 +33,18 @@ def test_oom_under_a_budget_is_recorded_and_the_next_variant_still_runs(tmp_path
     assert ok["status"] == "ok" and ok["memory"]["peak_allocated_bytes"] < budget
 
 
-def _worker_of(parent: subprocess.Popen, timeout: float = 60) -> psutil.Process:
+def _worker_of(parent: subprocess.Popen, timeout: float = 60,
+               started_after: float = 0.0) -> psutil.Process:
     """The variant's worker: the one descendant that leads its own process group (forked from
-    the fork server or started fresh, it calls setsid; the fork server does not)."""
+    the fork server or started fresh, it calls setsid; the fork server does not), started after
+    `started_after` (a unix time: not the previous variant's, still exiting)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(parent.pid).children(recursive=True):
             try:
-                if os.getpgid(child.pid) == child.pid:
+                if os.getpgid(child.pid) == child.pid and child.create_time() > started_after:
                     return child
-            except ProcessLookupError:
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
         time.sleep(0.1)
     raise AssertionError("no worker started")
@@ -76,14 +78,16 @@ def test_a_worker_past_its_timeout_is_killed_and_recorded(tmp_path):
 
 
 def test_ctrl_c_keeps_every_finished_record_and_exits_130(tmp_path):
-    path = write_scenario(tmp_path, "interrupt", [{"name": "a", "techniques": ["bf16"]},
-                                                  {"name": "b", "techniques": ["bf16"]}])
+    path = write_scenario(tmp_path, "interrupt", [
+        {"name": "a", "techniques": ["bf16"]},
+        {"name": "b", "techniques": ["bf16"], "train": {"steps": 500}},  # still running at ^C
+    ])
     parent = _start(path, tmp_path / "out")
     out = tmp_path / "out" / "interrupt"
     deadline = time.monotonic() + 120
     while not list(out.glob("*/a.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    worker = _worker_of(parent)  # b's worker
+    worker = _worker_of(parent, started_after=next(out.glob("*/a.json")).stat().st_mtime - 1)
     parent.send_signal(signal.SIGINT)
     stdout, stderr = parent.communicate(timeout=120)
     assert parent.returncode == 130, stderr[-2000:]
