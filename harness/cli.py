@@ -469,6 +469,10 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    # Also SIGINT: a process started in the background by a non-interactive shell inherits it
+    # ignored, and Python then installs no handler of its own — Ctrl-C (or `kill -INT`) would
+    # be lost rather than stop the run cleanly.
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return args.fn(args)
     except (ScenarioError, BadInput) as e:

@@ -76,9 +76,10 @@ def _attributed(rank: dict) -> int:
     """A rank's peak without its unattributed bytes. On CPU the profiler records the allocator
     events of the threads it profiles: a buffer of a collective whose last reference gloo's
     worker thread drops is freed unseen and may still look allocated — at most a layer's
-    gathered parameters here, and never named (unattributed)."""
+    gathered parameters here (padded to a multiple of the ranks' rows: 2 % more for three),
+    and never named (unattributed)."""
     unattributed = rank["breakdown_bytes"]["unattributed"]
-    assert unattributed <= LAYER_PARAMS * 4 + 4096, rank
+    assert unattributed <= LAYER_PARAMS * 4 * 1.02, rank
     return rank["peak_allocated_bytes"] - unattributed
 
 
