@@ -34,10 +34,6 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 # How long a rank waits in a collective for the others: a dead rank then ends the live ones
 # with an error rather than a hang (torchrun also stops them once it sees one exit).
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("HARNESS_COLLECTIVE_TIMEOUT_S", "300"))
-# Techniques whose loss calls the decoder and the head separately (not the wrapped model):
-# under FSDP2 the root's parameters are gathered by the root's forward, under DDP the reducer
-# is armed by the wrapper's.
-_OWN_LOSS = ("chunked_nll",)
 
 
 def dtype(name: str | None) -> torch.dtype | None:
@@ -51,11 +47,6 @@ def unsupported_reason(spec: ParallelSpec, technique_names, device: torch.device
     if "qlora" in names and spec.strategy == "fsdp2":
         return ("QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "
                 "quant_storage matched to the compute dtype) is not built into the harness yet")
-    own = sorted(names.intersection(_OWN_LOSS))
-    if own:
-        return (f"{own[0]} computes the loss from the decoder and the head separately, not "
-                f"through the {spec.strategy.upper()}-wrapped model that gathers (FSDP2) or "
-                "reduces (DDP) around its forward")
     if spec.cpu_offload:
         if simulate:
             return ("FSDP2 CPU offload is not simulated: the fake tensors of a simulation all "
@@ -141,8 +132,12 @@ def build_on_meta(spec: ParallelSpec | None, weights: str, quantized: bool) -> b
 def wrap(ctx, spec: ParallelSpec, device: torch.device) -> None:
     """Shard (FSDP2, in place: ctx.model becomes the root FSDP module) or replicate (DDP:
     ctx.forward_module is the wrapper the loop calls) the built model."""
-    if ctx.loss_fn is not None:
-        raise Unsupported(unsupported_reason(spec, _OWN_LOSS, device, False))
+    if ctx.loss_fn is not None:  # chunked_nll's: the decoder and the head called one by one
+        around = ("gathers the root's parameters" if spec.strategy == "fsdp2" else
+                  "arms the gradient reduction")
+        raise Unsupported("the variant's loss is computed from the decoder and the head "
+                          f"separately, not through the {spec.strategy.upper()}-wrapped model, "
+                          f"whose own forward {around}")
     if spec.strategy == "fsdp2":
         _fully_shard(ctx.model, spec, device)
     else:
@@ -292,7 +287,8 @@ def merge(records: dict[int, dict[str, Any]], world_size: int) -> dict[str, Any]
     model figures), `memory.ranks` for all, `memory.rank`, `memory.imbalance`; the worst status
     (a rank's error or OOM is the variant's), with that rank's error."""
     ranks = [rank_entry(rank, records[rank]) for rank in sorted(records)]
-    worst = min(records.values(), key=lambda r: _WORST.index(r["status"]))
+    worst_rank = min(sorted(records), key=lambda r: _WORST.index(records[r]["status"]))
+    worst = records[worst_rank]
     peaked = [r for r in records if records[r]["memory"].get("peak_allocated_bytes") is not None]
     top = max(peaked, key=lambda r: records[r]["memory"]["peak_allocated_bytes"]) if peaked \
         else min(records)
@@ -300,9 +296,8 @@ def merge(records: dict[int, dict[str, Any]], world_size: int) -> dict[str, Any]
     merged["memory"] = {**records[top]["memory"], "rank": top, "ranks": ranks,
                         "imbalance": imbalance(ranks)}
     if worst["status"] != "ok":
-        rank = next(r for r in sorted(records) if records[r] is worst)
         merged["status"] = worst["status"]
-        merged["error"] = f"rank {rank}: {worst['error']}"
+        merged["error"] = f"rank {worst_rank}: {worst['error']}"
     notes = []
     for rank in sorted(records):
         for note in records[rank]["notes"]:

@@ -115,8 +115,7 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         except (RecordError, ValueError, KeyError) as e:
             why = f"worker wrote an unreadable record: {e}"
     if why is None:
-        why = f"worker exited with code {code}" + (
-            f" (killed by {signal.Signals(-code).name})" if code < 0 else "")
+        why = f"worker exited with {_exit(code)}"
     pending.unlink(missing_ok=True)
     return _error_record(scenario, variant, device, run_id, final, why + "\n" + _tail(log))
 
@@ -157,8 +156,7 @@ def _collect_ranks(scenario: Scenario, variant: Variant, device: str, run_id: st
     if why is None:
         why = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
                f"{ranks} wrote no record" + (" (unreadable)" if unreadable else "") +
-               f"; torchrun exited with code {code}" +
-               (f" (killed by {signal.Signals(-code).name})" if code < 0 else ""))
+               f"; torchrun exited with {_exit(code)}")
     error = why + "\n" + _tail(log)
     if not records:
         return _error_record(scenario, variant, device, run_id, final, error)
@@ -239,6 +237,11 @@ def _start_ranks(argv: list[str], log: Path, ranks: int) -> _Worker:
             env={**os.environ, "PYTHONUNBUFFERED": "1",
                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(
                      1, (os.cpu_count() or 1) // ranks)))}))
+
+
+def _exit(code: int) -> str:
+    """`code 1`, or `code -9 (killed by SIGKILL)`."""
+    return f"code {code}" + (f" (killed by {signal.Signals(-code).name})" if code < 0 else "")
 
 
 def _tail(path: Path) -> str:

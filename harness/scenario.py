@@ -370,7 +370,7 @@ def _parse_parallel(path, raw, where: str, variant=None) -> ParallelSpec | None:
     values: dict[str, Any] = {}
     for key, value in given.items():
         full = f"{where}.{key}"
-        if key in ("world_size",):
+        if key == "world_size":
             _check_type(path, full, value, "int", variant)
             if value < 1:
                 raise ScenarioError(path, f"must be ≥ 1, got {value!r}", key=full, variant=variant)

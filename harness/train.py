@@ -126,8 +126,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 else:
                     optimizer.step()
                 probe.sight_optimizer(optimizer)
-                # Again: FSDP2 re-allocates an uneven (padded) shard at its first forward.
-                probe.sight(Kind.PARAM, list(model.parameters()))
+                if step == 0:  # again: FSDP2 re-allocates an uneven (padded) shard at its
+                    probe.sight(Kind.PARAM, list(model.parameters()))  # first forward
             del loss
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else

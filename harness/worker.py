@@ -80,12 +80,13 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     reason = _cuda_missing_reason() if device.startswith("cuda") else None
     simulate = device == "simulate"
     parallel, rank = variant.parallel, None
+    kind = "cuda" if device.startswith("cuda") else "cpu"  # a simulation's fake tensors: cpu
+    reason = reason or (parallel_training.unsupported_reason(
+        parallel, [u.name for u in variant.techniques], torch.device(kind), simulate)
+        if parallel is not None else None)
     if parallel is not None and not simulate and "RANK" in os.environ:
         # One of the ranks torchrun started (runner.py): join the others, unless this device
         # cannot run them (too few GPUs, say: then every rank says so); write our own record.
-        kind = "cuda" if device.startswith("cuda") else "cpu"
-        reason = reason or parallel_training.unsupported_reason(
-            parallel, [u.name for u in variant.techniques], torch.device(kind), False)
         rank, where = int(os.environ["RANK"]), None
         if reason is None:
             rank, where = parallel_training.init_rank(parallel, kind)
@@ -101,12 +102,9 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                                 else "cpu")
     torch_device = torch.device("cpu" if simulate else device)  # simulation: fake CPU tensors
     if simulate:
-        reason = simulation_reason(variant.techniques, variant.train.optimizer)
+        reason = reason or simulation_reason(variant.techniques, variant.train.optimizer)
     else:
         reason = reason or unsupported_reason(variant.techniques, torch_device)
-    if reason is None and parallel is not None:
-        reason = parallel_training.unsupported_reason(
-            parallel, [u.name for u in variant.techniques], torch_device, simulate)
     if reason is None and torch_device.type == "cpu" and not simulate:
         reason = _too_big_for_ram(scenario, variant)
     if reason is not None:
@@ -144,9 +142,8 @@ def _simulate_ranks(scenario, variant, record, result_path: Path, budget_bytes, 
     from harness.train import build
 
     spec = variant.parallel
-    with parallel_training.fake_group(spec, 0):
-        model = build(scenario.model, resolve_config(scenario.model, scenario.path),
-                      variant.techniques, torch.device("meta")).model
+    model = build(scenario.model, resolve_config(scenario.model, scenario.path),
+                  variant.techniques, torch.device("meta")).model  # its shapes, unsharded
     kinds = parallel_training.representative_ranks(model, spec.world_size)
     del model
     records = {}

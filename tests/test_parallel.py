@@ -26,7 +26,19 @@ VARIANTS = [
                                         "reshard_after_forward": False}},
     {"name": "ddp", "parallel": {"strategy": "ddp", "world_size": 2}},
 ]
-LAYER_PARAMS = 692_736  # one tiny-llama decoder layer's parameters (fp32: 2,770,944 bytes)
+
+
+def _layer_params() -> int:
+    """One tiny-llama decoder layer's parameters (692,736: 2,770,944 bytes in fp32)."""
+    from harness.models import meta_model, resolve_config
+    from harness.scenario import ModelSpec
+
+    spec = ModelSpec(config="tiny-llama")
+    model = meta_model(spec, resolve_config(spec, REPO / "scenarios" / "x.yaml"))
+    return sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+LAYER_PARAMS = _layer_params()
 
 
 @pytest.fixture(scope="module")

@@ -201,7 +201,6 @@ class Tracker(TorchDispatchMode):
         first_new = len(self.allocations) + 1 if self.allocations is not None else 0
         out = func(*args, **(kwargs or {}))
         self.sight(Kind.TENSOR, out)
-
         if self.inherit and self.labels is not None and self.layer is None:
             self._inherit(func, args, out, first_new)
         del held
