@@ -12,9 +12,11 @@ input; a trainable one keeps its input; a PEFT adapter keeps its own fp32 copy o
 (PEFT casts adapter inputs to the adapters' fp32); RMSNorm keeps an fp32 copy of its input.
 Sizes are rounded to 512 bytes per tensor, as CUDA's allocator rounds.
 
-What it does not model (a technique or shape outside this list is `unsupported`, not guessed):
-autocast, compile, Liger, int8, activation offload, trainable tokens and `modules_to_save`,
-TRL's fused head, mixture-of-experts or other architectures, sliding-window masks.
+What it does not model (`unsupported`, not guessed): each technique and optimizer says
+whether it has an estimate and why not (techniques/, optimizers.py: autocast, compile, Liger,
+int8, activation offload, trainable tokens, LoRA arguments other than rank, alpha, dropout and
+targets, TRL's fused head, Adafactor); mixture-of-experts or other architectures,
+sliding-window masks.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ADAPTER_BYTES = 4
 # What PEFT targets when target_modules is not given (its per-architecture default).
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class NotModelled(Exception):
@@ -126,68 +128,22 @@ class Stack:
     optimizer: str = "adamw"
 
 
-_NOT_MODELLED = {
-    "amp_bf16": "autocast (its weight-cast cache and per-op dtypes) is not modelled",
-    "amp_fp16": "autocast (its weight-cast cache and per-op dtypes) is not modelled",
-    "compile": "what compiled kernels allocate is known only by running them",
-    "liger": "Liger's fused kernels are not modelled",
-    "int8": "LLM.int8 layers are not modelled",
-    "activation_offload": "offloaded activations are not modelled",
-    "trainable_tokens": "trainable token rows are not modelled",
-}
-# LoRA arguments the arithmetic does not depend on; any other one must keep its default.
-_LORA_NEUTRAL = {"r", "lora_alpha", "lora_dropout", "target_modules", "prepare_model_for_kbit_training",
-                 "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
-                 "bnb_4bit_quant_storage", "llm_int8_skip_modules"}
-
-
 def read_stack(uses: Iterable, train, attention: str) -> Stack:
-    """The byte widths a variant's techniques imply; NotModelled for what has no closed form."""
-    names = {u.name: dict(u.args) for u in uses}
-    for name in names:
-        if name in _NOT_MODELLED:
-            raise NotModelled(f"{name}: {_NOT_MODELLED[name]}")
+    """The byte widths a variant's techniques imply, each technique adding its own part in the
+    order they apply (techniques/: `estimate`); NotModelled for what has no closed form."""
+    from harness.techniques import ordered
+
+    pairs = ordered(tuple(uses))
+    for tech, _ in pairs:  # the first technique without an estimate says so before any other
+        if tech.estimate is None:
+            tech.estimate_into({}, {})
     if attention not in ("sdpa", "eager"):
         raise NotModelled(f"attn_implementation {attention}: the estimate knows sdpa and eager")
-    weight = 2 if ("bf16" in names or "fp16" in names) else 4
-    adapter = names.get("lora") or names.get("qlora")
-    stack: dict[str, Any] = {"weight_bytes": weight, "trainable_base": adapter is None,
-                             "checkpointing": "gradient_checkpointing" in names,
+    stack: dict[str, Any] = {"weight_bytes": 4, "trainable_base": True, "checkpointing": False,
                              "attention": attention, "optimizer": train.optimizer}
-    if adapter is not None:
-        _check_lora(adapter)
-        targets = adapter.get("target_modules") or PEFT_DEFAULT_TARGETS
-        if targets == "all-linear":
-            targets = LINEARS
-        if isinstance(targets, str) or not set(targets) <= set(LINEARS):
-            raise NotModelled(f"target_modules {targets!r}: the estimate knows the decoder "
-                              "layers' linears by name, or all-linear")
-        stack.update(targets=tuple(t for t in LINEARS if t in targets), rank=adapter["r"],
-                     dropout=bool(adapter.get("lora_dropout")))
-    if "qlora" in names:
-        q = names["qlora"]
-        if q["bnb_4bit_quant_storage"] != "uint8" or q.get("llm_int8_skip_modules"):
-            raise NotModelled("4-bit storage other than uint8, or skipped modules, is not modelled")
-        compute = _BYTES.get(q["bnb_4bit_compute_dtype"])
-        if compute is None:
-            raise NotModelled(f"bnb_4bit_compute_dtype {q['bnb_4bit_compute_dtype']}")
-        # PEFT's k-bit preparation up-casts the non-quantized weights to fp32.
-        stack["weight_bytes"] = 4 if q["prepare_model_for_kbit_training"] else compute
-        stack.update(quantized=True, double_quant=q["bnb_4bit_use_double_quant"])
-    if "chunked_nll" in names:
-        if names["chunked_nll"]["impl"] != "harness":
-            raise NotModelled("chunked_nll impl: trl (TRL's fused head) is not modelled")
-        stack["chunk"] = names["chunked_nll"]["chunk_size"]
+    for tech, use in pairs:
+        tech.estimate_into(stack, use.args)
     return Stack(**stack)
-
-
-def _check_lora(args: dict) -> None:
-    from harness.techniques.lora import _peft
-
-    defaults = {f.name: f.default for f in dataclasses.fields(_peft().LoraConfig)}
-    for key, value in args.items():
-        if key not in _LORA_NEUTRAL and key in defaults and value != defaults[key]:
-            raise NotModelled(f"LoRA {key}={value!r} is not modelled (only its default)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,26 +200,13 @@ def parameters(sh: Shapes, st: Stack) -> list[Tensor]:
 
 def optimizer_state(trainable: list[Tensor], optimizer: str) -> tuple[int, int, int]:
     """(state bytes on the device, paged state bytes, step temporaries) for the trainable
-    tensors, as torch / transformers / bitsandbytes lay their state out."""
-    if optimizer in ("adamw", "adamw_fused"):
-        state = sum(2 * t.nbytes + ROUND for t in trainable)  # two moments and a step scalar
-        # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs) is one moment-sized temporary.
-        temp = sum(t.nbytes for t in trainable) if optimizer == "adamw" else 0
-        return state, 0, temp
-    if optimizer == "sgd":
-        return 0, 0, 0
-    if optimizer == "adafactor":
-        raise NotModelled("Adafactor's factored state needs each tensor's shape")
-    if optimizer == "adamw_32bit":
-        # bitsandbytes: two fp32 moments per element whatever the weight dtype, step in place.
-        return sum(2 * _r(t.numel * 4) for t in trainable), 0, 0
-    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        # bitsandbytes: 8-bit moments with an fp32 absmax per 256-element block; tensors under
-        # 4096 elements keep 32-bit moments. Its step works in place.
-        state = sum(2 * (_r(t.numel) + _r(math.ceil(t.numel / 256) * 4)) if t.numel >= 4096
-                    else 2 * _r(t.numel * 4) for t in trainable)
-        return (0, state, 0) if optimizer == "paged_adamw_8bit" else (state, 0, 0)
-    raise NotModelled(f"optimizer {optimizer}")
+    tensors, as the optimizer declares them (optimizers.py: `estimate`)."""
+    from harness.optimizers import OPTIMIZERS
+
+    spec = OPTIMIZERS[optimizer]
+    if spec.estimate is None:
+        raise NotModelled(f"optimizer {optimizer}: {spec.not_estimated}")
+    return spec.estimate(trainable)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,15 +3,29 @@
 Paged optimizers (bitsandbytes) keep their state in CUDA unified memory, which PyTorch's
 allocator never sees: `paged_state_bytes` counts it from the state tensors themselves so the
 record can show it beside `max_memory_allocated` instead of silently dropping it.
+
+Each optimizer declares what it can do as a technique does (techniques/__init__.py): why it
+cannot be simulated (`not_simulated`), its closed-form state (`estimate`, or `not_estimated`
+with the reason).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from harness.techniques import Unsupported
+
+ROUND = 512  # CUDA's allocator hands out whole 512-byte blocks
+
+
+def _r(nbytes: float) -> int:
+    n = int(math.ceil(nbytes))
+    return (n + ROUND - 1) // ROUND * ROUND if n > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -20,6 +34,40 @@ class OptimizerSpec:
     make: Callable[[list, Any], torch.optim.Optimizer]  # (params, TrainSpec) → optimizer
     doc: str
     not_simulated: str | None = None  # why its step cannot run on fake tensors
+    # The estimate's trainable tensors (estimate.Tensor: numel, nbytes) → (state bytes on the
+    # device, paged state bytes, step temporaries), as the library lays its state out. None:
+    # not modelled, for the reason in `not_estimated`.
+    estimate: Callable[[list], tuple[int, int, int]] | None = None
+    not_estimated: str | None = None
+
+    def __post_init__(self):
+        if (self.estimate is None) == (self.not_estimated is None):
+            raise RuntimeError(f"optimizer {self.name!r}: give its estimate or why it has none")
+
+
+def _adamw_state(foreach: bool):
+    def estimate(trainable):
+        state = sum(2 * t.nbytes + ROUND for t in trainable)  # two moments and a step scalar
+        # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs) is one moment-sized temporary.
+        return state, 0, sum(t.nbytes for t in trainable) if foreach else 0
+
+    return estimate
+
+
+def _bnb_32bit_state(trainable):
+    # bitsandbytes: two fp32 moments per element whatever the weight dtype, step in place.
+    return sum(2 * _r(t.numel * 4) for t in trainable), 0, 0
+
+
+def _bnb_8bit_state(paged: bool):
+    def estimate(trainable):
+        # bitsandbytes: 8-bit moments with an fp32 absmax per 256-element block; tensors under
+        # 4096 elements keep 32-bit moments. Its step works in place.
+        state = sum(2 * (_r(t.numel) + _r(math.ceil(t.numel / 256) * 4)) if t.numel >= 4096
+                    else 2 * _r(t.numel * 4) for t in trainable)
+        return (0, state, 0) if paged else (state, 0, 0)
+
+    return estimate
 
 
 def _adamw(params, train):
@@ -46,8 +94,6 @@ def _adafactor(params, train):
 
 def _bnb(cls_name: str):
     def make(params, train):
-        from harness.techniques import Unsupported
-
         try:
             import bitsandbytes as bnb
         except Exception as e:  # noqa: BLE001 - a missing or broken native library
@@ -69,21 +115,25 @@ _PAGED_NOT_SIMULATED = ("paged state lives in CUDA unified memory, outside the a
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adamw", _adamw, "torch AdamW, foreach: two fp32-or-param-dtype moments per "
-                  "parameter (2× the trainable bytes), plus foreach step temporaries"),
+                  "parameter (2× the trainable bytes), plus foreach step temporaries",
+                  estimate=_adamw_state(foreach=True)),
     OptimizerSpec("adamw_fused", _adamw_fused, "torch AdamW, fused kernel: the same state, "
-                  "without foreach's per-step temporaries"),
-    OptimizerSpec("sgd", _sgd, "torch SGD without momentum: no state at all"),
+                  "without foreach's per-step temporaries", estimate=_adamw_state(foreach=False)),
+    OptimizerSpec("sgd", _sgd, "torch SGD without momentum: no state at all",
+                  estimate=lambda trainable: (0, 0, 0)),
     OptimizerSpec("adafactor", _adafactor, "transformers Adafactor: factored second moment "
-                  "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)"),
+                  "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)",
+                  not_estimated="Adafactor's factored state needs each tensor's shape"),
     OptimizerSpec("adamw_32bit", _bnb("AdamW32bit"), "bitsandbytes AdamW32bit: fp32 moments "
                   "whatever the parameter dtype (fp16/bf16 weights with fp32 state: 8 bytes per "
-                  "trainable parameter), updated in place", None),
+                  "trainable parameter), updated in place", estimate=_bnb_32bit_state),
     OptimizerSpec("adamw_8bit", _bnb("AdamW8bit"), "bitsandbytes AdamW8bit: both moments in "
                   "block-wise 8-bit (≈ ¼ of fp32 AdamW's state) plus small absmax tables",
-                  None),
+                  estimate=_bnb_8bit_state(paged=False)),
     OptimizerSpec("paged_adamw_8bit", _bnb("PagedAdamW8bit"), "bitsandbytes PagedAdamW8bit: 8-bit "
                   "state in CUDA unified memory, paged to CPU under pressure; invisible to "
-                  "PyTorch's allocator (counted separately)", _PAGED_NOT_SIMULATED),
+                  "PyTorch's allocator (counted separately)", _PAGED_NOT_SIMULATED,
+                  estimate=_bnb_8bit_state(paged=True)),
 )}
 
 

@@ -40,13 +40,16 @@ def dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 
 
-def unsupported_reason(spec: ParallelSpec, technique_names, device: torch.device,
+def unsupported_reason(spec: ParallelSpec, uses, device: torch.device,
                        simulate: bool) -> str | None:
-    """Why this device or this build cannot run the variant's parallel training, or None."""
-    names = set(technique_names)
-    if "qlora" in names and spec.strategy == "fsdp2":
-        return ("QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "
-                "quant_storage matched to the compute dtype) is not built into the harness yet")
+    """Why this device or this build cannot run the variant's parallel training, or None.
+    `uses`: the variant's techniques, each saying which strategies it cannot run under."""
+    from harness.techniques import ordered
+
+    for tech, _ in ordered(tuple(uses)):
+        why = tech.parallel_unsupported.get(spec.strategy)
+        if why:
+            return why
     if spec.cpu_offload:
         if simulate:
             return ("FSDP2 CPU offload is not simulated: the fake tensors of a simulation all "

@@ -16,6 +16,7 @@ import pandas as pd
 from harness.probes.timeline import CATEGORIES
 from harness.record import read_record
 from harness.scenario import point_label
+from harness.techniques import stack_label
 from harness.units import GIB, unit_for
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
@@ -46,8 +47,8 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "job": record_key(record),  # the variant with its sweep point, as the file is named
         "variant_index": record["variant"].get("index"),
         "baseline": record["scenario"].get("baseline"),
-        "techniques": " + ".join(_technique_label(t) for t in record["variant"]["techniques"])
-        or "(none)",
+        "techniques": stack_label(record["variant"]["techniques"],
+                                  (record.get("train") or {}).get("optimizer")),
         "parallel": parallel_label(record.get("parallel")),
         "world_size": (record.get("parallel") or {}).get("world_size"),
         "max_rank": memory.get("rank"),  # a parallel record's figures are this rank's
@@ -91,10 +92,6 @@ def parallel_label(parallel: dict[str, Any] | None) -> str | None:
     changed = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in parallel.items()
                if k in default and v != default[k]]
     return " ".join([f"{parallel['strategy']}×{parallel['world_size']}", *changed])
-
-
-def _technique_label(use: dict[str, Any]) -> str:
-    return use["name"]
 
 
 def load_results(path: str | Path) -> pd.DataFrame:

@@ -66,6 +66,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     import torch
 
     from harness import parallel as parallel_training
+    from harness.optimizers import OPTIMIZERS
     from harness.techniques import simulation_reason, unsupported_reason
 
     scenario = load_scenario(scenario_path, only=variant_name)
@@ -82,7 +83,7 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
     parallel, rank = variant.parallel, None
     kind = "cuda" if device.startswith("cuda") else "cpu"  # a simulation's fake tensors: cpu
     reason = reason or (parallel_training.unsupported_reason(
-        parallel, [u.name for u in variant.techniques], torch.device(kind), simulate)
+        parallel, variant.techniques, torch.device(kind), simulate)
         if parallel is not None else None)
     if parallel is not None and not simulate and "RANK" in os.environ:
         # One of the ranks torchrun started (runner.py): join the others, unless this device
@@ -102,7 +103,8 @@ def run_variant(scenario_path: str, variant_name: str, device: str, run_id: str,
                                 else "cpu")
     torch_device = torch.device("cpu" if simulate else device)  # simulation: fake CPU tensors
     if simulate:
-        reason = reason or simulation_reason(variant.techniques, variant.train.optimizer)
+        reason = reason or simulation_reason(variant.techniques,
+                                             OPTIMIZERS[variant.train.optimizer])
     else:
         reason = reason or unsupported_reason(variant.techniques, torch_device)
     if reason is None and torch_device.type == "cpu" and not simulate:

@@ -165,7 +165,7 @@ def test_load_results_gives_a_tidy_frame(measured):
     assert len(frame) == len(VARIANTS)
     assert frame["peak_allocated_bytes"].dtype.name == "Int64"
     row = frame.set_index("variant").loc["lora-gc"]
-    assert row["techniques"] == "bf16 + lora + gradient_checkpointing"  # applied order
+    assert row["techniques"] == "bf16 + lora(r=16, q/v) + gradient_checkpointing · adamw"  # applied
     assert row["peak_allocated_bytes"] < frame.set_index("variant").loc["lora", "peak_allocated_bytes"]
 
 

@@ -1,9 +1,17 @@
 """The technique registry: each technique is one small function in its own module.
 
 A technique only changes the `BuildContext` (load options, the model, autocast, ...). It never
-runs training and never reads the scenario file. Each declares the `Stage` where it applies, so
-the order in the YAML does not matter: the runner applies LOAD techniques before the model is
-built, MODEL techniques to the built model, STEP techniques to how the step runs.
+runs training and never reads the scenario file. Each declares the `Stage` where it applies, and
+`APPLY_ORDER` below is the one place that says what applies before what, so the order in the
+YAML does not matter: LOAD techniques before the model is built, MODEL techniques to the built
+model, STEP techniques to how the step runs.
+
+What a technique can do is declared on it, never kept in a list of names elsewhere: whether the
+device can run it (`supported`), why it cannot be simulated (`not_simulated`), its closed-form
+estimate (`estimate`, or `not_estimated` with the reason: the estimate then says "not
+modelled", never ok), the parallel strategies it cannot run under (`parallel_unsupported`) and
+its table label (`label`: the arguments that tell two rows apart). Optimizers
+(harness/optimizers.py) declare the same capabilities.
 
 Adding one: a new module here with
 
@@ -11,7 +19,7 @@ Adding one: a new module here with
     def name(ctx: BuildContext, **args) -> None:
         \"\"\"Expected memory effect, and why.\"\"\"
 
-and an import line at the bottom of this file.
+its name in `APPLY_ORDER`, and an import line at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -71,6 +79,17 @@ class BuildContext:
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+# What applies before what: every registered technique once, stages in order (LOAD, MODEL,
+# STEP). Within MODEL: Liger patches the model's classes and chunked NLL replaces the loss
+# before PEFT wraps the model (both reach the base through the wrapper), adapters before
+# checkpointing or offload (PEFT re-wraps the layers), compile last (it traces the finished
+# model).
+APPLY_ORDER = ("bf16", "fp16", "int8",  # LOAD
+               "liger", "chunked_nll", "lora", "qlora", "trainable_tokens",  # MODEL
+               "activation_offload", "gradient_checkpointing", "compile",
+               "amp_bf16", "amp_fp16")  # STEP
+
+
 def _no_args(args: dict) -> dict:
     if args:
         raise TechniqueArgError(f"takes no arguments, got {', '.join(map(str, args))}",
@@ -84,7 +103,6 @@ class Technique:
     stage: Stage
     apply: Callable[..., None]
     conflicts: frozenset[str] = frozenset()
-    order: int = 0  # within a stage, lower applies first
     resolve_args: Callable[[dict], dict] = _no_args
     supported: Callable[[torch.device], str | None] = lambda device: None  # reason, or None
     # Validation-time check against the model built on meta: a problem, or None.
@@ -99,34 +117,65 @@ class Technique:
     needs_warmup: bool = False  # its first step is not representative (compilation)
     # Why it cannot run on fake tensors (simulation), or None where it can.
     not_simulated: str | None = None
+    # Its part of the closed-form estimate (harness/estimate.py): (stack fields, resolved args)
+    # → updates the stack fields in place, or raises estimate.NotModelled for arguments the
+    # arithmetic does not cover. None: not modelled, for the reason in `not_estimated`.
+    estimate: Callable[[dict, dict], None] | None = None
+    not_estimated: str | None = None
+    # Parallel strategies it cannot run under, each with the reason (parallel.py).
+    parallel_unsupported: Mapping[str, str] = field(default_factory=dict)
+    # Resolved args → its cell in tables: the name, and the arguments that tell rows apart.
+    label: Callable[[dict], str] | None = None
 
     @property
     def doc(self) -> str:
         """The docstring's first paragraph, on one line."""
         return " ".join((self.apply.__doc__ or "").strip().split("\n\n")[0].split())
 
+    def label_for(self, args: Mapping[str, Any]) -> str:
+        return self.label(dict(args)) if self.label is not None else self.name
+
+    def estimate_into(self, stack: dict, args: Mapping[str, Any]) -> None:
+        """Apply its part of the estimate to `stack`; NotModelled where it has none."""
+        if self.estimate is None:
+            from harness.estimate import NotModelled
+
+            raise NotModelled(f"{self.name}: {self.not_estimated or 'not modelled'}")
+        self.estimate(stack, dict(args))
+
 
 REGISTRY: dict[str, Technique] = {}
 
 
-def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (), order: int = 0,
+def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
               args: Callable[[dict], dict] | None = None,
               supported: Callable[[Any], str | None] | None = None,
               check_model: Callable[[Any, dict], str | None] | None = None,
               load: Callable[..., None] | None = None, requires: tuple[str, ...] = (),
               check_stack: Callable[[dict[str, dict]], str | None] | None = None,
-              needs_warmup: bool = False, not_simulated: str | None = None):
-    """Register a technique; duplicate names are a programming error."""
+              needs_warmup: bool = False, not_simulated: str | None = None,
+              estimate: Callable[[dict, dict], None] | None = None,
+              not_estimated: str | None = None,
+              parallel_unsupported: Mapping[str, str] | None = None,
+              label: Callable[[dict], str] | None = None):
+    """Register a technique; a duplicate name, or one missing from APPLY_ORDER, is a
+    programming error."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         if name in REGISTRY:
             raise RuntimeError(f"technique {name!r} registered twice")
+        if (estimate is None) == (not_estimated is None):
+            raise RuntimeError(f"technique {name!r}: give its estimate or why it has none")
+        if name not in APPLY_ORDER:
+            raise RuntimeError(f"technique {name!r} has no place in APPLY_ORDER")
         REGISTRY[name] = Technique(
-            name=name, stage=stage, apply=fn, conflicts=frozenset(conflicts), order=order,
+            name=name, stage=stage, apply=fn, conflicts=frozenset(conflicts),
             resolve_args=args or _no_args,
             supported=supported or (lambda device: None), check_model=check_model,
             load=load, requires=tuple(requires), check_stack=check_stack,
-            needs_warmup=needs_warmup, not_simulated=not_simulated,
+            needs_warmup=needs_warmup, not_simulated=not_simulated, estimate=estimate,
+            not_estimated=not_estimated, parallel_unsupported=dict(parallel_unsupported or {}),
+            label=label,
         )
         return fn
 
@@ -157,8 +206,9 @@ def check_stack(uses: tuple[TechniqueUse, ...]) -> None:
 
 
 def ordered(uses: tuple[TechniqueUse, ...]) -> list[tuple[Technique, TechniqueUse]]:
+    """The stack in the order it applies (APPLY_ORDER), whatever the YAML's order."""
     pairs = [(REGISTRY[u.name], u) for u in uses]
-    return sorted(pairs, key=lambda p: (p[0].stage, p[0].order, p[0].name))
+    return sorted(pairs, key=lambda p: APPLY_ORDER.index(p[0].name))
 
 
 def apply_stage(stage: Stage, ctx: BuildContext, uses: tuple[TechniqueUse, ...]) -> None:
@@ -182,15 +232,40 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
     return None
 
 
-def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer: str) -> str | None:
-    """Why this stack cannot be simulated, or None."""
-    from harness.optimizers import OPTIMIZERS
-
+def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer=None) -> str | None:
+    """Why this stack (and `optimizer`, an optimizers.OptimizerSpec) cannot be simulated, or
+    None."""
     for tech, _ in ordered(uses):
         if tech.not_simulated:
             return f"{tech.name} cannot be simulated: {tech.not_simulated}"
-    why = OPTIMIZERS[optimizer].not_simulated
-    return f"optimizer {optimizer} cannot be simulated: {why}" if why else None
+    why = optimizer.not_simulated if optimizer is not None else None
+    return f"optimizer {optimizer.name} cannot be simulated: {why}" if why else None
+
+
+def stack_label(uses, optimizer: str | None = None) -> str:
+    """A variant's techniques as a table cell, in applied order, each with the arguments that
+    tell it apart, then the optimizer: `qlora(r=16, all-linear) + gradient_checkpointing ·
+    adamw_8bit`. `uses`: TechniqueUse or the record's {name, args} dicts."""
+    uses = tuple(u if isinstance(u, TechniqueUse) else TechniqueUse(u["name"], u.get("args", {}))
+                 for u in uses)
+    known = tuple(u for u in uses if u.name in REGISTRY)  # an old record's retired name: as is
+    cells = [tech.label_for(use.args) for tech, use in ordered(known)]
+    cells += [u.name for u in uses if u.name not in REGISTRY]
+    text = " + ".join(cells) or "(none)"
+    return f"{text} · {optimizer}" if optimizer else text
+
+
+def lora_label(name: str, args: Mapping[str, Any]) -> str:
+    """`lora(r=16, all-linear)`: rank and target modules, the two arguments tables need."""
+    targets = args.get("target_modules")
+    if isinstance(targets, (list, tuple)):
+        targets = "/".join(str(t).removesuffix("_proj") for t in targets)
+    parts = [f"r={args['r']}"] if "r" in args else []
+    if targets:
+        parts.append(str(targets))
+    if args.get("use_dora"):
+        parts.append("dora")
+    return f"{name}({', '.join(parts)})" if parts else name
 
 
 def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any] = (),

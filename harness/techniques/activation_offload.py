@@ -12,9 +12,10 @@ def _needs_a_gpu(device) -> str | None:
     return None
 
 
-@technique("activation_offload", stage=Stage.MODEL, order=20,
+@technique("activation_offload", stage=Stage.MODEL,
            conflicts=("gradient_checkpointing",), supported=_needs_a_gpu,
-           not_simulated="host-RAM offload needs a real device to offload from")
+           not_simulated="host-RAM offload needs a real device to offload from",
+           not_estimated="offloaded activations are not modelled")
 def activation_offload(ctx: BuildContext) -> None:
     """Checkpointing as gradient_checkpointing, and the one hidden state kept per layer is copied
     to (pinned) host memory in forward and back in backward: GPU activations fall to about one

@@ -8,7 +8,8 @@ from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import bf16_supported, others
 
 
-@technique("amp_bf16", stage=Stage.STEP, conflicts=others("amp_bf16"), supported=bf16_supported)
+@technique("amp_bf16", stage=Stage.STEP, conflicts=others("amp_bf16"), supported=bf16_supported,
+           not_estimated="autocast (its weight-cast cache and per-op dtypes) is not modelled")
 def amp_bf16(ctx: BuildContext) -> None:
     """Mixed precision: weights, grads and optimizer state stay fp32 (no saving there);
     activations saved for backward are mostly bf16 (about half), but autocast caches a bf16

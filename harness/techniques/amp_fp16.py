@@ -8,7 +8,8 @@ from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import others
 
 
-@technique("amp_fp16", stage=Stage.STEP, conflicts=others("amp_fp16"))
+@technique("amp_fp16", stage=Stage.STEP, conflicts=others("amp_fp16"),
+           not_estimated="autocast (its weight-cast cache and per-op dtypes) is not modelled")
 def amp_fp16(ctx: BuildContext) -> None:
     """Mixed precision as amp_bf16 (fp32 weights, grads and state; fp16 activations and an fp16
     weight-cast cache), plus the GradScaler fp16 needs: the loss is scaled before backward and

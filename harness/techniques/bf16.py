@@ -20,7 +20,8 @@ def bf16_supported(device: torch.device) -> str | None:
     return None
 
 
-@technique("bf16", stage=Stage.LOAD, conflicts=others("bf16"), supported=bf16_supported)
+@technique("bf16", stage=Stage.LOAD, conflicts=others("bf16"), supported=bf16_supported,
+           estimate=lambda stack, args: stack.update(weight_bytes=2))
 def bf16(ctx: BuildContext) -> None:
     """Parameters, grads and AdamW state in bf16: each takes half the bytes of fp32.
 

@@ -65,7 +65,15 @@ def chunked_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     return total / count
 
 
-@technique("chunked_nll", stage=Stage.MODEL, order=6, args=_resolve)
+def _estimate(stack: dict, args: dict) -> None:
+    from harness.estimate import NotModelled
+
+    if args["impl"] != "harness":
+        raise NotModelled("chunked_nll impl: trl (TRL's fused head) is not modelled")
+    stack["chunk"] = args["chunk_size"]
+
+
+@technique("chunked_nll", stage=Stage.MODEL, args=_resolve, estimate=_estimate)
 def chunked_nll(ctx: BuildContext, chunk_size: int, impl: str) -> None:
     """The loss never materialises the full `[tokens, vocab]` fp32 logits: the peak loses about
     2 × tokens × vocab × 4 bytes (logits and their gradient) and gains one chunk's worth — the

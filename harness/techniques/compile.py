@@ -74,9 +74,10 @@ def _inductor_missing(device) -> str | None:
     return None
 
 
-@technique("compile", stage=Stage.MODEL, order=90, args=_resolve, check_stack=_check_stack,
+@technique("compile", stage=Stage.MODEL, args=_resolve, check_stack=_check_stack,
            needs_warmup=True,
-           not_simulated="the memory of generated kernels is known only by running them")
+           not_simulated="the memory of generated kernels is known only by running them",
+           not_estimated="what compiled kernels allocate is known only by running them")
 def compile(ctx: BuildContext, backend: str, mode: str, scope: str, fullgraph: bool,
             dynamic: bool) -> None:
     """torch.compile (in place, `nn.Module.compile`): inductor fuses elementwise chains into one

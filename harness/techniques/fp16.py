@@ -8,7 +8,8 @@ from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import others
 
 
-@technique("fp16", stage=Stage.LOAD, conflicts=others("fp16"))
+@technique("fp16", stage=Stage.LOAD, conflicts=others("fp16"),
+           estimate=lambda stack, args: stack.update(weight_bytes=2))
 def fp16(ctx: BuildContext) -> None:
     """Parameters, grads and AdamW state in fp16: half the bytes of fp32, as bf16.
 

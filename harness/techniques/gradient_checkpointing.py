@@ -5,7 +5,8 @@ from __future__ import annotations
 from harness.techniques import BuildContext, Stage, base_model, technique
 
 
-@technique("gradient_checkpointing", stage=Stage.MODEL, order=20)
+@technique("gradient_checkpointing", stage=Stage.MODEL,
+           estimate=lambda stack, args: stack.update(checkpointing=True))
 def gradient_checkpointing(ctx: BuildContext) -> None:
     """Activations drop from every layer's saved tensors to one hidden state per layer (plus one
     layer's worth, live while that layer is recomputed in backward); costs about one extra

@@ -41,9 +41,10 @@ def _supported(device) -> str | None:
     return None
 
 
-@technique("liger", stage=Stage.MODEL, order=5, args=_resolve, supported=_supported,
+@technique("liger", stage=Stage.MODEL, args=_resolve, supported=_supported,
            check_stack=_check_stack,
-           not_simulated="liger-kernel's Triton kernels run only on a GPU, not on fake tensors")
+           not_simulated="liger-kernel's Triton kernels run only on a GPU, not on fake tensors",
+           not_estimated="Liger's fused kernels are not modelled")
 def liger(ctx: BuildContext, **switches) -> None:
     """Fused kernels: fused linear cross-entropy never materialises the [tokens, vocab] logits
     (the largest activation of a big-vocabulary model), RMSNorm/SwiGLU/RoPE kernels save fewer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.techniques import BuildContext, Stage, dataclass_args, technique
+from harness.techniques import BuildContext, Stage, dataclass_args, lora_label, technique
 
 
 def _peft():
@@ -33,7 +33,32 @@ def _check_targets(model, args: dict) -> str | None:
     return None
 
 
-@technique("lora", stage=Stage.MODEL, order=10, check_model=_check_targets,
+# LoRA arguments the estimate's arithmetic does not depend on; any other one must keep its default.
+_ESTIMATE_NEUTRAL = {"r", "lora_alpha", "lora_dropout", "target_modules"}
+
+
+def estimate_lora(stack: dict, args: dict, neutral: frozenset[str] = frozenset()) -> None:
+    """LoRA's part of the closed-form estimate: adapters on the named linears, the base frozen."""
+    import dataclasses
+
+    from harness.estimate import LINEARS, PEFT_DEFAULT_TARGETS, NotModelled
+
+    defaults = {f.name: f.default for f in dataclasses.fields(_peft().LoraConfig)}
+    for key, value in args.items():
+        if key not in _ESTIMATE_NEUTRAL | neutral and key in defaults and value != defaults[key]:
+            raise NotModelled(f"LoRA {key}={value!r} is not modelled (only its default)")
+    targets = args.get("target_modules") or PEFT_DEFAULT_TARGETS
+    if targets == "all-linear":
+        targets = LINEARS
+    if isinstance(targets, str) or not set(targets) <= set(LINEARS):
+        raise NotModelled(f"target_modules {targets!r}: the estimate knows the decoder "
+                          "layers' linears by name, or all-linear")
+    stack.update(trainable_base=False, targets=tuple(t for t in LINEARS if t in targets),
+                 rank=args["r"], dropout=bool(args.get("lora_dropout")))
+
+
+@technique("lora", stage=Stage.MODEL, check_model=_check_targets, estimate=estimate_lora,
+           label=lambda args: lora_label("lora", args),
            args=dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
                                shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
                                aliases={"rank": "r", "alpha": "lora_alpha",

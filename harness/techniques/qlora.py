@@ -8,9 +8,10 @@ from harness.techniques import (
     TechniqueArgError,
     Unsupported,
     dataclass_args,
+    lora_label,
     technique,
 )
-from harness.techniques.lora import _RESERVED, _check_targets, _peft, add_lora
+from harness.techniques.lora import _RESERVED, _check_targets, _peft, add_lora, estimate_lora
 
 # BitsAndBytesConfig's 4-bit arguments, spelled as it spells them, with QLoRA's usual values.
 BNB_4BIT = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
@@ -62,7 +63,25 @@ def _quantize_at_load(ctx: BuildContext, **args) -> None:
     ctx.load.dtype = ctx.load.dtype or getattr(torch, args["bnb_4bit_compute_dtype"])
 
 
-@technique("qlora", stage=Stage.MODEL, order=10, conflicts=("lora", "int8", "fp16"),
+def _estimate(stack: dict, args: dict) -> None:
+    from harness.estimate import BYTES, NotModelled
+
+    estimate_lora(stack, args, neutral=frozenset({*BNB_4BIT, "prepare_model_for_kbit_training"}))
+    if args["bnb_4bit_quant_storage"] != "uint8" or args.get("llm_int8_skip_modules"):
+        raise NotModelled("4-bit storage other than uint8, or skipped modules, is not modelled")
+    compute = BYTES.get(args["bnb_4bit_compute_dtype"])
+    if compute is None:
+        raise NotModelled(f"bnb_4bit_compute_dtype {args['bnb_4bit_compute_dtype']}")
+    # PEFT's k-bit preparation up-casts the non-quantized weights to fp32.
+    stack.update(weight_bytes=4 if args["prepare_model_for_kbit_training"] else compute,
+                 quantized=True, double_quant=args["bnb_4bit_use_double_quant"])
+
+
+@technique("qlora", stage=Stage.MODEL, conflicts=("lora", "int8", "fp16"),
+           estimate=_estimate, label=lambda args: lora_label("qlora", args),
+           parallel_unsupported={"fsdp2": (
+               "QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "
+               "quant_storage matched to the compute dtype) is not built into the harness yet")},
            args=_resolve, load=_quantize_at_load, supported=bnb_supported,
            check_model=_check_targets)
 def qlora(ctx: BuildContext, prepare_model_for_kbit_training: bool, **args) -> None:

@@ -26,8 +26,9 @@ def _check_ids(model, args: dict) -> str | None:
     return None
 
 
-@technique("trainable_tokens", stage=Stage.MODEL, order=10, conflicts=("lora", "qlora"),
-           args=_resolve, check_model=_check_ids)
+@technique("trainable_tokens", stage=Stage.MODEL, conflicts=("lora", "qlora"),
+           args=_resolve, check_model=_check_ids,
+           not_estimated="trainable token rows are not modelled")
 def trainable_tokens(ctx: BuildContext, **args) -> None:
     """Only the listed token ids' embedding rows train (PEFT keeps a small delta for them):
     grads and optimizer state for len(token_indices) × hidden values, instead of a whole
