@@ -49,6 +49,17 @@ def _forks(device: str) -> bool:
     return device in ("cpu", "simulate") or (device == "auto" and not shutil.which("nvidia-smi"))
 
 
+def _timeout(text: str) -> float:
+    """`--timeout`: a positive, finite number of seconds (argparse reports exit 2, one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import report
     from harness.record import new_run_id
@@ -366,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "allocator's own, simulated: the caching-allocator replay's")
     run.add_argument("--memory-budget", metavar="SIZE",
                      help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
-    run.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+    run.add_argument("--timeout", type=_timeout, default=3600.0, metavar="SECONDS",
                      help="per-variant wall-clock limit (default 3600)")
     run.set_defaults(fn=cmd_run)
 
@@ -396,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
     cmp.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
                      help="what the estimate and the simulation model (see run --target)")
-    cmp.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+    cmp.add_argument("--timeout", type=_timeout, default=3600.0, metavar="SECONDS",
                      help="per-variant wall-clock limit (default 3600)")
     cmp.set_defaults(fn=cmd_compare_methods)
 
@@ -417,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="probe records go to OUT/<scenario>/<run id>-fit")
     fit.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
     fit.add_argument("--target", choices=("cuda", "cpu"), help="simulate: see run --target")
-    fit.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+    fit.add_argument("--timeout", type=_timeout, default=3600.0, metavar="SECONDS",
                      help="per-probe wall-clock limit (default 3600)")
     fit.set_defaults(fn=cmd_fit)
 

@@ -208,6 +208,19 @@ def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
 
 
+def _int_no_octal(loader: _StrictLoader, node: yaml.ScalarNode):
+    """YAML 1.1 reads `010` as 8; refuse a leading zero rather than guess."""
+    text = loader.construct_scalar(node)
+    if re.fullmatch(r"[-+]?0[0-9_]+", text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} has a leading zero (octal in YAML 1.1): write "
+            f"{text.lstrip('+-0_') or '0'} or 0o{text.lstrip('+-0_')}", node.start_mark)
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _int_no_octal)
+
+
 def resolve_scenario_path(arg: str | Path) -> Path:
     """A path to a file, or the name of a scenario under `scenarios/`."""
     path = Path(arg)
@@ -235,6 +248,8 @@ def load_scenario(arg: str | Path, only: str | None = None) -> Scenario:
         raw = yaml.load(raw_bytes.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - safe subclass
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ScenarioError(path, "not valid YAML: " + " ".join(str(e).split())) from None
+    except RecursionError:
+        raise ScenarioError(path, "not valid YAML: nested too deeply") from None
     return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest(), only)
 
 
@@ -270,6 +285,15 @@ def _check_type(path, key, value, kind, variant=None):
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
     }[kind]
+    if not ok and kind == "float" and isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:
+            raise ScenarioError(path, f"must be float, got the string {value!r} (YAML 1.1 reads "
+                                      f"a float only with a dot: write e.g. 1.0e-4)", key=key,
+                                variant=variant)
     if not ok:
         raise ScenarioError(path, f"must be {'a non-empty string' if kind == 'str' else kind}, "
                                   f"got {value!r}", key=key, variant=variant)
@@ -313,7 +337,7 @@ def _parse_model(path, raw, deep: bool = True) -> ModelSpec:
 
 _TRAIN_TYPES = {
     "batch_size": ("int", 1),
-    "seq_len": ("int", 1),
+    "seq_len": ("int", 2),  # one token has no next-token target
     "optimizer": ("str", None),
     "lr": ("float", None),
     "weight_decay": ("float", 0),
@@ -335,6 +359,11 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
         _check_type(path, full, value, kind, variant)
         if minimum is not None and value < minimum:
             raise ScenarioError(path, f"must be ≥ {minimum}, got {value!r}", key=full, variant=variant)
+        if kind == "float" and value != value or value in (float("inf"), float("-inf")):
+            raise ScenarioError(path, f"must be a finite number, got {value!r}", key=full,
+                                variant=variant)
+        if key == "seed" and value >= 2 ** 64:
+            raise ScenarioError(path, f"must be < 2**64, got {value!r}", key=full, variant=variant)
         if key in ("lr", "max_grad_norm") and value <= 0:
             raise ScenarioError(path, f"must be > 0, got {value!r}", key=full, variant=variant)
         if key == "optimizer" and value not in OPTIMIZERS:

@@ -89,7 +89,7 @@ BAD = [
     ((["model", "config"], "./nowhere.json"), None, "model.config", "not found"),
     ((["model", "config"], "org/some-model"), None, "model.config", "local cache"),
     ((["train", "batch_size"], "2"), None, "train.batch_size", "must be int"),
-    ((["train", "seq_len"], 0), None, "train.seq_len", "≥ 1"),
+    ((["train", "seq_len"], 0), None, "train.seq_len", "≥ 2"),
     ((["train", "optimizer"], "adamww"), None, "train.optimizer", "did you mean 'adamw'"),
     ((["train", "lr"], -1.0), None, "train.lr", "> 0"),
     ((["train", "sequence_length"], 5), None, "train.sequence_length", "unknown key"),
@@ -243,3 +243,37 @@ def test_property_malformed_scenarios_never_raise_anything_else(tmp_path, edits)
         load_scenario(file)
     except ScenarioError as e:
         assert "\n" not in str(e) and str(e).startswith(str(file))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("lr", float("nan"), "finite"), ("lr", float("inf"), "finite"),
+    ("weight_decay", float("nan"), "finite"), ("max_grad_norm", float("inf"), "finite"),
+    ("max_grad_norm", float("nan"), "finite"), ("seq_len", 1, "≥ 2"),
+    ("seed", 2 ** 64, "2**64"), ("seed", -1, "≥ 0"), ("lr", "1e-4", "1.0e-4"),
+])
+def test_bad_train_values_are_refused_naming_the_key(tmp_path, key, value, needle):
+    body = copy.deepcopy(GOOD)
+    body["train"][key] = value
+    with pytest.raises(ScenarioError) as e:
+        load_scenario(_write(tmp_path, body))
+    assert e.value.key == f"train.{key}" and needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "nan", "inf", "x"])
+def test_cli_timeout_must_be_a_positive_number(text, capsys):
+    import argparse
+
+    from harness.cli import _timeout
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive number of seconds"):
+        _timeout(text)
+
+
+def test_leading_zero_int_is_refused(tmp_path):
+    text = yaml.safe_dump(GOOD, sort_keys=False).replace("batch_size: 2", "batch_size: 010")
+    with pytest.raises(ScenarioError, match="write 10 or 0o10"):
+        load_scenario(_write(tmp_path, text))
+
+
+def test_deep_nesting_is_an_error_not_a_recursion(tmp_path):
+    with pytest.raises(ScenarioError, match="nested too deeply"):
+        load_scenario(_write(tmp_path, "x: " + "[" * 10000))
