@@ -9,7 +9,7 @@ trace that `timeline.analyse` turns into phase peaks and a breakdown, exactly as
 What fake CPU tensors do as CUDA would: SDPA dispatches to the flash kernel (saves output +
 logsumexp, never a [B, H, S, S] matrix); AdamW is foreach, as on CUDA. What no op output shows
 — memory CUDA kernels and libraries allocate beside their outputs — the CUDA target adds where
-it is modelled (flash attention's backward workspace, cuBLAS handles' workspaces; see README).
+it is modelled (flash attention's backward workspace, cuBLAS handles' workspaces; see docs/simulation.md).
 Reserved memory comes from replaying the trace through a model of CUDA's caching allocator; a
 deep model's trace is assembled from three simulated layers (layers.py).
 """
