@@ -134,15 +134,15 @@ def read_stack(uses: Iterable, train, attention: str) -> Stack:
     from harness.techniques import ordered
 
     pairs = ordered(tuple(uses))
-    for tech, _ in pairs:  # the first technique without an estimate says so before any other
-        if tech.estimate is None:
-            tech.estimate_into({}, {})
+    unmodelled = next((tech for tech, _ in pairs if tech.estimate is None), None)
+    if unmodelled is not None:  # said before any other technique's or the model's reason
+        raise NotModelled(f"{unmodelled.name}: {unmodelled.not_estimated}")
     if attention not in ("sdpa", "eager"):
         raise NotModelled(f"attn_implementation {attention}: the estimate knows sdpa and eager")
     stack: dict[str, Any] = {"weight_bytes": 4, "trainable_base": True, "checkpointing": False,
                              "attention": attention, "optimizer": train.optimizer}
     for tech, use in pairs:
-        tech.estimate_into(stack, use.args)
+        tech.estimate(stack, dict(use.args))
     return Stack(**stack)
 
 

@@ -18,14 +18,9 @@ from typing import Any
 
 import torch
 
+from harness.estimate import ROUND
+from harness.estimate import _r as rounded
 from harness.techniques import Unsupported
-
-ROUND = 512  # CUDA's allocator hands out whole 512-byte blocks
-
-
-def _r(nbytes: float) -> int:
-    n = int(math.ceil(nbytes))
-    return (n + ROUND - 1) // ROUND * ROUND if n > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -56,15 +51,15 @@ def _adamw_state(foreach: bool):
 
 def _bnb_32bit_state(trainable):
     # bitsandbytes: two fp32 moments per element whatever the weight dtype, step in place.
-    return sum(2 * _r(t.numel * 4) for t in trainable), 0, 0
+    return sum(2 * rounded(t.numel * 4) for t in trainable), 0, 0
 
 
 def _bnb_8bit_state(paged: bool):
     def estimate(trainable):
         # bitsandbytes: 8-bit moments with an fp32 absmax per 256-element block; tensors under
         # 4096 elements keep 32-bit moments. Its step works in place.
-        state = sum(2 * (_r(t.numel) + _r(math.ceil(t.numel / 256) * 4)) if t.numel >= 4096
-                    else 2 * _r(t.numel * 4) for t in trainable)
+        state = sum(2 * (rounded(t.numel) + rounded(math.ceil(t.numel / 256) * 4)) if t.numel >= 4096
+                    else 2 * rounded(t.numel * 4) for t in trainable)
         return (0, state, 0) if paged else (state, 0, 0)
 
     return estimate

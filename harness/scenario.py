@@ -21,6 +21,7 @@ import difflib
 import functools
 import hashlib
 import itertools
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -211,10 +212,11 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 def _int_no_octal(loader: _StrictLoader, node: yaml.ScalarNode):
     """YAML 1.1 reads `010` as 8; refuse a leading zero rather than guess."""
     text = loader.construct_scalar(node)
+    sign, digits = text[:1].strip("0123456789_"), text.lstrip("+-0_")
     if re.fullmatch(r"[-+]?0[0-9_]+", text):
         raise yaml.constructor.ConstructorError(
-            None, None, f"{text!r} has a leading zero (octal in YAML 1.1): write "
-            f"{text.lstrip('+-0_') or '0'} or 0o{text.lstrip('+-0_')}", node.start_mark)
+            None, None, f"{text!r} has a leading zero (octal in YAML 1.1): write {sign}"
+            f"{digits or '0'} or {sign}0o{digits}", node.start_mark)
     return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
 
 
@@ -359,7 +361,7 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
         _check_type(path, full, value, kind, variant)
         if minimum is not None and value < minimum:
             raise ScenarioError(path, f"must be ≥ {minimum}, got {value!r}", key=full, variant=variant)
-        if kind == "float" and value != value or value in (float("inf"), float("-inf")):
+        if kind == "float" and not math.isfinite(value):
             raise ScenarioError(path, f"must be a finite number, got {value!r}", key=full,
                                 variant=variant)
         if key == "seed" and value >= 2 ** 64:

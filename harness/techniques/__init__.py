@@ -125,23 +125,12 @@ class Technique:
     # Parallel strategies it cannot run under, each with the reason (parallel.py).
     parallel_unsupported: Mapping[str, str] = field(default_factory=dict)
     # Resolved args → its cell in tables: the name, and the arguments that tell rows apart.
-    label: Callable[[dict], str] | None = None
+    label: Callable[[dict], str] = lambda args: ""  # registration defaults it to the name
 
     @property
     def doc(self) -> str:
         """The docstring's first paragraph, on one line."""
         return " ".join((self.apply.__doc__ or "").strip().split("\n\n")[0].split())
-
-    def label_for(self, args: Mapping[str, Any]) -> str:
-        return self.label(dict(args)) if self.label is not None else self.name
-
-    def estimate_into(self, stack: dict, args: Mapping[str, Any]) -> None:
-        """Apply its part of the estimate to `stack`; NotModelled where it has none."""
-        if self.estimate is None:
-            from harness.estimate import NotModelled
-
-            raise NotModelled(f"{self.name}: {self.not_estimated or 'not modelled'}")
-        self.estimate(stack, dict(args))
 
 
 REGISTRY: dict[str, Technique] = {}
@@ -175,7 +164,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
             load=load, requires=tuple(requires), check_stack=check_stack,
             needs_warmup=needs_warmup, not_simulated=not_simulated, estimate=estimate,
             not_estimated=not_estimated, parallel_unsupported=dict(parallel_unsupported or {}),
-            label=label,
+            label=label or (lambda args: name),
         )
         return fn
 
@@ -232,13 +221,13 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
     return None
 
 
-def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer=None) -> str | None:
-    """Why this stack (and `optimizer`, an optimizers.OptimizerSpec) cannot be simulated, or
+def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer) -> str | None:
+    """Why this stack and `optimizer` (an optimizers.OptimizerSpec) cannot be simulated, or
     None."""
     for tech, _ in ordered(uses):
         if tech.not_simulated:
             return f"{tech.name} cannot be simulated: {tech.not_simulated}"
-    why = optimizer.not_simulated if optimizer is not None else None
+    why = optimizer.not_simulated
     return f"optimizer {optimizer.name} cannot be simulated: {why}" if why else None
 
 
@@ -249,7 +238,7 @@ def stack_label(uses, optimizer: str | None = None) -> str:
     uses = tuple(u if isinstance(u, TechniqueUse) else TechniqueUse(u["name"], u.get("args", {}))
                  for u in uses)
     known = tuple(u for u in uses if u.name in REGISTRY)  # an old record's retired name: as is
-    cells = [tech.label_for(use.args) for tech, use in ordered(known)]
+    cells = [tech.label(dict(use.args)) for tech, use in ordered(known)]
     cells += [u.name for u in uses if u.name not in REGISTRY]
     text = " + ".join(cells) or "(none)"
     return f"{text} · {optimizer}" if optimizer else text

@@ -55,9 +55,13 @@ def test_estimates_compose_in_apply_order():
     stack = read_stack(qlora.techniques, train, "sdpa")
     assert stack.quantized and stack.checkpointing and stack.chunk == 256
     assert not stack.trainable_base and stack.rank == 16
-    # PEFT's k-bit preparation up-casts the rest to fp32, whatever bf16 said before.
-    assert stack.weight_bytes == 4
     assert read_stack([TechniqueUse("bf16")], train, "sdpa").weight_bytes == 2
+    # QLoRA applies after bf16, whatever the YAML's order: PEFT's k-bit preparation up-casts
+    # the non-quantized weights to fp32, over bf16's 2 bytes; without it, the compute dtype.
+    quantized = next(u for u in qlora.techniques if u.name == "qlora")
+    assert read_stack([quantized, TechniqueUse("bf16")], train, "sdpa").weight_bytes == 4
+    unprepared = TechniqueUse("qlora", {**quantized.args, "prepare_model_for_kbit_training": False})
+    assert read_stack([unprepared, TechniqueUse("bf16")], train, "sdpa").weight_bytes == 2
 
 
 def test_optimizers_declare_their_estimate_as_techniques_do():
