@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 SCENARIO ?= smoke_tiny
 ARGS    ?=
 
-.PHONY: help setup test test-gpu bench validate lint clean
+.PHONY: help setup test test-fast test-gpu bench validate lint clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,8 +22,11 @@ setup:  ## create .venv and install everything (CUDA torch where nvidia-smi work
 	$(PIP) install -q -e '.[dev]'
 	$(PY) -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 
-test:  ## run the test suite on two workers, one test file each (GPU tests skip without CUDA)
+test:  ## every test, slow ones included, two workers, a file each (CI; GPU tests skip without CUDA)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-fast:  ## in-process tests only: committed records, tiny models, no CLI process (< 1 min)
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-gpu:  ## run only the GPU tests
 	$(PY) -m pytest -q -m gpu

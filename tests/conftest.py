@@ -1,4 +1,8 @@
-"""Shared fixtures: scenarios written in tmp folders, the CLI run as a user runs it."""
+"""Shared fixtures: scenarios written in tmp folders, the CLI run as a user runs it (`harness`,
+a process: slow) or in this process (`cli`: fast, for verbs that start no worker).
+
+Two tiers: a test that starts the CLI or a worker process, or trains beyond a tiny model, is
+marked `slow`; `make test-fast` runs the rest (`-m "not slow and not gpu"`), `make test` all."""
 
 from __future__ import annotations
 
@@ -52,6 +56,32 @@ def harness(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                           **kwargs)
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`cli("compare", a, b)`: the CLI's `main` in this process, answered like `harness(...)`
+    (exit code, stdout, stderr). For the verbs that start no worker (validate, estimate,
+    compare, report, plot, history) and for the bad input `run` and `fit` refuse before any
+    variant runs: no fork server is started, and a variant it did run would be a process."""
+    import signal
+
+    from harness import cli as entry
+
+    # main() installs SIGINT/SIGTERM handlers for a run's clean stop: pytest's must stay.
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(entry, "_forks", lambda device: False)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = entry.main(list(args))
+        except SystemExit as e:  # argparse's own refusals (unknown flag, bad --timeout)
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["harness", *args], code, out, err)
+
+    return run
 
 
 def run_cpu(folder: Path, name: str, variants: list[dict], **scenario) -> dict[str, dict]:
