@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from harness.fit import VARIED
-from harness.scenario import ScenarioError, list_scenarios, load_scenario
 from harness.units import parse_size
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "_scratch"
@@ -62,8 +61,10 @@ def _timeout(text: str) -> float:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import report
+    from harness.job import RunOptions
     from harness.record import new_run_id
     from harness.runner import run_scenario, start_fork_server
+    from harness.scenario import load_scenario
 
     budget = None
     if args.memory_budget is not None:
@@ -83,10 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_id = new_run_id()
     run_dir = Path(args.out) / scenario.name / run_id
     _progress(f"{scenario.name}: {len(variants)} variant(s) on {device} → {run_dir}")
-    outcome = run_scenario(scenario, variants, device=device, run_dir=run_dir, run_id=run_id,
-                           steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
-                           full_depth=args.full_depth, target=args.target or "cuda",
-                           snapshot=args.snapshot, progress=_progress)
+    options = RunOptions(device, steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
+                         full_depth=args.full_depth, target=args.target or "cuda",
+                         snapshot=args.snapshot)
+    outcome = run_scenario(scenario, variants, options, run_dir=run_dir, run_id=run_id,
+                           progress=_progress)
     _plot(run_dir)
     text = report.write_summary(run_dir)
     print(text)
@@ -153,6 +155,7 @@ def estimate_run(scenario, variants, run_dir: Path, run_id: str, steps: int | No
 def cmd_estimate(args: argparse.Namespace) -> int:
     from harness import report
     from harness.record import new_run_id
+    from harness.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
     if args.steps is not None and args.steps < 1:
@@ -173,8 +176,10 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     """Estimate, simulate (and, with --cpu, measure) the same variants; add measured run folders
     given with --measured; print one row per variant with each method's peak and error."""
     from harness import report
+    from harness.job import RunOptions
     from harness.record import new_run_id
     from harness.runner import run_scenario, start_fork_server
+    from harness.scenario import load_scenario
 
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
@@ -198,9 +203,9 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     devices = [("simulated", "simulate")] + ([("measured-cpu", "cpu")] if args.cpu else [])
     for label, device in devices:
         _progress(f"{scenario.name}: {len(variants)} variant(s) on {device}")
-        outcome = run_scenario(scenario, variants, device=device, run_dir=top / label,
-                               run_id=run_id, steps=args.steps, timeout_s=args.timeout,
-                               full_depth=args.full_depth, target=args.target,
+        options = RunOptions(device, steps=args.steps, timeout_s=args.timeout,
+                             full_depth=args.full_depth, target=args.target)
+        outcome = run_scenario(scenario, variants, options, run_dir=top / label, run_id=run_id,
                                progress=_progress)
         report.write_summary(top / label)
         runs[label] = top / label
@@ -218,6 +223,8 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from harness.scenario import ScenarioError, list_scenarios, load_scenario
+
     paths = args.scenarios or [str(p) for p in list_scenarios()]
     failed = 0
     for arg in paths:
@@ -233,16 +240,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from harness.models import MODEL_DIR
+    from harness.scenario import list_scenarios
     from harness.techniques import REGISTRY
 
     print("scenarios:")
     for path in list_scenarios():
-        try:
-            s = load_scenario(path)
-            print(f"  {s.name:<22} {s.model.config:<18} {len(s.variants):>2} variants  "
-                  f"{s.description}")
-        except ScenarioError as e:
-            print(f"  {path.stem:<22} INVALID: {e}")
+        print(_listing(path))
     print("techniques:")
     for name, tech in sorted(REGISTRY.items()):
         print(f"  {name:<24} {tech.stage.name.lower():<6} {tech.doc}")
@@ -252,12 +255,51 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listing(path: Path) -> str:
+    """A scenario's line in `ls`, from its outline: checking it whole builds its model on meta
+    and resolves technique arguments with the libraries (torch, transformers, PEFT: seconds),
+    which is `validate`'s job. A file without a readable outline is loaded whole, so that its
+    line names the problem as `validate` does."""
+    from harness.scenario import ScenarioError, load_scenario
+
+    try:
+        name, config, count, description = _outline(path)
+    except Exception:  # noqa: BLE001 - whatever is wrong, the whole load says it in one line
+        try:
+            s = load_scenario(path)
+        except ScenarioError as e:
+            return f"  {path.stem:<22} INVALID: {e}"
+        name, config, count, description = s.name, s.model.config, len(s.variants), s.description
+    return f"  {name:<22} {config:<18} {count:>2} variants  {description}"
+
+
+def _outline(path: Path) -> tuple[str, str, int, str]:
+    """(name, model config, number of variants, description) as the YAML spells them; raises
+    where the file does not read as a scenario."""
+    import math
+
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    config, variants = raw["model"]["config"], raw["variants"]
+    sweep, description = raw.get("sweep") or {}, raw.get("description", "")
+    if raw["name"] != path.stem or not (
+            isinstance(config, str) and isinstance(variants, list) and variants
+            and isinstance(description, str) and all(isinstance(v, list) and v
+                                                     for v in sweep.values())):
+        raise ValueError(f"{path}: not a scenario's outline")
+    # A sweep crosses every variant with every point of its grid.
+    return raw["name"], config, len(variants) * math.prod(map(len, sweep.values())), description
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     """The largest --vary value that fits --gpu-memory, per variant, by bisection over runs."""
     from harness import fit as fitting
     from harness import report
+    from harness.job import RunOptions
     from harness.record import new_run_id, read_record
     from harness.runner import run_scenario, start_fork_server
+    from harness.scenario import load_scenario
 
     try:
         budget = parse_size(args.gpu_memory)
@@ -280,16 +322,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) / scenario.name / f"{run_id}-fit"
     _progress(f"{scenario.name}: largest {args.vary} within {args.gpu_memory}, "
               f"{len(variants)} variant(s) on {device} → {run_dir}")
+    # Simulated peaks are compared with the budget; real runs meet it as an OOM.
+    options = RunOptions(device, budget_bytes=None if device == "simulate" else budget,
+                         timeout_s=args.timeout, full_depth=args.full_depth,
+                         target=args.target or "cuda")
     results = []
     for variant in variants:
         def probe(value: int, variant=variant) -> dict:
             job = scenario.at_point(variant.declared,
                                     {**dict(variant.sweep_point), args.vary: value})
-            outcome = run_scenario(
-                scenario, [job], device=device, run_dir=run_dir, run_id=run_id,
-                # Simulated peaks are compared with the budget; real runs meet it as an OOM.
-                budget_bytes=None if device == "simulate" else budget, timeout_s=args.timeout,
-                full_depth=args.full_depth, target=args.target or "cuda", progress=_progress)
+            outcome = run_scenario(scenario, [job], options, run_dir=run_dir, run_id=run_id,
+                                   progress=_progress)
             if outcome.interrupted:
                 raise KeyboardInterrupt
             return read_record(run_dir / f"{job.name}.json")
@@ -351,85 +394,96 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags several verbs share, each defined once. A verb passes its own help where the flag tells
+# it something of its own (what OUT holds, what the timeout limits).
+_FLAGS: dict[str, dict] = {
+    "scenario": {"help": "a name under scenarios/ or a path to a YAML file"},
+    "--variant": {"action": "append", "metavar": "NAME", "help": "repeatable"},
+    "--device": {"choices": ("auto", "cuda", "cpu", "simulate"), "default": "auto"},
+    "--out": {"default": str(DEFAULT_OUT)},
+    "--steps": {"type": int, "help": "measured steps (overrides the scenario)"},
+    "--full-depth": {"action": "store_true", "help": "simulate every decoder layer"},
+    "--target": {"choices": ("cuda", "cpu")},
+    "--timeout": {"type": _timeout, "default": 3600.0, "metavar": "SECONDS",
+                  "help": "per-variant wall-clock limit (default 3600)"},
+}
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **own) -> None:
+    """Add the shared flag `name`, with this verb's own help or default where given."""
+    parser.add_argument(name, **{**_FLAGS[name], **own})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Measure the GPU memory of LLM "
                                      "fine-tuning setups, one technique stack per variant.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run every (or the chosen) variant of a scenario")
-    run.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu", "simulate"), default="auto",
-                     help="auto: cuda if available, else simulate (fake tensors: nothing "
-                          "allocated); cpu: real steps measured on this CPU")
-    run.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
-    run.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
-    run.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
-    run.add_argument("--full-depth", action="store_true",
-                     help="simulate: every decoder layer, not 3 assembled into the full depth "
-                          "(slower; the same figures)")
-    run.add_argument("--target", choices=("cuda", "cpu"),
-                     help="simulate: model what CUDA kernels allocate beside their outputs "
-                          "(cuda, the default) or only what the CPU kernels do (cpu: like with "
-                          "like against a --device cpu run)")
+    _flag(run, "scenario")
+    _flag(run, "--device", help="auto: cuda if available, else simulate (fake tensors: nothing "
+                                "allocated); cpu: real steps measured on this CPU")
+    _flag(run, "--variant")
+    _flag(run, "--out", help="records go to OUT/<scenario>/<run id>")
+    _flag(run, "--steps")
+    _flag(run, "--full-depth", help="simulate: every decoder layer, not 3 assembled into the "
+                                    "full depth (slower; the same figures)")
+    _flag(run, "--target", help="simulate: model what CUDA kernels allocate beside their outputs "
+                                "(cuda, the default) or only what the CPU kernels do (cpu: like "
+                                "with like against a --device cpu run)")
     run.add_argument("--snapshot", action="store_true",
                      help="also write each variant's memory snapshot (<variant>.snapshot.pickle, "
                           "PyTorch's format: drag it onto pytorch.org/memory_viz); on CUDA the "
                           "allocator's own, simulated: the caching-allocator replay's")
     run.add_argument("--memory-budget", metavar="SIZE",
                      help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
-    run.add_argument("--timeout", type=_timeout, default=3600.0, metavar="SECONDS",
-                     help="per-variant wall-clock limit (default 3600)")
+    _flag(run, "--timeout")
     run.set_defaults(fn=cmd_run)
 
     est = sub.add_parser("estimate", help="closed-form estimate of every (or the chosen) variant: "
                          "no tensor created, instant")
-    est.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
-    est.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
-    est.add_argument("--out", default=str(DEFAULT_OUT), help="records go to OUT/<scenario>/<run id>")
-    est.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
+    _flag(est, "scenario")
+    _flag(est, "--variant")
+    _flag(est, "--out", help="records go to OUT/<scenario>/<run id>")
+    _flag(est, "--steps")
     est.add_argument("--terms", action="store_true", help="also print each variant's terms")
-    est.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
-                     help="cuda (default): include what CUDA kernels allocate beside their "
-                          "outputs; cpu: only what the CPU kernels do")
+    _flag(est, "--target", default="cuda",
+          help="cuda (default): include what CUDA kernels allocate beside their outputs; cpu: "
+               "only what the CPU kernels do")
     est.set_defaults(fn=cmd_estimate)
 
     cmp = sub.add_parser("compare-methods", help="estimated vs simulated (vs measured) peaks of "
                          "the same variants, with the error of each")
-    cmp.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
-    cmp.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
+    _flag(cmp, "scenario")
+    _flag(cmp, "--variant")
     cmp.add_argument("--measured", action="append", metavar="RUN_DIR",
                      help="a run folder of the same scenario measured elsewhere (a GPU run); "
                           "repeatable")
     cmp.add_argument("--cpu", action="store_true", help="also measure each variant on this CPU")
-    cmp.add_argument("--out", default=str(DEFAULT_OUT),
-                     help="everything goes to OUT/<scenario>/<run id>-methods")
-    cmp.add_argument("--steps", type=int, help="measured steps (overrides the scenario)")
-    cmp.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
-    cmp.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
-                     help="what the estimate and the simulation model (see run --target)")
-    cmp.add_argument("--timeout", type=_timeout, default=3600.0, metavar="SECONDS",
-                     help="per-variant wall-clock limit (default 3600)")
+    _flag(cmp, "--out", help="everything goes to OUT/<scenario>/<run id>-methods")
+    _flag(cmp, "--steps")
+    _flag(cmp, "--full-depth")
+    _flag(cmp, "--target", default="cuda",
+          help="what the estimate and the simulation model (see run --target)")
+    _flag(cmp, "--timeout")
     cmp.set_defaults(fn=cmd_compare_methods)
 
     fit = sub.add_parser("fit", help="the largest batch size or sequence length that fits a GPU's "
                          "memory, per variant (bisection over runs)")
-    fit.add_argument("scenario", help="a name under scenarios/ or a path to a YAML file")
+    _flag(fit, "scenario")
     fit.add_argument("--gpu-memory", required=True, metavar="SIZE",
                      help="the card's memory, e.g. 24GiB (what the reserved peak must fit)")
     fit.add_argument("--vary", required=True, choices=VARIED)
-    fit.add_argument("--variant", action="append", metavar="NAME", help="repeatable")
-    fit.add_argument("--device", choices=("auto", "cuda", "cpu", "simulate"), default="auto",
-                     help="as for run: auto is cuda if available, else simulate")
+    _flag(fit, "--variant")
+    _flag(fit, "--device", help="as for run: auto is cuda if available, else simulate")
     fit.add_argument("--multiple-of", type=int, default=1, metavar="N",
                      help="search multiples of N only (e.g. 128 for seq_len); default 1")
     fit.add_argument("--max", type=int, default=2**16, metavar="N",
                      help="the largest value tried (default 65536)")
-    fit.add_argument("--out", default=str(DEFAULT_OUT),
-                     help="probe records go to OUT/<scenario>/<run id>-fit")
-    fit.add_argument("--full-depth", action="store_true", help="simulate every decoder layer")
-    fit.add_argument("--target", choices=("cuda", "cpu"), help="simulate: see run --target")
-    fit.add_argument("--timeout", type=_timeout, default=3600.0, metavar="SECONDS",
-                     help="per-probe wall-clock limit (default 3600)")
+    _flag(fit, "--out", help="probe records go to OUT/<scenario>/<run id>-fit")
+    _flag(fit, "--full-depth")
+    _flag(fit, "--target", help="simulate: see run --target")
+    _flag(fit, "--timeout", help="per-probe wall-clock limit (default 3600)")
     fit.set_defaults(fn=cmd_fit)
 
     hist = sub.add_parser("history", help="every record under results/ over time: each variant's "
@@ -439,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--metric", default="peak_allocated_bytes",
                       help="a column of the tidy table (peak_reserved_bytes, "
                            "backward_peak_allocated_bytes, step_time_s_median, ...)")
-    hist.add_argument("--out", default=str(DEFAULT_OUT / "history"),
-                      help="history.md, history.csv and history.png go to OUT/<scenario|all>")
+    _flag(hist, "--out", default=str(DEFAULT_OUT / "history"),
+          help="history.md, history.csv and history.png go to OUT/<scenario|all>")
     hist.set_defaults(fn=cmd_history)
 
     gate = sub.add_parser("compare", help="BASE vs NEW run folders of one scenario, variant by "
@@ -486,7 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     try:
         return args.fn(args)
-    except (ScenarioError, BadInput) as e:
+    except Exception as e:
+        from harness.scenario import ScenarioError  # here: most verbs never read a scenario
+
+        if not isinstance(e, (BadInput, ScenarioError)):
+            raise
         _err(str(e))
         return 2
     except KeyboardInterrupt:

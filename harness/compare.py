@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.record import RecordError, read_record
-from harness.report import record_key
+from harness.scenario import point_label
 from harness.units import parse_size, unit_for
 
 MARKS = ("+", "-", "~", "!", "x")
@@ -82,6 +82,15 @@ class Row:
         return None if self.base is None or self.new is None else self.new - self.base
 
 
+def record_key(record: dict) -> str:
+    """A record's variant name, with its sweep point (as its file is named): what a row of
+    this comparison, and of the tidy table (report.py), stands for. Here, so that comparing
+    two runs never imports pandas."""
+    point = record.get("sweep_point")
+    name = record["variant"]["name"]
+    return f"{name}@{point_label(point)}" if point else name
+
+
 def load_run(path: str | Path) -> tuple[Path, dict[str, dict]]:
     """A run folder's records by key; a folder of run folders (results/<scenario>/) means its
     newest run (run ids sort by time)."""
@@ -128,6 +137,10 @@ def _what_ran(record: dict) -> dict[str, Any]:
         "train": {k: v for k, v in record["train"].items() if k != "steps"},
         "parallel": record.get("parallel"),  # strategy, world size and options
         "target": memory.get("target"),
+        # The environment variables figures depend on: the caching allocator's settings, and
+        # cuBLAS's workspaces (a simulated or estimated CUDA target sizes them from it too).
+        "PYTORCH_CUDA_ALLOC_CONF": env.get("pytorch_cuda_alloc_conf"),
+        "CUBLAS_WORKSPACE_CONFIG": env.get("cublas_workspace_config"),
     }
 
 
@@ -138,7 +151,8 @@ def _incomparable(base: dict, new: dict) -> str | None:
         b["model"].pop("params_total", None)
     for key in a:
         if a[key] != b[key]:
-            if key in ("method", "device", "GPU", "target"):
+            if key in ("method", "device", "GPU", "target", "PYTORCH_CUDA_ALLOC_CONF",
+                       "CUBLAS_WORKSPACE_CONFIG"):
                 return f"{key} {a[key]} vs {b[key]}"
             return f"{key} changed"
     return None

@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from harness.estimate import ROUND
-from harness.estimate import _r as rounded
 from harness.techniques import Unsupported
+
+if TYPE_CHECKING:  # imported where used: naming an optimizer (validation, tables) needs no torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,8 @@ class OptimizerSpec:
 
 def _adamw_state(foreach: bool):
     def estimate(trainable):
+        from harness.estimate import ROUND
+
         state = sum(2 * t.nbytes + ROUND for t in trainable)  # two moments and a step scalar
         # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs) is one moment-sized temporary.
         return state, 0, sum(t.nbytes for t in trainable) if foreach else 0
@@ -50,12 +51,16 @@ def _adamw_state(foreach: bool):
 
 
 def _bnb_32bit_state(trainable):
+    from harness.estimate import _r as rounded
+
     # bitsandbytes: two fp32 moments per element whatever the weight dtype, step in place.
     return sum(2 * rounded(t.numel * 4) for t in trainable), 0, 0
 
 
 def _bnb_8bit_state(paged: bool):
     def estimate(trainable):
+        from harness.estimate import _r as rounded
+
         # bitsandbytes: 8-bit moments with an fp32 absmax per 256-element block; tensors under
         # 4096 elements keep 32-bit moments. Its step works in place.
         state = sum(2 * (rounded(t.numel) + rounded(math.ceil(t.numel / 256) * 4)) if t.numel >= 4096
@@ -66,16 +71,22 @@ def _bnb_8bit_state(paged: bool):
 
 
 def _adamw(params, train):
+    import torch
+
     # foreach=True is what CUDA picks by default; CPU would pick the for-loop form, whose step
     # temporaries are far smaller. The same choice on every device keeps runs comparable.
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
 
 
 def _adamw_fused(params, train):
+    import torch
+
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
 
 
 def _sgd(params, train):
+    import torch
+
     return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
 
 
@@ -137,6 +148,8 @@ def make_optimizer(name: str, params: list, train) -> torch.optim.Optimizer:
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    import torch
+
     return [v for state in optimizer.state.values() for v in state.values()
             if isinstance(v, torch.Tensor)]
 

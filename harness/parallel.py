@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,6 +84,36 @@ def init_rank(spec: ParallelSpec, device_type: str) -> tuple[int, torch.device |
     dist.init_process_group(BACKENDS[device_type], timeout=dt.timedelta(
         seconds=COLLECTIVE_TIMEOUT_S), device_id=where)
     return rank, where
+
+
+def simulate_ranks(job, record: dict, run: Callable[[Any, dict], None]) -> dict:
+    """Every rank of a parallel job (job.py), simulated on the fake process group in this
+    process: one of each kind of rank (ranks whose shards have the same shapes allocate the
+    same), each filled in by `run(job, rank's record)`, merged as the runner merges measured
+    ranks' records. The snapshot, if asked for, is rank 0's."""
+    import copy
+    import dataclasses
+
+    from harness.models import resolve_config
+    from harness.train import build
+
+    scenario, spec = job.scenario, job.variant.parallel
+    model = build(scenario.model, resolve_config(scenario.model, scenario.path),
+                  job.variant.techniques, torch.device("meta")).model  # its shapes, unsharded
+    kinds = representative_ranks(model, spec.world_size)
+    del model
+    records = {}
+    for rank, alike in kinds.items():
+        ranked = copy.deepcopy(record)
+        with fake_group(spec, rank):
+            run(job if rank == 0 else dataclasses.replace(job, snapshot=None), ranked)
+        for other in alike:
+            records[other] = ranked
+    if len(kinds) < spec.world_size:
+        note = (f"simulated {len(kinds)} of the {spec.world_size} ranks: the others hold shards "
+                "of the same shapes as one of those")
+        records[0]["notes"].insert(0, note)
+    return merge(records, spec.world_size)
 
 
 @contextlib.contextmanager
@@ -201,7 +232,7 @@ def named_buffers(model: torch.nn.Module, tracker):
     FSDP2: each parameter it gathers (the all-gather outputs and the unsharded parameter
     viewing them), also where autograd saves it for backward; and, in a simulation, the
     gathers' storage frees and re-allocations, which FSDP2 makes by resizing storage in place
-    (`free_storage`, `alloc_storage`) rather than by any op, enter the trace.
+    (`free_storage`, `alloc_storage`) rather than by any op, enter the trace (patches.py).
     DDP: its gradient buckets (which it re-allocates once, in the second step's forward, in
     the order gradients arrived), through a communication hook that names each bucket and
     all-reduces it as DDP's own does (`allreduce_hook`).
@@ -217,30 +248,9 @@ def named_buffers(model: torch.nn.Module, tracker):
     if not is_sharded(model):
         yield
         return
-    from unittest import mock
+    from harness.patches import fsdp2_storage_traced
 
-    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
-
-    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
-    init_unsharded = _fsdp_param.FSDPParam.init_unsharded_param
-
-    def alloc_storage(tensor):
-        alloc(tensor)
-        tracker.resized(tensor.untyped_storage())
-
-    def free_storage(tensor):
-        free(tensor)
-        tracker.resized(tensor.untyped_storage())
-
-    def init_unsharded_param(fsdp_param):  # after each all-gather's copy-out
-        init_unsharded(fsdp_param)
-        tracker.sight(Kind.COMM, [*fsdp_param.all_gather_outputs, fsdp_param._unsharded_param])
-
-    with mock.patch.object(_fsdp_param, "alloc_storage", alloc_storage), \
-            mock.patch.object(_fsdp_param, "free_storage", free_storage), \
-            mock.patch.object(_fsdp_param_group, "alloc_storage", alloc_storage), \
-            mock.patch.object(_fsdp_param.FSDPParam, "init_unsharded_param",
-                              init_unsharded_param):
+    with fsdp2_storage_traced(tracker):
         yield
 
 

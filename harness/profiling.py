@@ -127,9 +127,9 @@ def profile(name: str, *, model=None, optimizer=None, device=None, out=DEFAULT_O
 def _record(name: str, run_id: str, model, device: torch.device, train: dict,
             memory: dict) -> dict[str, Any]:
     """The record `harness run` writes (record.new_record), for code no scenario describes."""
+    from harness.job import method_for
     from harness.record import new_record
     from harness.scenario import ModelSpec, Scenario, TrainSpec, Variant
-    from harness.worker import method_for
 
     config = getattr(model, "config", None)
     label = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or \

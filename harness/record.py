@@ -4,120 +4,187 @@ Three parts, as PEFT's method comparison keeps them: what was run (scenario, var
 train), what was measured (status, memory, timing), where it ran (device, method, env).
 Bytes are whole integers; anything the tool cannot know is null, never a guess.
 
-    schema_version   int; bump with an entry in _UPGRADES
-    run_id           "<UTC timestamp>-<git sha7>[-dirty]": sorts by time
-    scenario         {name, path, sha256, baseline}: sha256 of the file's bytes
-    sweep_point      null, or {train key: value} of the scenario's sweep this record is at
-                     (its file is "<variant>@<key>=<value>,….json")
-    variant          {name (as declared), index (position in the scenario, sweep points
-                      expanded), description, techniques: [{name, args}] (args resolved),
-                      train_overrides}
-    model            {config, source, weights, attn_implementation, params_total, params_trainable}
-    train            the effective train settings (scenario's, variant overrides, --steps)
-    parallel         null (one process), or {strategy: "ddp" | "fsdp2", world_size, and the
-                     strategy's options: reshard_after_forward, cpu_offload, param_dtype,
-                     reduce_dtype (fsdp2); bucket_cap_mb, gradient_as_bucket_view (ddp)}
-    device           "cpu" | "cuda:0" | "simulate" | "estimate"
-    method           "measured-cpu" | "measured-cuda" | "simulated" (fake tensors) | "estimated"
-                     (closed form, harness/estimate.py: no tensor created)
-    status           "ok" | "oom" | "error" | "unsupported"
-    error            null, or why (oom message, stderr tail, the missing capability)
-    memory           {peak_allocated_bytes, peak_reserved_bytes (null on CPU; predicted when simulated), peak_phase,
-                      peak_step, phases: {load|forward|backward|optimizer: {peak_allocated_bytes,
-                      peak_reserved_bytes, breakdown_bytes (at that phase's own peak), ...}},
-                      per_step_peak_allocated_bytes (warm-up steps
-                      first), breakdown_bytes: {params, grads, optimizer, activations, other,
-                      unattributed} at the overall peak, breakdown_note, end_of_step_bytes
-                      (the same categories live after the last optimizer step: what persists
-                      between steps), paged_optimizer_bytes (bitsandbytes paged state in CUDA
-                      unified memory, which no allocator figure includes; 0 when none),
-                      tracked_tensor_peak_bytes, budget_bytes, rank / ranks / imbalance
-                      (parallel: every other figure of `memory` is rank `rank`'s, the one with
-                      the highest peak; `ranks` one entry per rank — rank, status, error,
-                      peak_allocated_bytes, peak_reserved_bytes, peak_phase, breakdown_bytes,
-                      end_of_step_bytes —, its params/grads/optimizer that rank's shards and
-                      the collectives' buffers under other; `imbalance` the highest rank peak
-                      over the ranks' mean, minus 1; all three null for one process),
-                      snapshot_file (with --snapshot:
-                      the memory_viz snapshot beside the record, or null), device extras (simulated:
-                      target, "cuda" or "cpu": whether CUDA kernels' scratch buffers are
-                      modelled; reserved_model, what predicted peak_reserved_bytes — a replay of CUDA's
-                      caching allocator, default or expandable_segments — or null where
-                      PYTORCH_CUDA_ALLOC_CONF asks for what
-                      it does not model); estimated: target, and terms_bytes, each named
-                      term of the closed form}
-    timing           {step_time_s_median, tokens_per_s}: measured steps only; warmup_s: the
-                     warm-up steps together (compilation included); wall_s: the whole variant
-    notes            [str]: warnings the libraries raised while the variant ran
-    env              {python, torch, transformers, peft, bitsandbytes, trl, accelerate, ...,
-                      gpu_name, driver, cuda, git_sha, git_dirty, pytorch_cuda_alloc_conf, host}
+The schema is the dataclasses below: their fields are the keys, their annotations the types,
+their comments what each means. Records are built and passed around as the plain dicts that go
+to disk; `check_record` holds every one to the schema before it is written and after it is
+read, so a key that is missing, misspelt or of the wrong type fails where it is made.
+A change to a field bumps SCHEMA_VERSION with an entry in _UPGRADES, so old records still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import subprocess
 import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness.techniques import ordered
-
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "oom", "error", "unsupported")
 METHODS = ("measured-cpu", "measured-cuda", "simulated", "estimated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate", "liger-kernel")
-
-# version → function upgrading a record of that version to the next
-_UPGRADES: dict[int, Any] = {}
 
 
 class RecordError(ValueError):
     pass
 
 
+@dataclass
+class ScenarioPart:
+    name: str
+    path: str | None  # as given; None for code profiled without a scenario (profiling.py)
+    sha256: str | None  # of the scenario file's bytes
+    baseline: str | None  # the variant others are compared with
+
+
+@dataclass
+class VariantPart:
+    name: str  # as declared, without a sweep point
+    description: str
+    techniques: list  # [{name, args}] in the order applied, args resolved (defaults filled in)
+    train_overrides: dict  # the variant's own train keys
+    index: int | None = None  # position in the scenario, sweep points expanded
+
+
+@dataclass
+class ModelPart:
+    config: str  # as the scenario names it (a committed config, a path, a hub id)
+    weights: str | None  # "random" | "pretrained"; None when profiled
+    attn_implementation: str
+    params_total: int | None = None
+    params_trainable: int | None = None
+    quantized_params: int | None = None  # parameters stored quantized (bitsandbytes)
+
+
+@dataclass
+class Timing:
+    step_time_s_median: float | None  # measured steps only; null when simulated or estimated
+    tokens_per_s: float | None
+    warmup_s: float | None  # the warm-up steps together, compilation included
+    wall_s: float | None  # the whole variant, build included
+
+
+@dataclass
+class Memory:
+    """Every figure is the whole process's (parallel: rank `rank`'s, the one with the highest
+    peak). Device extras beside these are allowed (a probe's own figures)."""
+
+    peak_allocated_bytes: int | None
+    peak_reserved_bytes: int | None  # null on CPU; predicted when simulated
+    phases: dict  # {load|forward|backward|optimizer: {peak_allocated_bytes,
+    #   peak_reserved_bytes, breakdown_bytes (at that phase's own peak), step, ...}}
+    per_step_peak_allocated_bytes: list  # warm-up steps first
+    breakdown_bytes: dict | None  # {params, grads, optimizer, activations, other,
+    #   unattributed} at the overall peak
+    peak_phase: str | None = None
+    peak_step: int | None = None
+    breakdown_note: str | None = None
+    end_of_step_bytes: dict | None = None  # the same categories after the last optimizer
+    #   step: what persists between steps
+    paged_optimizer_bytes: int | None = None  # bitsandbytes paged state in CUDA unified
+    #   memory, which no allocator figure includes; 0 when none
+    quantized_weight_bytes: int | None = None
+    tracked_tensor_peak_bytes: int | None = None
+    budget_bytes: int | None = None  # --memory-budget / fit's budget
+    rank: int | None = None  # parallel: whose figures these are
+    ranks: list | None = None  # parallel: per rank {rank, status, error, peak_allocated_bytes,
+    #   peak_reserved_bytes, peak_phase, breakdown_bytes, end_of_step_bytes}; its params/
+    #   grads/optimizer that rank's shards, the collectives' buffers under other
+    imbalance: float | None = None  # parallel: the highest rank peak over the mean, minus 1
+    snapshot_file: str | None = None  # with --snapshot: the memory_viz snapshot beside it
+    target: str | None = None  # simulated/estimated: "cuda" or "cpu" (CUDA kernels' scratch
+    #   buffers modelled or not)
+    reserved_model: str | None = None  # simulated: what predicted peak_reserved_bytes (a
+    #   replay of CUDA's caching allocator, default or expandable_segments), or null
+    terms_bytes: dict | None = None  # estimated: each named term of the closed form
+    alloc_retries: int | None = None  # measured on CUDA: allocator retries (cudaMalloc
+    #   failed, caches flushed) during the run
+    device_total_bytes: int | None = None  # measured on CUDA
+    device_used_at_start_bytes: int | None = None  # includes this process's CUDA context
+    other_processes_bytes_at_start: int | None = None
+    pytorch_cuda_alloc_conf: str | None = None
+
+
+@dataclass
+class Record:
+    schema_version: int  # SCHEMA_VERSION when written (older ones are upgraded on read)
+    run_id: str  # "<UTC timestamp>-<git sha7>[-dirty]": sorts by time
+    scenario: ScenarioPart
+    sweep_point: dict | None  # {train key: value} of the scenario's sweep this record is at
+    #   (its file is "<variant>@<key>=<value>,….json")
+    variant: VariantPart
+    model: ModelPart
+    train: dict  # the effective train settings (scenario's, variant overrides, --steps)
+    parallel: dict | None  # null: one process; else {strategy: "ddp" | "fsdp2", world_size,
+    #   and the strategy's options (scenario.ParallelSpec.as_dict)}
+    device: str  # "cpu" | "cuda:0" | "simulate" | "estimate"
+    method: str  # one of METHODS: measured on this device, simulated (fake tensors) or
+    #   estimated (closed form, estimate.py: no tensor created)
+    status: str  # one of STATUSES
+    error: str | None  # null, or why (OOM message, stderr tail, the missing capability)
+    memory: Memory
+    timing: Timing
+    env: dict | None  # where it ran (collect_env): package versions, GPU, git, the
+    #   environment variables figures depend on
+    notes: list = field(default_factory=list)  # what the libraries warned about, and how a
+    #   figure was obtained (extrapolated, simulated steps)
+
+
+_OPEN = (Memory,)  # parts that may carry keys beyond their fields
+
+
+def _upgrade_1(record: dict) -> dict:
+    """Schema 2 records the environment variables that change figures (a schema-1 record did
+    not say: null) and holds every record to the schema's keys: records written before
+    parallel runs and sweeps existed lack those keys (one process; no sweep point)."""
+    if isinstance(record.get("env"), dict):
+        record["env"].setdefault("cublas_workspace_config", None)
+    for key, default in (("parallel", None), ("sweep_point", None), ("notes", [])):
+        record.setdefault(key, default)
+    if isinstance(record.get("timing"), dict):
+        record["timing"].setdefault("warmup_s", None)
+    if isinstance(record.get("model"), dict):  # a record that never built its model
+        record["model"].setdefault("quantized_params", None)
+    return {**record, "schema_version": 2}
+
+
+# version → function upgrading a record of that version to the next
+_UPGRADES: dict[int, Any] = {1: _upgrade_1}
+
+
 def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> dict[str, Any]:
     """A record with every key present; measured fields null until filled."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "scenario": {"name": scenario.name, "path": str(scenario.path), "sha256": scenario.sha256,
-                     "baseline": scenario.baseline},
+    from harness.techniques import ordered
+
+    return dataclasses.asdict(Record(
+        schema_version=SCHEMA_VERSION, run_id=run_id,
+        scenario=ScenarioPart(scenario.name, str(scenario.path), scenario.sha256,
+                              scenario.baseline),
         # A sweep point's record: the declared variant's name, and the point beside it.
-        "sweep_point": dict(variant.sweep_point) or None,
-        "variant": {
-            "name": variant.declared,
-            "description": variant.description,
+        sweep_point=dict(variant.sweep_point) or None,
+        variant=VariantPart(
+            name=variant.declared, description=variant.description,
             # In the order they are applied (stage by stage), whatever the YAML's order.
-            "techniques": [{"name": u.name, "args": dict(u.args)}
-                           for _, u in ordered(variant.techniques)],
-            "train_overrides": dict(variant.train_overrides),
-        },
-        "model": {
-            "config": scenario.model.config,
-            "weights": scenario.model.weights,
-            "attn_implementation": scenario.model.attn_implementation,
-            "params_total": None,
-            "params_trainable": None,
-        },
-        "train": {k: getattr(variant.train, k) for k in variant.train.__dataclass_fields__},
-        "parallel": variant.parallel.as_dict() if variant.parallel else None,
-        "device": device,
-        "method": method,
-        "status": "error",
-        "error": None,
-        "memory": {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
-                   "phases": {}, "per_step_peak_allocated_bytes": [], "breakdown_bytes": None},
-        "timing": {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,
-                   "wall_s": None},
-        "notes": [],
-        "env": None,
-    }
+            techniques=[{"name": u.name, "args": dict(u.args)}
+                        for _, u in ordered(variant.techniques)],
+            train_overrides=dict(variant.train_overrides)),
+        model=ModelPart(scenario.model.config, scenario.model.weights,
+                        scenario.model.attn_implementation),
+        train={k: getattr(variant.train, k) for k in variant.train.__dataclass_fields__},
+        parallel=variant.parallel.as_dict() if variant.parallel else None,
+        device=device, method=method, status="error", error=None,
+        memory=Memory(None, None, {}, [], None),
+        timing=Timing(None, None, None, None), env=None))
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
@@ -140,7 +207,7 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 def read_record(path: Path) -> dict[str, Any]:
     record = json.loads(Path(path).read_text())
-    version = record.get("schema_version")
+    version = record.get("schema_version") if isinstance(record, dict) else None
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise RecordError(f"{path}: unknown schema_version {version!r}")
     while record["schema_version"] < SCHEMA_VERSION:
@@ -150,11 +217,8 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def check_record(record: dict[str, Any]) -> None:
-    """The contract scripts rely on: keys present, types right."""
-    for key in ("schema_version", "run_id", "scenario", "variant", "model", "train", "device",
-                "method", "status", "error", "memory", "timing", "env"):
-        if key not in record:
-            raise RecordError(f"record lacks {key!r}")
+    """The contract scripts rely on: the schema's keys present, no others, types right."""
+    _check_part(Record, record, "")
     if record["status"] not in STATUSES:
         raise RecordError(f"bad status {record['status']!r}")
     if record["method"] not in METHODS:
@@ -162,10 +226,56 @@ def check_record(record: dict[str, Any]) -> None:
     memory = record["memory"]
     for key in ("peak_allocated_bytes", "peak_reserved_bytes"):
         value = memory.get(key)
-        if value is not None and (not isinstance(value, int) or value < 0):
+        if value is not None and value < 0:
             raise RecordError(f"memory.{key} must be whole bytes, got {value!r}")
     if record["status"] == "ok" and memory.get("peak_allocated_bytes") is None:
         raise RecordError("an ok record needs memory.peak_allocated_bytes")
+
+
+@functools.cache
+def _fields(part: type) -> tuple[dict[str, Any], frozenset[str]]:
+    """(every field's type, the fields a record must have)."""
+    hints = typing.get_type_hints(part)
+    required = frozenset(f.name for f in dataclasses.fields(part)
+                         if f.default is dataclasses.MISSING and
+                         f.default_factory is dataclasses.MISSING)
+    return {f.name: hints[f.name] for f in dataclasses.fields(part)}, required
+
+
+def _check_part(part: type, value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise RecordError(f"record {where or 'itself'} must be an object, got {value!r:.80}")
+    kinds, required = _fields(part)
+    missing = sorted(required - value.keys())
+    if missing:
+        raise RecordError(f"record lacks {where + missing[0]!r}")
+    unknown = sorted(value.keys() - kinds.keys())
+    if unknown and part not in _OPEN:
+        raise RecordError(f"record has an unknown key {where + unknown[0]!r}")
+    for key, kind in kinds.items():
+        if key in value:
+            _check_value(kind, value[key], f"{where}{key}")
+
+
+def _check_value(kind: Any, value: Any, where: str) -> None:
+    if dataclasses.is_dataclass(kind):
+        return _check_part(kind, value, where + ".")
+    arms = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) \
+        else (kind,)
+    if value is None and type(None) in arms:
+        return
+    for arm in arms:
+        if dataclasses.is_dataclass(arm):
+            return _check_part(arm, value, where + ".")
+        if arm is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if arm is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if arm in (str, bool, dict, list) and isinstance(value, arm):
+            return
+    names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
+                        for a in arms)
+    raise RecordError(f"record {where} must be {names}, got {value!r:.80}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +320,10 @@ def collect_env(device: str) -> dict[str, Any]:
         env["driver"] = _nvidia_driver()
     env["cpu_count"] = os.cpu_count()
     env["git_sha"], env["git_dirty"] = git_state()
+    # What figures depend on beyond the code: the caching allocator's settings, and the
+    # cuBLAS workspace size (estimate.cublas_workspace_bytes; simulated CUDA targets too).
     env["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    env["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     return env
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from harness.probes.timeline import CATEGORIES
+from harness.compare import record_key
 from harness.record import read_record
 from harness.scenario import point_label
 from harness.techniques import stack_label
-from harness.units import GIB, unit_for
+from harness.units import CATEGORIES, GIB, unit_for
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
 PHASE_NAMES = ("load", "forward", "backward", "optimizer")
@@ -269,13 +269,6 @@ def terms_markdown(run_dir: Path) -> str:
 def load_results_in(run_dir: Path) -> pd.DataFrame:
     """Only the run folder's own records (its top level)."""
     return _frame(sorted(p for p in run_dir.glob("*.json") if not p.name.startswith(".")))
-
-
-def record_key(record: dict) -> str:
-    """A record's variant name, with its sweep point (as its file is named)."""
-    point = record.get("sweep_point")
-    name = record["variant"]["name"]
-    return f"{name}@{point_label(point)}" if point else name
 
 
 def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -> str:

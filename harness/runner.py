@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.job import Job, RunOptions
 from harness.record import RecordError, collect_env, new_record, read_record, write_record
 from harness.scenario import Scenario, Variant
-from harness.worker import method_for
 
 LOG_DIR = "logs"  # per-variant worker output, inside the run folder
 STDERR_TAIL_LINES = 30
@@ -40,10 +40,8 @@ class RunOutcome:
     interrupted: bool = False
 
 
-def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str, run_dir: Path,
-                 run_id: str, steps: int | None = None, budget_bytes: int | None = None,
-                 timeout_s: float | None = None, full_depth: bool = False,
-                 target: str = "cuda", snapshot: bool = False,
+def run_scenario(scenario: Scenario, variants: Sequence[Variant], options: RunOptions, *,
+                 run_dir: Path, run_id: str,
                  progress: Callable[[str], None] = lambda line: None) -> RunOutcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOG_DIR).mkdir(exist_ok=True)
@@ -51,10 +49,11 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
     for i, variant in enumerate(variants, 1):
         progress(f"[{i}/{len(variants)}] {variant.name} ...")
         started = time.monotonic()
+        job = Job.make(scenario, variant, options, run_id=run_id,
+                       result=run_dir / LOG_DIR / f"{variant.name}.pending.json",
+                       snapshot=run_dir / f"{variant.name}.snapshot.pickle")
         try:
-            record = _run_one(scenario, variant, device=device, run_dir=run_dir, run_id=run_id,
-                              steps=steps, budget_bytes=budget_bytes, timeout_s=timeout_s,
-                              full_depth=full_depth, target=target, snapshot=snapshot)
+            record = _run_one(job, run_dir, options.timeout_s)
         except KeyboardInterrupt:
             outcome.interrupted = True
             progress(f"[{i}/{len(variants)}] {variant.name} interrupted: no record written")
@@ -68,30 +67,20 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], *, device: str
     return outcome
 
 
-def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path, run_id: str,
-             steps: int | None, budget_bytes: int | None, timeout_s: float | None,
-             full_depth: bool = False, target: str = "cuda", snapshot: bool = False) -> dict:
-    final = run_dir / f"{variant.name}.json"
-    pending = run_dir / LOG_DIR / f"{variant.name}.pending.json"
-    log = run_dir / LOG_DIR / f"{variant.name}.log"
+def _run_one(job: Job, run_dir: Path, timeout_s: float | None) -> dict:
+    """Start the job's worker (or its ranks), wait, and move its record into `run_dir` — or
+    write the error record that says why there is none."""
+    name = job.variant.name
+    final, pending = run_dir / f"{name}.json", job.result
+    log, job_file = run_dir / LOG_DIR / f"{name}.log", run_dir / LOG_DIR / f"{name}.job.json"
     pending.unlink(missing_ok=True)
-    for stale in pending.parent.glob(f"{variant.name}.pending.rank*.json"):
+    for stale in pending.parent.glob(f"{name}.pending.rank*.json"):
         stale.unlink()
-    argv = ["--scenario", str(scenario.path), "--variant", variant.name, "--device", device,
-            "--run-id", run_id, "--result", str(pending)]
-    if steps is not None:
-        argv += ["--steps", str(steps)]
-    if budget_bytes is not None:
-        argv += ["--memory-budget", str(budget_bytes)]
-    if full_depth:
-        argv += ["--full-depth"]
-    if device == "simulate":
-        argv += ["--target", target]
-    if snapshot:
-        argv += ["--snapshot", str(run_dir / f"{variant.name}.snapshot.pickle")]
-    ranks = variant.parallel.world_size if variant.parallel and device != "simulate" else None
-    worker = _start_ranks(argv, log, ranks) if ranks else \
-        _start_worker(argv, log, fork=not device.startswith("cuda"))
+    job.write(job_file)
+    ranks = job.variant.parallel.world_size \
+        if job.variant.parallel and job.device != "simulate" else None
+    worker = _start_ranks([str(job_file)], log, ranks) if ranks else \
+        _start_worker([str(job_file)], log, fork=not job.device.startswith("cuda"))
     why = None
     try:
         code = worker.wait(timeout_s)
@@ -103,8 +92,7 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
         pending.unlink(missing_ok=True)
         raise
     if ranks:
-        return _collect_ranks(scenario, variant, device, run_id, final, pending, log, ranks,
-                              code, why)
+        return _collect_ranks(job, final, log, ranks, code, why)
     # A record the worker finished is the measurement, even if the process died at exit after.
     if why is None and pending.is_file():
         try:
@@ -117,22 +105,21 @@ def _run_one(scenario: Scenario, variant: Variant, *, device: str, run_dir: Path
     if why is None:
         why = f"worker exited with {_exit(code)}"
     pending.unlink(missing_ok=True)
-    return _error_record(scenario, variant, device, run_id, final, why + "\n" + _tail(log))
+    return _error_record(job, final, why + "\n" + _tail(log))
 
 
-def _error_record(scenario: Scenario, variant: Variant, device: str, run_id: str, final: Path,
-                  error: str) -> dict:
-    record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=device,
-                        method=method_for(device))
-    record["variant"]["index"] = scenario.index(variant)
+def _error_record(job: Job, final: Path, error: str) -> dict:
+    record = new_record(run_id=job.run_id, scenario=job.scenario, variant=job.variant,
+                        device=job.device, method=job.method)
+    record["variant"]["index"] = job.index
     record.update(status="error", error=error)
     record["env"] = collect_env("cpu")  # never touch CUDA here: a context would skew the workers
     write_record(final, record)
     return record
 
 
-def _collect_ranks(scenario: Scenario, variant: Variant, device: str, run_id: str, final: Path,
-                   pending: Path, log: Path, ranks: int, code: int, why: str | None) -> dict:
+def _collect_ranks(job: Job, final: Path, log: Path, ranks: int, code: int,
+                   why: str | None) -> dict:
     """The variant's record from its ranks' (parallel.merge). Any rank without a record — it
     died, or torchrun stopped it when another died — makes the variant an error that says
     which, with the others' figures kept in `memory.ranks`."""
@@ -141,7 +128,7 @@ def _collect_ranks(scenario: Scenario, variant: Variant, device: str, run_id: st
 
     records, unreadable = {}, []
     for rank in range(ranks):
-        path = rank_record_path(pending, rank)
+        path = rank_record_path(job.result, rank)
         if path.is_file():
             try:
                 records[rank] = read_record(path)
@@ -159,7 +146,7 @@ def _collect_ranks(scenario: Scenario, variant: Variant, device: str, run_id: st
                f"; torchrun exited with {_exit(code)}")
     error = why + "\n" + _tail(log)
     if not records:
-        return _error_record(scenario, variant, device, run_id, final, error)
+        return _error_record(job, final, error)
     record = merge(records, ranks)
     record.update(status="error", error=error)
     write_record(final, record)

@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import math
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,10 @@ MODEL_DIR = SCENARIO_DIR / "models"
 
 WEIGHTS = ("random", "pretrained")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# Scenario and variant names name folders and files (with suffixes such as a sweep point and
+# `.rank3.snapshot.pickle`): one safe path component, never `.` or `..`, well under 255 bytes.
+MAX_NAME = 100
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{MAX_NAME - 1}}}")
 
 
 class ScenarioError(ValueError):
@@ -46,6 +50,7 @@ class ScenarioError(ValueError):
 
     def __init__(self, path: Path | str, message: str, key: str | None = None,
                  variant: str | None = None):
+        message = " ".join(str(message).splitlines())  # one line, whatever a library said
         self.path, self.key, self.variant, self.message = str(path), key, variant, message
         where = [self.path]
         if variant is not None:
@@ -55,25 +60,33 @@ class ScenarioError(ValueError):
         super().__init__(": ".join(where) + ": " + message)
 
 
+def setting(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    """A scenario key: a dataclass field whose type is its annotation and whose `rules` say
+    what a value must be — `minimum` (≥), `maximum` (≤), `above` (>), `below` (<), `choices`
+    (names, or a function giving them), `strategy` (a parallel option of that strategy only).
+    `_parse_fields` checks a mapping against them: a new key is one field."""
+    return field(default=default, metadata=rules)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    config: str  # as written in the scenario
-    weights: str = "random"
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
+    config: str = setting()  # as written in the scenario: a committed name, a path, a hub id
+    weights: str = setting("random", choices=WEIGHTS)
+    attn_implementation: str = setting("sdpa", choices=ATTN_IMPLEMENTATIONS)
+    trust_remote_code: bool = setting(False)
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    batch_size: int = 1
-    seq_len: int = 512
-    optimizer: str = "adamw"
-    lr: float = 1.0e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    steps: int = 3  # measured steps
-    warmup_steps: int = 1  # run first; excluded from step time, included in peaks
-    seed: int = 0
+    batch_size: int = setting(1, minimum=1)
+    seq_len: int = setting(512, minimum=2)  # one token has no next-token target
+    optimizer: str = setting("adamw", choices=lambda: list(OPTIMIZERS))
+    lr: float = setting(1.0e-4, above=0)
+    weight_decay: float = setting(0.0, minimum=0)
+    max_grad_norm: float | None = setting(1.0, above=0)  # None: no clipping
+    steps: int = setting(3, minimum=1)  # measured steps
+    warmup_steps: int = setting(1, minimum=0)  # run first; excluded from step time, in peaks
+    seed: int = setting(0, minimum=0, below=2 ** 64)
 
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -84,31 +97,34 @@ REDUCE_DTYPES = ("float32", "bfloat16", "float16")
 class ParallelSpec:
     """How many processes train the variant, and how they split the model (parallel.py)."""
 
-    strategy: str  # ddp | fsdp2
-    world_size: int
+    strategy: str = setting(choices=STRATEGIES)
+    # Beyond a thousand ranks full sharding is not how models train (hybrid sharding is), and
+    # simulating each kind of rank stops being a matter of seconds.
+    world_size: int = setting(minimum=1, maximum=1024)
     # fsdp2: free each unit's gathered parameters after its forward (all-gather again in
     # backward); put the sharded parameters, grads and the optimizer step on the CPU; the
     # dtype parameters are gathered in / gradients reduced in (None: the parameters' own).
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
-    param_dtype: str | None = None
-    reduce_dtype: str | None = None
+    reshard_after_forward: bool = setting(True, strategy="fsdp2")
+    cpu_offload: bool = setting(False, strategy="fsdp2")
+    param_dtype: str | None = setting(None, strategy="fsdp2", choices=REDUCE_DTYPES)
+    reduce_dtype: str | None = setting(None, strategy="fsdp2", choices=REDUCE_DTYPES)
     # ddp: gradient bucket size, and whether grads are views into the buckets.
-    bucket_cap_mb: float = 25.0
-    gradient_as_bucket_view: bool = False
+    bucket_cap_mb: float = setting(25.0, strategy="ddp", above=0)
+    gradient_as_bucket_view: bool = setting(False, strategy="ddp")
 
     def as_dict(self) -> dict[str, Any]:
         """The options that apply to the strategy, for records and tables."""
-        keys = _PARALLEL_KEYS[self.strategy]
-        return {k: getattr(self, k) for k in ("strategy", "world_size", *keys)}
+        return {k: getattr(self, k) for k in ("strategy", "world_size",
+                                                *_options(self.strategy))}
 
     def label(self) -> str:
         return f"{self.strategy}×{self.world_size}"
 
 
-_PARALLEL_KEYS = {"fsdp2": ("reshard_after_forward", "cpu_offload", "param_dtype",
-                            "reduce_dtype"),
-                  "ddp": ("bucket_cap_mb", "gradient_as_bucket_view")}
+def _options(strategy: str) -> tuple[str, ...]:
+    """ParallelSpec's options of `strategy`, in field order."""
+    return tuple(f.name for f in dataclasses.fields(ParallelSpec)
+                 if f.metadata.get("strategy") == strategy)
 
 
 @dataclass(frozen=True)
@@ -134,12 +150,13 @@ def point_label(point) -> str:
 
 def parse_point(label: str) -> dict[str, Any]:
     """`seq_len=512,batch_size=2` → {"seq_len": 512, "batch_size": 2}, typed as train is."""
+    kinds = _kinds(TrainSpec)
     point = {}
     for part in label.split(","):
         key, _, text = part.partition("=")
-        if key not in _TRAIN_TYPES:
+        if key not in kinds:
             raise KeyError(key)
-        kind = _TRAIN_TYPES[key][0]
+        kind = kinds[key][0]
         point[key] = None if text == "None" else int(text) if kind == "int" else \
             float(text) if kind == "float" else text
     return point
@@ -191,8 +208,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    """A mapping whose own keys are unique. Merge keys (`<<: *base`) are standard YAML: the
+    merged keys come first and the mapping's own override them, as YAML specifies."""
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, (str, int, float, bool, type(None))):
             raise yaml.constructor.ConstructorError(
@@ -203,6 +224,7 @@ def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: 
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         seen.add(key)
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -241,9 +263,8 @@ def list_scenarios() -> list[Path]:
     return sorted(SCENARIO_DIR.glob("*.yaml"))
 
 
-def load_scenario(arg: str | Path, only: str | None = None) -> Scenario:
-    """Load and validate a scenario. `only`: resolve the technique arguments of that variant
-    alone (a worker re-checking the one variant it runs; the file was validated whole before)."""
+def load_scenario(arg: str | Path) -> Scenario:
+    """Load and validate a scenario."""
     path = resolve_scenario_path(arg)
     raw_bytes = path.read_bytes()
     try:
@@ -252,7 +273,26 @@ def load_scenario(arg: str | Path, only: str | None = None) -> Scenario:
         raise ScenarioError(path, "not valid YAML: " + " ".join(str(e).split())) from None
     except RecursionError:
         raise ScenarioError(path, "not valid YAML: nested too deeply") from None
-    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest(), only)
+    if _expanded_size(raw, MAX_VALUES) > MAX_VALUES:  # aliases of aliases: a few bytes, GBs
+        raise ScenarioError(path, f"expands to more than {MAX_VALUES:,} values (YAML aliases "
+                                  "nested in aliases?); a scenario is far smaller")
+    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest())
+
+
+MAX_VALUES = 100_000  # values in a scenario with every alias written out
+
+
+def _expanded_size(value, limit: int) -> int:
+    """How many values `value` holds with every alias expanded; stops counting past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,9 +302,8 @@ def load_scenario(arg: str | Path, only: str | None = None) -> Scenario:
 def _unknown_keys(path, given: Mapping, allowed, where: str, variant: str | None = None):
     for key in given:
         if key not in allowed:
-            hint = difflib.get_close_matches(str(key), list(allowed), n=1)
-            msg = f"unknown key {key!r} in {where}" + (f" (did you mean {hint[0]!r}?)" if hint
-                                                      else f"; allowed: {', '.join(allowed)}")
+            hint = _did_you_mean(key, list(allowed))
+            msg = f"unknown key {key!r} in {where}" + (hint or f"; allowed: {', '.join(allowed)}")
             raise ScenarioError(path, msg, key=f"{where}.{key}" if where != "scenario" else str(key),
                                 variant=variant)
 
@@ -301,26 +340,73 @@ def _check_type(path, key, value, kind, variant=None):
                                   f"got {value!r}", key=key, variant=variant)
 
 
-def _parse_model(path, raw, deep: bool = True) -> ModelSpec:
-    """deep: also read the config file (transformers, seconds); a worker skips it."""
+@functools.cache
+def _kinds(spec: type) -> dict[str, tuple[str, bool]]:
+    """Each field of a spec dataclass: (its type's name, whether null is allowed)."""
+    hints = typing.get_type_hints(spec)
+    kinds = {}
+    for f in dataclasses.fields(spec):
+        arms = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind = next(a for a in arms if a is not type(None))
+        kinds[f.name] = (kind.__name__, type(None) in arms)
+    return kinds
+
+
+def _parse_fields(path, spec: type, given: Mapping, where: str, variant=None,
+                  keys=None) -> dict[str, Any]:
+    """`given` checked against `spec`'s fields (or only `keys` of them): no unknown key, each
+    value of its field's type and within its rules; floats as floats."""
+    _unknown_keys(path, given, list(keys or _kinds(spec)), where, variant)
+    return {key: _checked(path, spec, key, value, f"{where}.{key}", variant)
+            for key, value in given.items()}
+
+
+def _checked(path, spec: type, key: str, value, full: str, variant=None):
+    kind, nullable = _kinds(spec)[key]
+    rules = spec.__dataclass_fields__[key].metadata
+    if value is None and nullable:
+        return None
+    if "choices" in rules:
+        names = list(rules["choices"]() if callable(rules["choices"]) else rules["choices"])
+        if value not in names:
+            raise ScenarioError(path, f"unknown {key} {value!r}{_did_you_mean(value, names)}; "
+                                      f"must be one of {', '.join(names)}"
+                                      + (" or null" if nullable else ""), key=full, variant=variant)
+        return value
+    _check_type(path, full, value, kind, variant)
+    if kind == "float" and not math.isfinite(value):
+        raise ScenarioError(path, f"must be a finite number, got {value!r}", key=full,
+                            variant=variant)
+    for rule, holds, says in (("minimum", lambda v, m: v >= m, "≥"),
+                              ("maximum", lambda v, m: v <= m, "≤"),
+                              ("above", lambda v, m: v > m, ">"),
+                              ("below", lambda v, m: v < m, "<")):
+        bound = rules.get(rule)
+        if bound is not None and not holds(value, bound):
+            shown = f"2**{bound.bit_length() - 1}" if bound >= 2 ** 32 and \
+                bound & (bound - 1) == 0 else bound
+            raise ScenarioError(path, f"must be {says} {shown}, got {value!r}", key=full,
+                                variant=variant)
+    return float(value) if kind == "float" else value
+
+
+def _did_you_mean(value, names) -> str:
+    """` (did you mean 'bf16'?)` for `BF16` or `bf61`; empty when nothing is close."""
+    text = str(value)
+    same = [n for n in names if n.lower() == text.lower()]
+    hint = same or difflib.get_close_matches(text.lower(), [n.lower() for n in names], n=1)
+    if not hint:
+        return ""
+    return f" (did you mean {next(n for n in names if n.lower() == hint[0].lower())!r}?)"
+
+
+def _parse_model(path, raw) -> ModelSpec:
     model = _require_mapping(path, raw, "model")
-    _unknown_keys(path, model, [f.name for f in dataclasses.fields(ModelSpec)], "model")
-    if "config" not in model:
+    spec = ModelSpec(**_parse_fields(path, ModelSpec, model, "model")) if "config" in model \
+        else None
+    if spec is None:
         raise ScenarioError(path, "missing (a name under scenarios/models, a config path or a hub id)",
                             key="model.config")
-    _check_type(path, "model.config", model["config"], "str")
-    weights = model.get("weights", "random")
-    if weights not in WEIGHTS:
-        raise ScenarioError(path, f"must be one of {', '.join(WEIGHTS)}, got {weights!r}",
-                            key="model.weights")
-    attn = model.get("attn_implementation", "sdpa")
-    if attn not in ATTN_IMPLEMENTATIONS:
-        raise ScenarioError(path, f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}",
-                            key="model.attn_implementation")
-    trust = model.get("trust_remote_code", False)
-    _check_type(path, "model.trust_remote_code", trust, "bool")
-    spec = ModelSpec(config=model["config"], weights=weights, attn_implementation=attn,
-                     trust_remote_code=trust)
     # Imported here: models.py pulls in transformers, which validation of the rest does not need.
     from harness.models import ModelConfigError, load_config, resolve_config
 
@@ -328,54 +414,28 @@ def _parse_model(path, raw, deep: bool = True) -> ModelSpec:
         source = resolve_config(spec, path)
     except ModelConfigError as e:
         raise ScenarioError(path, str(e), key="model.config") from None
-    if source.kind == "file" and deep:
+    if source.kind == "file":
         try:
-            load_config(source, spec.trust_remote_code)
+            config = load_config(source, spec.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
             raise ScenarioError(path, f"cannot read model config {source.location}: "
                                 + " ".join(str(e).split())[:300], key="model.config") from None
+        for size in _MODEL_SIZES:  # what transformers builds without complaint, and trains wrong
+            value = getattr(config, size, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise ScenarioError(path, f"{source.location}: {size} must be ≥ 1, got {value}",
+                                    key="model.config")
     return spec
 
 
-_TRAIN_TYPES = {
-    "batch_size": ("int", 1),
-    "seq_len": ("int", 2),  # one token has no next-token target
-    "optimizer": ("str", None),
-    "lr": ("float", None),
-    "weight_decay": ("float", 0),
-    "max_grad_norm": ("float", None),
-    "steps": ("int", 1),
-    "warmup_steps": ("int", 0),
-    "seed": ("int", 0),
-}
+_MODEL_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[TrainSpec, dict]:
     train = _require_mapping(path, raw, where, variant)
-    _unknown_keys(path, train, list(_TRAIN_TYPES), where, variant)
-    for key, value in train.items():
-        kind, minimum = _TRAIN_TYPES[key]
-        full = f"{where}.{key}"
-        if key == "max_grad_norm" and value is None:
-            continue
-        _check_type(path, full, value, kind, variant)
-        if minimum is not None and value < minimum:
-            raise ScenarioError(path, f"must be ≥ {minimum}, got {value!r}", key=full, variant=variant)
-        if kind == "float" and not math.isfinite(value):
-            raise ScenarioError(path, f"must be a finite number, got {value!r}", key=full,
-                                variant=variant)
-        if key == "seed" and value >= 2 ** 64:
-            raise ScenarioError(path, f"must be < 2**64, got {value!r}", key=full, variant=variant)
-        if key in ("lr", "max_grad_norm") and value <= 0:
-            raise ScenarioError(path, f"must be > 0, got {value!r}", key=full, variant=variant)
-        if key == "optimizer" and value not in OPTIMIZERS:
-            hint = difflib.get_close_matches(value, list(OPTIMIZERS), n=1)
-            raise ScenarioError(path, f"unknown optimizer {value!r}" +
-                                (f" (did you mean {hint[0]!r}?)" if hint else
-                                 f"; known: {', '.join(OPTIMIZERS)}"), key=full, variant=variant)
-    values = {k: (float(v) if _TRAIN_TYPES[k][0] == "float" and v is not None else v)
-              for k, v in train.items()}
-    return dataclasses.replace(base, **values), dict(train)
+    return dataclasses.replace(base, **_parse_fields(path, TrainSpec, train, where, variant)), \
+        dict(train)
 
 
 def _parse_parallel(path, raw, where: str, variant=None) -> ParallelSpec | None:
@@ -383,40 +443,18 @@ def _parse_parallel(path, raw, where: str, variant=None) -> ParallelSpec | None:
     if raw is None:
         return None
     given = _require_mapping(path, raw, where, variant)
-    strategy = given.get("strategy")
-    if strategy not in STRATEGIES:
-        raise ScenarioError(path, f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}",
-                            key=f"{where}.strategy", variant=variant)
-    options = _PARALLEL_KEYS[strategy]
+    strategy = _checked(path, ParallelSpec, "strategy", given.get("strategy"),
+                        f"{where}.strategy", variant)
+    keys = ("strategy", "world_size", *_options(strategy))
     for key in given:
-        if key not in ("strategy", "world_size", *options):
-            other = next((s for s, keys in _PARALLEL_KEYS.items() if key in keys), None)
-            if other is not None:  # an option of the other strategy contradicts this one
-                raise ScenarioError(path, f"is an option of {other}, not of {strategy}",
-                                    key=f"{where}.{key}", variant=variant)
-            _unknown_keys(path, {key: None}, ["strategy", "world_size", *options], where, variant)
+        other = next((s for s in STRATEGIES if s != strategy and key in _options(s)), None)
+        if key not in keys and other is not None:  # the other strategy's option contradicts
+            raise ScenarioError(path, f"is an option of {other}, not of {strategy}",
+                                key=f"{where}.{key}", variant=variant)
+    values = _parse_fields(path, ParallelSpec, given, where, variant, keys)
     if "world_size" not in given:
         raise ScenarioError(path, "missing (how many processes: GPUs, or CPU ranks)",
                             key=f"{where}.world_size", variant=variant)
-    values: dict[str, Any] = {}
-    for key, value in given.items():
-        full = f"{where}.{key}"
-        if key == "world_size":
-            _check_type(path, full, value, "int", variant)
-            if value < 1:
-                raise ScenarioError(path, f"must be ≥ 1, got {value!r}", key=full, variant=variant)
-        elif key in ("reshard_after_forward", "cpu_offload", "gradient_as_bucket_view"):
-            _check_type(path, full, value, "bool", variant)
-        elif key in ("param_dtype", "reduce_dtype"):
-            if value is not None and value not in REDUCE_DTYPES:
-                raise ScenarioError(path, f"must be one of {', '.join(REDUCE_DTYPES)} or null, "
-                                          f"got {value!r}", key=full, variant=variant)
-        elif key == "bucket_cap_mb":
-            _check_type(path, full, value, "float", variant)
-            if value <= 0:
-                raise ScenarioError(path, f"must be > 0, got {value!r}", key=full, variant=variant)
-            value = float(value)
-        values[key] = value
     return ParallelSpec(**values)
 
 
@@ -434,10 +472,10 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
         raise ScenarioError(path, "must be a technique name or a one-key mapping "
                                   "{name: {arguments}}", key=key, variant=variant)
     if not isinstance(name, str) or name not in REGISTRY:
-        hint = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
+        hint = _did_you_mean(name, list(REGISTRY))
         raise ScenarioError(path, f"unknown technique {name!r}" +
-                            (f" (did you mean {hint[0]!r}?)" if hint else
-                             f"; known: {', '.join(sorted(REGISTRY))}"), key=key, variant=variant)
+                            (hint or f"; known: {', '.join(sorted(REGISTRY))}"), key=key,
+                            variant=variant)
     try:
         resolved = REGISTRY[name].resolve_args(dict(args))
     except TechniqueArgError as e:
@@ -451,13 +489,24 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
 
 
 def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
-                   only: str | None = None, parallel: ParallelSpec | None = None) -> Variant:
+                   parallel: ParallelSpec | None = None) -> Variant:
+    try:
+        return _parse_variant_keys(path, raw, index, base_train, names, parallel)
+    except ScenarioError as e:  # a variant's own key reads from the top: variants[1].train.lr
+        if e.variant is None or e.key is None or e.key.startswith("variants["):
+            raise
+        raise ScenarioError(path, e.message, key=f"variants[{index}].{e.key}",
+                            variant=e.variant) from None
+
+
+def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set,
+                        parallel: ParallelSpec | None) -> Variant:
     key = f"variants[{index}]"
     variant = _require_mapping(path, raw, key)
     name = variant.get("name")
-    if not isinstance(name, str) or not _VARIANT_NAME.match(name):
-        raise ScenarioError(path, "needs a name of letters, digits and . _ + - (it names a file), "
-                                  f"got {name!r}", key=f"{key}.name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ScenarioError(path, f"needs a name of at most {MAX_NAME} letters, digits and "
+                                  f". _ + - (it names a file), got {name!r}", key=f"{key}.name")
     if name in names:
         raise ScenarioError(path, "duplicate variant name", key=f"{key}.name", variant=name)
     _unknown_keys(path, variant, ["name", "description", "techniques", "train", "parallel"],
@@ -471,8 +520,6 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
     if not isinstance(entries, list):
         raise ScenarioError(path, f"must be a list, got {_type_name(entries)}", key="techniques",
                             variant=name)
-    if only is not None and name != only.split("@", 1)[0]:
-        entries = []  # another variant: the worker does not need its techniques
     uses = tuple(_parse_technique(path, entry, i, name) for i, entry in enumerate(entries))
     try:
         check_stack(uses)
@@ -496,26 +543,78 @@ def _check_warmup(path, uses, train: TrainSpec, key: str, variant: str) -> None:
 
 
 def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) -> None:
-    """Techniques that need something of the model (LoRA's target modules) are checked against
-    the model built on the meta device: nothing allocated, nothing downloaded."""
-    checks = [(v, u) for v in variants for u in v.techniques if REGISTRY[u.name].check_model]
-    if not checks:
-        return
+    """Each variant's stack applied to the model on the meta device, as the worker applies it
+    (nothing allocated, nothing downloaded): a technique's own check first (LoRA's targets, in
+    its words), then whatever the libraries refuse while building — PEFT's config checks and
+    adapter injection, transformers' config and model classes — as bad input naming the
+    technique, in the library's words. What this machine lacks (a package, a GPU) is left to
+    the run, where it is an `unsupported` result."""
     from harness.models import resolve_config
 
     source = resolve_config(model, path)
     if source.kind != "file":
         return  # a hub config we may not fetch here; the run reports what is missing
-    meta = _cached_meta_model(model, source)
-    for variant, use in checks:
-        try:
-            problem = REGISTRY[use.name].check_model(meta, dict(use.args))
-        except Exception as e:  # noqa: BLE001 - a value no check foresaw is still bad input
-            problem = f"cannot check against the model: {type(e).__name__}: {e}"
-        if problem:
-            index = variant.techniques.index(use)
-            raise ScenarioError(path, problem, key=f"techniques[{index}].{use.name}",
-                                variant=variant.name)
+    built: dict[str, Any] = {}
+    for at, variant in enumerate(variants):
+        for index, use in enumerate(variant.techniques):
+            if REGISTRY[use.name].check_model is None:
+                continue
+            meta = _meta_or_refuse(path, model, source)
+            try:
+                problem = REGISTRY[use.name].check_model(meta, dict(use.args))
+            except Exception as e:  # noqa: BLE001 - a value no check foresaw is still bad input
+                problem = f"cannot check against the model: {type(e).__name__}: {e}"
+            if problem:
+                raise ScenarioError(path, problem, key=f"variants[{at}].techniques[{index}]."
+                                    f"{use.name}", variant=variant.name)
+        stack = repr(variant.techniques)
+        if stack not in built:
+            built[stack] = _meta_build_failure(model, source, variant.techniques)
+        if built[stack] is not None:
+            use, problem = built[stack]
+            key = "model.config" if use is None else \
+                f"variants[{at}].techniques[{variant.techniques.index(use)}].{use.name}"
+            raise ScenarioError(path, problem, key=key, variant=variant.name)
+
+
+def _meta_build_failure(model: ModelSpec, source, uses) -> tuple[TechniqueUse | None, str] | None:
+    """What refuses to build on meta, and its message; None when it builds or when only a run
+    can tell (a missing package or device: Unsupported, ImportError). A quantizing stack on a
+    machine with CUDA is not built here: bitsandbytes would initialise CUDA in this process,
+    whose workers then measure beside its context. Nothing built here outlives the check."""
+    import torch
+
+    from harness.techniques import Stage, Unsupported, ordered
+    from harness.train import build_failure
+
+    if torch.cuda.is_available() and any(t.load is not None for t, _ in ordered(uses)):
+        return None
+    # What cannot be simulated is not applied here either: only a device knows what it does,
+    # and some of it acts process-wide (Liger patches the model classes themselves).
+    uses = tuple(u for t, u in ordered(uses) if not t.not_simulated)
+    # Two decoder layers build in a fraction of the time and refuse what the whole model would;
+    # a refusal is confirmed at full depth (arguments such as layers_to_transform name layers).
+    failed = build_failure(model, dataclasses.replace(source, layers=2), uses)
+    if failed is not None:
+        failed = build_failure(model, source, uses)
+    if failed is None or isinstance(failed[1], (Unsupported, ImportError)):
+        return None
+    use, error = failed
+    if use is None and uses and build_failure(model, source, ()) is None:
+        use = next((u for t, u in ordered(uses) if t.stage == Stage.LOAD or t.load is not None),
+                   None)
+    text = " ".join(str(error).split()) or type(error).__name__
+    return use, f"{'the model' if use is None else use.name} cannot be built: " \
+                f"{type(error).__name__}: {text[:300]}"
+
+
+def _meta_or_refuse(path, model: ModelSpec, source):
+    try:
+        return _cached_meta_model(model, source)
+    except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise ScenarioError(path, f"the model cannot be built from its config: "
+                                  f"{type(e).__name__}: {text[:300]}", key="model.config") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -525,7 +624,7 @@ def _cached_meta_model(model: ModelSpec, source):
     return meta_model(model, source)
 
 
-def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenario:
+def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
     _unknown_keys(path, top, ["name", "description", "model", "train", "parallel", "baseline",
                               "variants", "sweep"], "scenario")
@@ -533,14 +632,19 @@ def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenar
         if key not in top:
             raise ScenarioError(path, "missing", key=key)
     _check_type(path, "name", top["name"], "str")
+    if not _NAME.fullmatch(top["name"]):
+        raise ScenarioError(path, f"needs a name of at most {MAX_NAME} letters, digits and "
+                                  f". _ + - (it names a folder), got {top['name']!r}", key="name")
     if top["name"] != path.stem:
         raise ScenarioError(path, f"must equal the file stem {path.stem!r}, got {top['name']!r}",
                             key="name")
     description = top.get("description", "")
     if description:
         _check_type(path, "description", description, "str")
-    model = _parse_model(path, top["model"], deep=only is None)
-    train, _ = _parse_train(path, top.get("train", {}) or {}, TrainSpec(), "train")
+    model = _parse_model(path, top["model"])
+    # `train:` with every key commented out is no train settings; `train: []` is a mistake.
+    train, _ = _parse_train(path, {} if top.get("train") is None else top["train"], TrainSpec(),
+                            "train")
     parallel = _parse_parallel(path, top.get("parallel"), "parallel")
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
@@ -548,11 +652,10 @@ def _parse(path: Path, raw: Any, sha256: str, only: str | None = None) -> Scenar
     variants: list[Variant] = []
     names: set[str] = set()
     for i, rv in enumerate(raw_variants):
-        v = _parse_variant(path, rv, i, train, names, only, parallel)
+        v = _parse_variant(path, rv, i, train, names, parallel)
         names.add(v.name)
         variants.append(v)
-    if only is None:
-        _check_against_model(path, model, variants)
+    _check_against_model(path, model, variants)
     baseline = top.get("baseline", variants[0].name)
     _check_type(path, "baseline", baseline, "str")
     if baseline not in names:
@@ -571,7 +674,7 @@ def _parse_sweep(path, raw, train: TrainSpec) -> tuple[tuple[str, tuple], ...]:
     sweep = _require_mapping(path, raw, "sweep")
     if not sweep:
         raise ScenarioError(path, "must name at least one train key to sweep", key="sweep")
-    _unknown_keys(path, sweep, list(_TRAIN_TYPES), "sweep")
+    _unknown_keys(path, sweep, list(_kinds(TrainSpec)), "sweep")
     axes = []
     for key, values in sweep.items():
         if not isinstance(values, list) or not values:

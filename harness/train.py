@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -63,6 +65,34 @@ def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
         if on_meta:
             parallel_training.materialize(ctx.model, device)
     return ctx
+
+
+def build_failure(spec: ModelSpec, source: ConfigSource,
+                  uses: tuple[TechniqueUse, ...]) -> tuple[TechniqueUse | None, Exception] | None:
+    """Build as `build` does, on the meta device (nothing allocated), one technique at a time:
+    None if it builds, else what failed — the technique being applied (None: the model
+    itself) and what it raised. Validation uses it: what the libraries refuse here (PEFT's
+    config checks and adapter injection, transformers' config and model classes) is bad input."""
+    from harness.techniques import ordered
+
+    ctx = BuildContext(device=torch.device("meta"))
+
+    def stage(which: Stage):
+        for _, use in ordered(uses):
+            try:
+                apply_stage(which, ctx, (use,))
+            except Exception as e:  # noqa: BLE001 - whatever it raised is the answer
+                return use, e
+        return None
+
+    failed = stage(Stage.LOAD)
+    if failed:
+        return failed
+    try:
+        ctx.model = build_model(spec, source, ctx.load, torch.device("meta"))
+    except Exception as e:  # noqa: BLE001
+        return None, e
+    return stage(Stage.MODEL) or stage(Stage.STEP)
 
 
 def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
@@ -154,3 +184,68 @@ def timing(result: TrainResult, train: TrainSpec) -> dict[str, float | None]:
     return {"step_time_s_median": median,
             "tokens_per_s": train.batch_size * train.seq_len / median if median > 0 else None,
             "warmup_s": warmup}
+
+
+class Measured(NamedTuple):
+    outcome: dict[str, Any]  # {status, error}: ok, oom, unsupported or error, and why
+    memory: dict[str, Any]  # the record's memory section (the probe's)
+    result: TrainResult
+    notes: list[str]  # what the libraries warned about while it ran
+
+
+def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: torch.device,
+            budget_bytes: int | None, simulate: bool, target: str = "cuda",
+            probe: Probe | None = None) -> Measured:
+    """Build and train under a fresh probe (or `probe`, made for this run). Whatever the
+    variant does — OOM, an unsupported technique, an exception — is its outcome."""
+    from harness.probes import make_probe
+    from harness.techniques import Unsupported
+
+    probe = probe or make_probe(device, budget_bytes, simulate=simulate, target=target)
+    result = TrainResult()
+    outcome = {"status": "ok", "error": None}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        probe.start()
+        try:
+            run_steps(probe, scenario.model, source, variant.techniques, train, device, result,
+                      variant.parallel)
+        except torch.OutOfMemoryError as e:
+            outcome = {"status": "oom", "error": _first_line(e)}
+        except Unsupported as e:
+            outcome = {"status": "unsupported", "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
+            # The exception first (what a progress line shows), then where it was raised.
+            outcome = ({"status": "oom", "error": _first_line(e)} if _is_oom(e) else
+                       {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}\n"
+                                                    + _tail(traceback.format_exc())})
+        finally:
+            memory = probe.stop()
+    memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
+    memory["quantized_weight_bytes"] = result.quantized_weight_bytes
+    return Measured(outcome, memory, result, _notes(seen))
+
+
+def _notes(caught: list[warnings.WarningMessage], limit: int = 20) -> list[str]:
+    """What the libraries warned about while the variant ran (e.g. bitsandbytes falling back to
+    non-paged state on CPU): it can change what the numbers mean, so it goes in the record."""
+    notes: list[str] = []
+    for w in caught:
+        line = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:300]}"
+        if line not in notes:
+            notes.append(line)
+    return notes[:limit]
+
+
+def _is_oom(e: BaseException) -> bool:
+    # OOMs raised inside autograd's engine can come back re-wrapped as a plain RuntimeError.
+    text = str(e)
+    return "out of memory" in text.lower() or "memory budget exceeded" in text
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])

@@ -1,4 +1,5 @@
-"""Byte sizes: parse what users type (``24GiB``, ``512 MB``) and format what tables show.
+"""Byte sizes: parse what users type (``24GiB``, ``512 MB``) and format what tables show, and
+the categories a memory breakdown splits them into.
 
 Records always store whole bytes; GiB appears only in human-facing tables.
 """
@@ -22,6 +23,10 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 GIB = 2**30
+
+# What a breakdown's bytes are (a record's `breakdown_bytes` keys, besides "unattributed"): here,
+# beside the sizes, so that reading records never imports the probes (and torch with them).
+CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 
 
 def parse_size(text: str | int) -> int:

@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tests.conftest import harness, last_json, write_scenario
+
+pytestmark = pytest.mark.slow  # runs `harness run` and `harness compare-methods --cpu`
 
 VARIANTS = [
     {"name": "bf16", "techniques": ["bf16"]},

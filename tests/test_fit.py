@@ -26,6 +26,7 @@ def run(*args: str) -> dict:
     return last_json(proc.stdout)
 
 
+@pytest.mark.slow
 def test_fit_finds_the_boundary_a_brute_force_scan_finds(tmp_path):
     # A budget between batch 4's and batch 5's peaks (simulated like with like against CPU).
     scan = scenario(tmp_path, "scan", f"{{batch_size: {BATCHES}}}")
@@ -53,6 +54,7 @@ def test_fit_finds_the_boundary_a_brute_force_scan_finds(tmp_path):
     assert (fit_dir / "summary.md").is_file()
 
 
+@pytest.mark.slow
 def test_simulated_fit_judges_the_reserved_peak(tmp_path):
     """Without a GPU the probes are simulated and a value fits when what the card must hold —
     reserved, predicted — is within the memory; the answer's is, the next one's is not."""
@@ -73,14 +75,14 @@ def test_simulated_fit_judges_the_reserved_peak(tmp_path):
     (["--gpu-memory", "1GiB", "--vary", "batch_size", "--multiple-of", "0"], "--multiple-of"),
     (["--gpu-memory", "1GiB", "--vary", "batch_size", "--variant", "lroa"], "did you mean 'lora'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, says):
-    proc = harness("fit", str(scenario(tmp_path, "bad")), *args, "--out", str(tmp_path / "o"))
+def test_bad_input_is_one_line_and_exit_2(tmp_path, cli, args, says):
+    proc = cli("fit", str(scenario(tmp_path, "bad")), *args, "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr, \
         proc.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_a_key_the_sweep_sets_cannot_be_fitted(tmp_path):
+def test_a_key_the_sweep_sets_cannot_be_fitted(tmp_path, cli):
     path = scenario(tmp_path, "swept", "{batch_size: [1, 2]}")
-    proc = harness("fit", str(path), "--gpu-memory", "1GiB", "--vary", "batch_size")
+    proc = cli("fit", str(path), "--gpu-memory", "1GiB", "--vary", "batch_size")
     assert proc.returncode == 2 and "sweep sets it already" in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import harness, last_json, records, write_scenario
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # `harness run --device cuda`
 
 LORA = {"lora": {"r": 16, "target_modules": ["q_proj", "v_proj"]}}
 

@@ -39,6 +39,7 @@ def _layer_params() -> int:
 
 
 LAYER_PARAMS = _layer_params()
+FSDP_TINY = REPO / "results" / "fsdp_tiny" / "20261201T105116720Z-a1eae4f"  # committed
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,7 @@ def _end(record: dict, category: str) -> int:
     return record["memory"]["end_of_step_bytes"][category]
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_params_grads_and_state_across_the_ranks(runs):
     single, fsdp2 = runs["cpu"]["single"], runs["cpu"]["fsdp2"]
     assert fsdp2["status"] == "ok", fsdp2["error"]
@@ -102,6 +104,7 @@ def _attributed(rank: dict) -> int:
     return rank["peak_allocated_bytes"] - unattributed
 
 
+@pytest.mark.slow
 def test_keeping_gathered_layers_after_forward_costs_their_full_size(runs):
     keep, reshard = runs["cpu"]["fsdp2-keep"], runs["cpu"]["fsdp2"]
     extra = max(map(_attributed, keep["memory"]["ranks"])) - \
@@ -111,6 +114,7 @@ def test_keeping_gathered_layers_after_forward_costs_their_full_size(runs):
     assert extra >= 2 * LAYER_PARAMS * 4, extra
 
 
+@pytest.mark.slow
 def test_uneven_shards_make_the_last_rank_lighter(runs):
     record = runs["cpu"]["fsdp2-3"]
     ranks = record["memory"]["ranks"]
@@ -121,6 +125,7 @@ def test_uneven_shards_make_the_last_rank_lighter(runs):
     assert record["memory"]["imbalance"] > 0
 
 
+@pytest.mark.slow
 def test_ddp_keeps_a_replica_plus_gradient_buckets(runs):
     single, ddp = runs["cpu"]["single"], runs["cpu"]["ddp"]
     for category in ("params", "grads", "optimizer"):
@@ -131,6 +136,7 @@ def test_ddp_keeps_a_replica_plus_gradient_buckets(runs):
     assert "DDP is not simulated" in runs["simulate"]["ddp"]["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fsdp2", "fsdp2-3", "fsdp2-keep"])
 def test_simulated_ranks_agree_with_the_gloo_run(runs, variant):
     measured, simulated = runs["cpu"][variant], runs["simulate"][variant]
@@ -147,6 +153,7 @@ def test_simulated_ranks_agree_with_the_gloo_run(runs, variant):
     # collective's buffers shifts a free by a little, differently each run.)
 
 
+@pytest.mark.slow
 def test_the_table_shows_the_strategy_and_the_busiest_rank(runs):
     import pandas as pd
 
@@ -160,6 +167,7 @@ def test_the_table_shows_the_strategy_and_the_busiest_rank(runs):
     assert single.split("|")[3].strip() == "—"  # one process: no strategy
 
 
+@pytest.mark.slow
 def test_compare_flags_a_rank_that_grew_when_the_busiest_did_not(runs, tmp_path):
     base = runs["cpu"]["fsdp2-3"]
     lighter = min(base["memory"]["ranks"], key=lambda r: r["peak_allocated_bytes"])
@@ -181,6 +189,54 @@ def test_compare_flags_a_rank_that_grew_when_the_busiest_did_not(runs, tmp_path)
     assert proc.returncode == 0 and "parallel changed" in proc.stdout
 
 
+def test_a_committed_runs_table_shows_each_strategy_and_its_busiest_rank():
+    """The table of the committed fsdp_tiny run (gloo ranks on CPU), made again from its
+    records: a parallel row's figures are its busiest rank's, its params that rank's shards."""
+    from harness.report import load_results_in, markdown, summary_table
+
+    got = records(FSDP_TINY)
+    lines = markdown(summary_table(load_results_in(FSDP_TINY))).splitlines()
+    assert any("busiest rank" in line for line in lines)
+    header = next(line for line in lines if line.startswith("| variant "))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    rows = {}
+    for line in lines[lines.index(header) + 2:]:
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows[cells[0]] = dict(zip(columns, cells, strict=True))
+    assert set(rows) == set(got)
+    assert rows["one-process"]["parallel"] == "—"
+    assert rows["fsdp2-keep"]["parallel"] == "fsdp2×2 reshard_after_forward=false"
+    for name, record in got.items():
+        ranks = record["memory"].get("ranks") or [record["memory"]]
+        busiest = max(r["peak_allocated_bytes"] for r in ranks)
+        assert rows[name]["peak MiB"] == f"{busiest / 2**20:.1f}", name
+    # Two FSDP2 ranks hold half the parameters each; DDP's two, a whole replica each.
+    one = float(rows["one-process"]["params"])
+    assert float(rows["fsdp2"]["params"]) == pytest.approx(one / 2, abs=0.1)
+    assert float(rows["ddp"]["params"]) == one
+
+
+def test_compare_flags_a_committed_rank_that_grew_when_the_busiest_did_not(tmp_path, cli):
+    base = json.loads((FSDP_TINY / "fsdp2.json").read_text())
+    new = json.loads(json.dumps(base))
+    # One rank's peak grows 5 %; the record's own figure (the busiest rank's when it was
+    # written) stays: a regression on that rank all the same.
+    new["memory"]["ranks"][1]["peak_allocated_bytes"] = int(
+        base["memory"]["ranks"][1]["peak_allocated_bytes"] * 1.05)
+    for folder, record in (("base", base), ("new", new)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "fsdp2.json").write_text(json.dumps(record))
+    proc = cli("compare", str(tmp_path / "base"), str(tmp_path / "new"), "--fail-above", "1%")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert last_json(proc.stdout)["rows"]["fsdp2"]["mark"] == "+" and "rank 1:" in proc.stdout
+    new["parallel"]["world_size"] = 4  # another world size: another experiment
+    (tmp_path / "new" / "fsdp2.json").write_text(json.dumps(new))
+    proc = cli("compare", str(tmp_path / "base"), str(tmp_path / "new"))
+    assert proc.returncode == 0 and "parallel changed" in proc.stdout
+
+
+@pytest.mark.slow
 def test_a_rank_that_dies_ends_as_an_error_record_not_a_hang(tmp_path):
     path = write_scenario(tmp_path, "dies", [
         {"name": "single"},
@@ -191,7 +247,7 @@ def test_a_rank_that_dies_ends_as_an_error_record_not_a_hang(tmp_path):
                             "--timeout", "300"], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
-    victim = _wait_for_rank(str(path), rank=1, within_s=90)
+    victim = _wait_for_rank(str(tmp_path / "out"), rank=1, within_s=90)
     time.sleep(max(0.0, 8 - (time.time() - victim.create_time())))  # past imports: training
     victim.send_signal(signal.SIGKILL)
     stdout, stderr = run.communicate(timeout=120)
@@ -203,13 +259,14 @@ def test_a_rank_that_dies_ends_as_an_error_record_not_a_hang(tmp_path):
     assert not list((Path(last_json(stdout)["run_dir"]) / "logs").glob("*.rank*.json"))
 
 
-def _wait_for_rank(scenario: str, rank: int, within_s: float) -> psutil.Process:
+def _wait_for_rank(out: str, rank: int, within_s: float) -> psutil.Process:
+    """The worker process of rank `rank` of a run writing under `out` (its job file is there)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         for proc in psutil.process_iter(["cmdline"]):
             try:
                 cmdline = proc.info["cmdline"] or []
-                if "harness.worker" in cmdline and scenario in cmdline and \
+                if "harness.worker" in cmdline and any(a.startswith(out) for a in cmdline) and \
                         proc.environ().get("RANK") == str(rank):
                     return proc
             except (psutil.NoSuchProcess, psutil.AccessDenied):

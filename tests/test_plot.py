@@ -3,18 +3,32 @@ peak, the sweep's lines their peaks — linked from summary.md; `run` makes them
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import harness, last_json, records, write_scenario
+from tests.conftest import REPO, harness, last_json, records, write_scenario
 
 PNG = b"\x89PNG\r\n\x1a\n"
+COMMITTED = REPO / "results" / "sweep_mistral" / "20261201T084143679Z-d635fbc"
 
 
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["committed", pytest.param("simulated",
+                                                                   marks=pytest.mark.slow)])
+def swept(request, tmp_path_factory) -> Path:
+    """A sweep's run folder and its pictures: the committed sweep_mistral run, its PNGs drawn
+    again as `harness plot` draws them, or (slow) a tiny sweep that `harness run` drew."""
+    from harness.plot import plot_run
+    from harness.report import write_summary
+
     folder = tmp_path_factory.mktemp("plot")
+    if request.param == "committed":
+        run = folder / COMMITTED.name
+        shutil.copytree(COMMITTED, run, ignore=shutil.ignore_patterns("*.png"))
+        assert sorted(p.name for p in plot_run(run)) == ["breakdown.png", "sweep.png"]
+        write_summary(run)  # links the pictures
+        return run
     path = write_scenario(folder, "pics", [{"name": "bf16", "techniques": ["bf16"]},
                                            {"name": "lora-gc", "techniques": [
                                                "bf16", {"lora": {"r": 8}},
@@ -36,26 +50,31 @@ def test_run_writes_valid_pngs_and_links_them(swept):
         assert f"]({name})" in (swept / "summary.md").read_text()
 
 
-def test_the_pictures_are_the_records(swept):
+def test_the_pictures_are_the_records(swept, tmp_path):
     from harness.plot import breakdown_png, sweep_png
     from harness.report import load_results_in
 
     frame = load_results_in(swept)
     got = records(swept)
-    bars = breakdown_png(frame, swept / "check.png")
-    assert set(bars) == set(got)
+    bars = breakdown_png(frame, tmp_path / "check.png")
+    assert set(bars) == {name for name, r in got.items() if r["status"] == "ok"}
     for name, drawn in bars.items():
-        memory = got[name]["memory"]
-        # A bar is the peak's breakdown, unattributed included: its height is the peak.
-        assert sum(drawn.values()) == memory["peak_allocated_bytes"]
-    lines = sweep_png(frame, swept / "check.png")
-    assert set(lines) == {"bf16", "lora-gc"}
-    for variant, points in lines.items():
-        assert [x for x, _ in points] == [64, 128, 256]
-        assert [peak for _, peak in points] == [
-            got[f"{variant}@seq_len={s}"]["memory"]["peak_allocated_bytes"] for s in (64, 128, 256)]
+        # A bar is the peak's breakdown, category by category, unattributed included.
+        assert drawn == {k: float(v) for k, v in got[name]["memory"]["breakdown_bytes"].items()}
+    # A line per variant (and value of the other swept keys): the peaks against the first key.
+    expected: dict[str, list[tuple[float, float]]] = {}
+    for record in got.values():
+        point = record["sweep_point"]
+        first, *others = point
+        label = record["variant"]["name"] + (
+            f" ({','.join(f'{k}={point[k]}' for k in others)})" if others else "")
+        expected.setdefault(label, []).append(
+            (float(point[first]), float(record["memory"]["peak_allocated_bytes"])))
+    lines = sweep_png(frame, tmp_path / "check.png")
+    assert lines == {label: sorted(points) for label, points in expected.items()}
+    assert all(len(points) >= 3 for points in lines.values())
 
 
-def test_plot_of_a_folder_without_records_is_bad_input(tmp_path):
-    proc = harness("plot", str(tmp_path))
+def test_plot_of_a_folder_without_records_is_bad_input(tmp_path, cli):
+    proc = cli("plot", str(tmp_path))
     assert proc.returncode == 2 and "not a run folder" in proc.stderr

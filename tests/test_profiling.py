@@ -45,6 +45,7 @@ def harness_run(tmp_path_factory) -> dict:
     return json.loads((Path(last_json(proc.stdout)["run_dir"]) / "lora.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_profiled_loop_measures_what_harness_run_measures(tmp_path, harness_run):
     model, config = tiny_lora()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -78,6 +79,7 @@ def test_a_profiled_loop_measures_what_harness_run_measures(tmp_path, harness_ru
     assert len(harness.load_results(prof.record_path.parent)) == 1
 
 
+@pytest.mark.slow
 def test_the_trainer_callback_record_matches_harness_run(tmp_path, harness_run):
     from transformers import Trainer, TrainingArguments
 
@@ -102,6 +104,7 @@ def test_the_trainer_callback_record_matches_harness_run(tmp_path, harness_run):
         theirs["breakdown_bytes"]["activations"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_the_callback_profiles_sft_trainer(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig

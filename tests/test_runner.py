@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import REPO, harness, last_json, records, write_scenario
+
+pytestmark = pytest.mark.slow  # each test runs `harness run` and its workers
 
 
 def test_oom_under_a_budget_is_recorded_and_the_next_variant_still_runs(tmp_path):
@@ -103,11 +107,16 @@ def test_ctrl_c_keeps_every_finished_record_and_exits_130(tmp_path):
 def test_what_this_machine_cannot_run_is_an_unsupported_result(tmp_path):
     import torch
 
+    # Mistral-7B's layout at 2.2 trillion parameters: 8.8 TB in fp32, more than any machine
+    # that runs this has (the RAM arithmetic itself: tests/test_job.py).
+    config = json.loads((REPO / "scenarios" / "models" / "mistral-7b-v0.1.json").read_text())
+    config.update(hidden_size=65536, intermediate_size=262144, num_attention_heads=512)
+    (tmp_path / "huge.json").write_text(json.dumps(config))
     big = write_scenario(tmp_path, "big", [
         {"name": "full", "techniques": []},
         {"name": "liger", "techniques": ["bf16", "liger"]},
         {"name": "offload", "techniques": ["bf16", "activation_offload"]},
-    ], model={"config": "mistral-7b-v0.1"})
+    ], model={"config": "./huge.json"})
     proc = harness("run", str(big), "--device", "cpu", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = records(Path(last_json(proc.stdout)["run_dir"]))

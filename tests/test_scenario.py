@@ -98,33 +98,41 @@ BAD = [
     ((["variants"], []), None, "variants", "non-empty"),
     ((["variants", 1, "name"], "full"), "full", "variants[1].name", "duplicate"),
     ((["variants", 1, "name"], "a/b"), None, "variants[1].name", "letters"),
-    ((["variants", 0, "techniques"], ["bf17"]), "full", "techniques[0]", "did you mean 'bf16'"),
-    ((["variants", 0, "techniques"], ["bf16", "amp_bf16"]), "full", "techniques[1]", "conflicts"),
-    ((["variants", 0, "techniques"], ["bf16", "bf16"]), "full", "techniques[1]", "twice"),
-    ((["variants", 0, "techniques"], [{"lora": {"rank": 8}}]), "full", "techniques[0].lora.rank",
+    ((["variants", 0, "techniques"], ["bf17"]), "full",
+     "variants[0].techniques[0]", "did you mean 'bf16'"),
+    ((["variants", 0, "techniques"], ["bf16", "amp_bf16"]), "full",
+     "variants[0].techniques[1]", "conflicts"),
+    ((["variants", 0, "techniques"], ["bf16", "bf16"]), "full",
+     "variants[0].techniques[1]", "twice"),
+    ((["variants", 0, "techniques"], [{"lora": {"rank": 8}}]), "full",
+     "variants[0].techniques[0].lora.rank",
      "did you mean 'r'"),
-    ((["variants", 0, "techniques"], [{"lora": {"r": "8"}}]), "full", "techniques[0].lora.r",
+    ((["variants", 0, "techniques"], [{"lora": {"r": "8"}}]), "full",
+     "variants[0].techniques[0].lora.r",
      "must be int"),
     ((["variants", 0, "techniques"], [{"lora": {"target_modules": ["qkv_proj"]}}]), "full",
-     "techniques[0].lora", "match no module"),
-    ((["variants", 0, "techniques"], [{"bf16": {"x": 1}}]), "full", "techniques[0].bf16.x",
+     "variants[0].techniques[0].lora", "match no module"),
+    ((["variants", 0, "techniques"], [{"bf16": {"x": 1}}]), "full",
+     "variants[0].techniques[0].bf16.x",
      "takes no arguments"),
-    ((["variants", 0, "techniques"], [{"lora": {}, "bf16": {}}]), "full", "techniques[0]",
+    ((["variants", 0, "techniques"], [{"lora": {}, "bf16": {}}]), "full",
+     "variants[0].techniques[0]",
      "one-key mapping"),
-    ((["variants", 0, "train"], {"steps": 0}), "full", "train.steps", "≥ 1"),
+    ((["variants", 0, "train"], {"steps": 0}), "full", "variants[0].train.steps", "≥ 1"),
     # Stacks that contradict themselves.
-    ((["variants", 0, "techniques"], ["int8"]), "full", "techniques[0]", "needs one of 'lora'"),
+    ((["variants", 0, "techniques"], ["int8"]), "full",
+     "variants[0].techniques[0]", "needs one of 'lora'"),
     ((["variants", 0, "techniques"], ["bf16", "chunked_nll", "liger"]), "full",
-     "techniques[2].liger", "both replace the loss"),
+     "variants[0].techniques[2].liger", "both replace the loss"),
     ((["variants", 0, "techniques"], ["bf16", "chunked_nll", "compile"]), "full",
-     "techniques[2].compile", "use scope: layers"),
+     "variants[0].techniques[2].compile", "use scope: layers"),
     ((["variants", 0, "techniques"], [{"compile": {"backend": "inductr"}}]), "full",
-     "techniques[0].compile.backend", "did you mean 'inductor'"),
+     "variants[0].techniques[0].compile.backend", "did you mean 'inductor'"),
     ((["variants", 0, "techniques"], [{"compile": {"backend": "aot_eager",
                                                    "mode": "max-autotune"}}]), "full",
-     "techniques[0].compile.mode", "inductor mode"),
+     "variants[0].techniques[0].compile.mode", "inductor mode"),
     ((["variants", 0], {"name": "full", "techniques": ["compile"], "train": {"warmup_steps": 0}}),
-     "full", "train.warmup_steps", "compile needs warmup_steps ≥ 1"),
+     "full", "variants[0].train.warmup_steps", "compile needs warmup_steps ≥ 1"),
     ((["variants", 0, "colour"], "red"), "full", "variants[0].colour", "unknown key"),
     # Parallel training: at the top (every variant) or in a variant.
     ((["parallel"], {"strategy": "fsdp", "world_size": 2}), None, "parallel.strategy",
@@ -137,13 +145,14 @@ BAD = [
      "parallel.reshard", "allowed: strategy, world_size, reshard_after_forward"),
     ((["variants", 0, "parallel"], {"strategy": "ddp", "world_size": 2,
                                     "reshard_after_forward": False}), "full",
-     "parallel.reshard_after_forward", "an option of fsdp2, not of ddp"),
+     "variants[0].parallel.reshard_after_forward", "an option of fsdp2, not of ddp"),
     ((["variants", 0, "parallel"], {"strategy": "fsdp2", "world_size": 2,
-                                    "param_dtype": "bf16"}), "full", "parallel.param_dtype",
+                                    "param_dtype": "bf16"}), "full",
+     "variants[0].parallel.param_dtype",
      "one of float32, bfloat16, float16"),
     ((["variants", 0, "parallel"], {"strategy": "ddp", "world_size": 2, "bucket_cap_mb": 0}),
-     "full", "parallel.bucket_cap_mb", "> 0"),
-    ((["variants", 0, "parallel"], [2]), "full", "parallel", "must be a mapping"),
+     "full", "variants[0].parallel.bucket_cap_mb", "> 0"),
+    ((["variants", 0, "parallel"], [2]), "full", "variants[0].parallel", "must be a mapping"),
 ]
 
 
@@ -184,11 +193,11 @@ def test_model_config_by_relative_path_and_folder(tmp_path):
         assert load_scenario(_write(tmp_path, body)).model.config == ref
 
 
-def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, cli):
     path = _write(tmp_path, _mutate(["variants", 0, "techniques"], ["lorra"]), name="s")
     out = tmp_path / "out"
     for args in (["validate", str(path)], ["run", str(path), "--out", str(out)]):
-        proc = harness(*args)
+        proc = cli(*args)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -196,12 +205,21 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_cli_bad_flags_exit_2(tmp_path):
+def test_cli_bad_flags_exit_2(tmp_path, cli):
     path = write_scenario(tmp_path, "s", [{"name": "a"}])
     for extra in (["--variant", "b"], ["--memory-budget", "lots"], ["--steps", "0"]):
-        proc = harness("run", str(path), "--out", str(tmp_path / "out"), *extra)
+        proc = cli("run", str(path), "--out", str(tmp_path / "out"), *extra)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_command_exits_2_with_one_line_on_bad_input(tmp_path):
+    """The process a user starts: `python -m harness` gives main()'s exit code, no traceback."""
+    path = _write(tmp_path, _mutate(["variants", 0, "techniques"], ["lorra"]), name="s")
+    proc = harness("validate", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "did you mean 'lora'" in proc.stderr
 
 
 # Property: whatever the file holds, the loader answers with a Scenario or a one-line

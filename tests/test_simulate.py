@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import harness, last_json, records, write_scenario
 
+pytestmark = pytest.mark.slow  # every test reads `harness run`'s records (CPU and simulated)
+
 LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj",
                                                                 "o_proj"]}}
 BOTH = [  # every technique and optimizer that both a real CPU run and a simulation can run

@@ -16,6 +16,7 @@ LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj
                                                                 "o_proj"]}}
 
 
+@pytest.mark.slow
 def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path):
     """Mistral-7B LoRA, never allocated: its bf16 base is exactly 2 bytes per parameter and its
     fp32 adapters 4; the allocator replay of its 32-layer step (assembled from 3 layers)
@@ -44,6 +45,7 @@ def test_fits_on_picks_the_smallest_card_that_holds_the_peak():
     assert fits_on(142 * 2**30) == (None, None)
 
 
+@pytest.mark.slow
 def test_a_deep_model_assembled_from_three_layers_equals_simulating_every_layer(tmp_path):
     """A 7-layer model simulated at 3 layers (and 2, to check) and assembled layer by layer
     gives the record that simulating all 7 gives: every figure, reserved memory included —
@@ -75,6 +77,7 @@ def test_a_deep_model_assembled_from_three_layers_equals_simulating_every_layer(
         assert fast["model"]["params_total"] == full["model"]["params_total"]
 
 
+@pytest.mark.slow
 def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
     """An LM head tied to the embedding (Llama-3.2-1B/3B) is one tensor, whatever the build:
     plain, QLoRA (built on meta, then quantized) or simulated (materialised from meta)."""
@@ -82,7 +85,7 @@ def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
 
     from harness.models import resolve_config
     from harness.scenario import load_scenario
-    from harness.worker import _measure
+    from harness.train import measure
 
     config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
     (tmp_path / "tied.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
@@ -96,8 +99,8 @@ def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
     for name in ("bf16", "qlora"):
         variant = scenario.variant(name)
         for simulate in (False, True):
-            outcome, memory, result, _ = _measure(scenario, source, variant, variant.train,
-                                                  torch.device("cpu"), None, simulate)
+            outcome, memory, result, _ = measure(scenario, source, variant, variant.train,
+                                                 torch.device("cpu"), None, simulate)
             assert outcome["status"] == "ok", outcome
             params[name, simulate] = memory["end_of_step_bytes"]["params"]
             total[name] = result.params_total

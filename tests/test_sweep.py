@@ -3,11 +3,14 @@ one record per (variant, point), one table row each, comparable and selectable b
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import harness, last_json, records, write_scenario
+from tests.conftest import REPO, harness, last_json, records, write_scenario
+
+COMMITTED = REPO / "results" / "sweep_mistral" / "20261201T084143679Z-d635fbc"
 
 VARIANTS = [{"name": "bf16", "techniques": ["bf16"]},
             # Its own seq_len is overridden by the sweep's.
@@ -30,6 +33,7 @@ def grid(tmp_path_factory):
     return Path(last_json(proc.stdout)["run_dir"]), proc.stdout
 
 
+@pytest.mark.slow
 def test_each_variant_at_each_point_is_a_record_of_its_own(grid):
     run_dir, stdout = grid
     got = records(run_dir)
@@ -58,6 +62,7 @@ def test_each_variant_at_each_point_is_a_record_of_its_own(grid):
             (row["peak_allocated_bytes"] / base - 1) * 100)
 
 
+@pytest.mark.slow
 def test_activations_scale_with_the_swept_batch(grid):
     """Kept activations are per sequence: twice the batch keeps twice the bytes (512-byte
     rounding aside), at each sequence length — measured, not assumed. (LoRA's forward peaks at
@@ -72,6 +77,26 @@ def test_activations_scale_with_the_swept_batch(grid):
             assert one > 0
 
 
+def test_a_committed_sweeps_table_is_a_row_per_point_against_the_baseline_there(tmp_path):
+    """The table of the committed sweep_mistral run (3 variants × 8 points), made again from its
+    records: a row per (variant, point), "vs baseline" against qlora at the same point."""
+    import pandas as pd
+
+    from harness.report import write_summary
+
+    run = tmp_path / COMMITTED.name
+    shutil.copytree(COMMITTED, run, ignore=shutil.ignore_patterns("summary.*"))
+    write_summary(run)
+    got = records(run)
+    table = pd.read_csv(run / "summary.csv")
+    assert sorted(f"{row.variant}@{row.sweep_point}" for row in table.itertuples()) == sorted(got)
+    assert len(got) == 3 * 8
+    for row in table.itertuples():
+        base = got[f"qlora@{row.sweep_point}"]["memory"]["peak_allocated_bytes"]
+        assert row.vs_baseline_pct == pytest.approx((row.peak_allocated_bytes / base - 1) * 100)
+
+
+@pytest.mark.slow
 def test_a_sweep_point_or_a_declared_variant_is_selected_by_name(tmp_path):
     path = sweep_scenario(tmp_path, "{seq_len: [64, 128]}")
     proc = harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / "out"),
@@ -96,9 +121,9 @@ def test_a_sweep_point_or_a_declared_variant_is_selected_by_name(tmp_path):
     ("{seq_len: [64, 64]}", "sweep.seq_len", "twice"),
     ("{}", "sweep", "at least one"),
 ])
-def test_a_bad_sweep_is_one_line_naming_the_key(tmp_path, sweep, key, says):
+def test_a_bad_sweep_is_one_line_naming_the_key(tmp_path, cli, sweep, key, says):
     path = sweep_scenario(tmp_path, sweep)
-    proc = harness("validate", str(path))
+    proc = cli("validate", str(path))
     assert proc.returncode == 2, proc.stdout
     line = proc.stderr.strip()
     assert line.count("\n") == 0 and f"key {key!r}" in line and says in line, line

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, harness, write_scenario
+import pytest
+
+from tests.conftest import REPO, write_scenario
 
 WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
 
@@ -23,10 +25,10 @@ def test_the_workflows_pass_actionlint():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_the_nightly_scenarios_exist_and_validate():
+def test_the_nightly_scenarios_exist_and_validate(cli):
     names = [line.split()[0] for line in (REPO / ".github" / "nightly-scenarios.txt").read_text()
              .splitlines() if line.strip() and not line.startswith("#")]
-    proc = harness("validate", *names)
+    proc = cli("validate", *names)
     assert names and proc.returncode == 0, proc.stderr
 
 
@@ -41,6 +43,7 @@ def nightly(tmp_path: Path, listed: Path, baseline: Path) -> tuple[int, str]:
     return proc.returncode, summary.read_text()
 
 
+@pytest.mark.slow
 def test_the_nightly_job_reports_and_fails_on_a_regression(tmp_path):
     scenario = write_scenario(tmp_path, "night", [
         {"name": "bf16", "techniques": ["bf16"]},

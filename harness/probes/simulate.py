@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_te
 from torch.utils._pytree import tree_leaves
 
 from harness.estimate import cublas_workspace_bytes, flash_backward_scratch
+from harness.patches import SteppingScaler, unpacked_batches
 from harness.probes import Kind, Probe
 from harness.probes.allocator import replay
 from harness.probes.layers import (
@@ -57,12 +58,12 @@ class SimulateProbe(Probe):
         self._phase_name: str | None = None
         # Label the trace by decoder layer, to assemble a deeper model's from it (layers.py):
         # then `labelled` is (allocations, labels, owners, phases), or the reason it is not.
-        # With `assemble_to` too, `assembled` is then (memory section, trace) of a model that
-        # many layers deep, from the assembled trace — or why it could not be.
+        # With `assemble_to` too, `assembly()` is then (memory section, trace) of a model that
+        # many layers deep, from the assembled trace — or raises why it could not be.
         self.label_layers = False
         self.labelled: tuple | str | None = None
         self.assemble_to: int | None = None
-        self.assembled: tuple | str | None = None
+        self._assembled_at: tuple | NotAssembled | None = None
         self._model = None
         self._hooks: list = []
 
@@ -70,7 +71,7 @@ class SimulateProbe(Probe):
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._copies: list[torch.Tensor] = []
         self._fake.__enter__()
-        self._unpacked = _batches_are_not_packed()
+        self._unpacked = unpacked_batches()
         self._unpacked.__enter__()
 
     def sight(self, kind, tensors) -> None:
@@ -90,7 +91,7 @@ class SimulateProbe(Probe):
         warnings.warn("simulated: GradScaler takes every step, as when no gradient overflowed "
                       "(a step it skips creates no optimizer temporaries, nor, the first time, "
                       "AdamW's state)", stacklevel=2)
-        return _SteppingScaler(self.device.type)
+        return SteppingScaler(self.device.type)
 
     def sight_optimizer(self, optimizer) -> None:
         super().sight_optimizer(optimizer)
@@ -171,10 +172,19 @@ class SimulateProbe(Probe):
                 assembled = self._memory_of(trace, analysis)
                 # What the tracker would have counted at that depth.
                 assembled["tracked_tensor_peak_bytes"] = analysis.peak_bytes
-                self.assembled = (assembled, trace)
+                self._assembled_at = (assembled, trace)
             except NotAssembled as e:
-                self.assembled = str(e)
+                self._assembled_at = e
         return memory
+
+    def assembly(self) -> tuple[dict[str, Any], list]:
+        """(memory section, trace) of the model `assemble_to` layers deep, from this run's
+        labelled trace. Raises NotAssembled, saying why it could not be."""
+        if isinstance(self._assembled_at, NotAssembled):
+            raise self._assembled_at
+        if self._assembled_at is None:
+            raise NotAssembled("no assembly was asked for (assemble_to) or the run did not end")
+        return self._assembled_at
 
     def _memory_of(self, trace, analysis) -> dict[str, Any]:
         """The record's memory section for an allocation trace and its analysis."""
@@ -197,15 +207,6 @@ class SimulateProbe(Probe):
         for block in blocks:
             block.kind = kinds.get(origin[block.ptr])
         return trace, analyse(blocks, phases)
-
-
-class _SteppingScaler(torch.amp.GradScaler):
-    """A GradScaler that steps without asking whether a gradient overflowed: that is a value
-    (`found_inf.item()`), which fake tensors do not have. Scaling, unscaling (with its overflow
-    check) and the scale's update run as ever."""
-
-    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
-        return optimizer.step(*args, **kwargs)
 
 
 _BLAS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
@@ -352,22 +353,3 @@ def _untouched(state, device):
             setattr(state, name, torch.empty_like(value, device=device))
     state.state2 = _untouched(getattr(state, "state2", None), device)
     return state
-
-
-def _batches_are_not_packed():
-    """transformers asks the position ids whether several sequences are packed into one row
-    (`(mask[:, -1] == 0).all()`), a question about values that fake tensors cannot answer, so it
-    assumes they may be and builds a full [B, 1, S, S] mask — which also turns SDPA's `is_causal`
-    path off. The harness's batches are one sequence per row by construction, and a real run
-    answers "not packed" and passes no mask: answer the same here."""
-    from unittest import mock
-
-    from transformers import masking_utils
-
-    original = masking_utils.find_packed_sequence_indices
-
-    def find_packed_sequence_indices(position_ids):
-        return None if is_fake(position_ids) else original(position_ids)
-
-    return mock.patch.object(masking_utils, "find_packed_sequence_indices",
-                             find_packed_sequence_indices)

@@ -19,7 +19,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+from harness.units import CATEGORIES
 
 
 def round_block(n_bytes: int) -> int:

@@ -259,7 +259,8 @@ def lora_label(name: str, args: Mapping[str, Any]) -> str:
 
 def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any] = (),
                    reserved: tuple[str, ...] = (), shown: tuple[str, ...] = (),
-                   aliases: Mapping[str, str] = ()) -> Callable:
+                   aliases: Mapping[str, str] = (),
+                   ranges: Mapping[str, tuple[float, float]] = ()) -> Callable:
     """An argument resolver checked against a library's config dataclass (e.g. LoraConfig),
     given as a function returning the class, so the library is imported only when a scenario
     uses the technique.
@@ -269,6 +270,7 @@ def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any
     The resolved arguments are `defaults`, then the user's, then the `shown` fields' values
     from the built config (so the record shows what actually ran). `aliases` maps names users
     commonly type (LoRA's "rank") to the library's, for the "did you mean" hint only.
+    `ranges` bounds numbers the library takes unchecked: {key: (lowest, highest)}, inclusive.
     """
     import dataclasses
 
@@ -277,6 +279,9 @@ def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         allowed = [n for n in fields if n not in reserved]
         for key, value in args.items():
+            if key in reserved and key in fields:
+                raise TechniqueArgError(f"{key!r} is set by the harness for every run, not by "
+                                        "a scenario", key=str(key))
             if key not in allowed:
                 hint = [dict(aliases)[key]] if key in dict(aliases) else \
                     difflib.get_close_matches(str(key), allowed, n=1)
@@ -289,6 +294,11 @@ def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any
             if (plain and value is not None and type(default) in (int, float, bool, str)
                     and default is not None and not _same_kind(value, default)):
                 raise TechniqueArgError(f"must be {type(default).__name__}, got {value!r}", key=key)
+            low, high = dict(ranges).get(key, (None, None))
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    low is not None and not low <= value <= high:
+                raise TechniqueArgError(f"must be within [{low:g}, {high:g}], got {value!r}",
+                                        key=key)
         merged = {**dict(defaults), **args}
         try:
             built = cls(**merged)

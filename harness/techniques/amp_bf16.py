@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import bf16_supported, others
 
@@ -16,4 +14,6 @@ def amp_bf16(ctx: BuildContext) -> None:
     copy of each weight for the duration of the forward, which adds up to half the fp32 weight
     bytes.
     """
+    import torch  # imported on use: the registry (tables, `ls`) is read without torch
+
     ctx.autocast_dtype = torch.bfloat16

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import others
 
@@ -15,5 +13,7 @@ def amp_fp16(ctx: BuildContext) -> None:
     weight-cast cache), plus the GradScaler fp16 needs: the loss is scaled before backward and
     grads are unscaled before clipping; its own state is a few scalars.
     """
+    import torch  # imported on use: the registry (tables, `ls`) is read without torch
+
     ctx.autocast_dtype = torch.float16
     ctx.grad_scaler = True

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from harness.techniques import BuildContext, Stage, technique
+
+if TYPE_CHECKING:  # imported on use: the registry (tables, `ls`) is read without torch
+    import torch
 
 # One precision per variant: weight dtypes and autocast modes exclude each other.
 PRECISIONS = ("bf16", "fp16", "amp_bf16", "amp_fp16")
@@ -15,6 +18,8 @@ def others(name: str) -> tuple[str, ...]:
 
 
 def bf16_supported(device: torch.device) -> str | None:
+    import torch
+
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return f"{torch.cuda.get_device_name(device)} has no bfloat16 support"
     return None
@@ -28,4 +33,6 @@ def bf16(ctx: BuildContext) -> None:
     The model is built under bf16 as the default dtype, layer by layer, so the load phase never
     holds an fp32 copy. PEFT adapters added later stay fp32 (its autocast_adapter_dtype default).
     """
+    import torch
+
     ctx.load.dtype = torch.bfloat16

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from typing import TYPE_CHECKING
 
 from harness.techniques import (
     BuildContext,
@@ -14,6 +12,9 @@ from harness.techniques import (
     base_model,
     technique,
 )
+
+if TYPE_CHECKING:  # imported on use: the registry (tables, `ls`) is read without torch
+    import torch
 
 IMPLS = ("harness", "trl")
 
@@ -37,6 +38,8 @@ def _resolve(args: dict) -> dict:
 
 
 def _chunk_nll_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module):
+    import torch.nn.functional as F
+
     # fp32 logits, as transformers' own loss up-casts them; only this chunk's exist at once.
     logits = head(hidden).float()
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
@@ -51,6 +54,9 @@ def chunked_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     backward recomputes them one chunk at a time: the `[tokens, vocab]` fp32 logits (and their
     gradient) never exist whole — at most one `[chunk_size, vocab]` block does.
     """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
     base = base_model(model)
     hidden = base.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
     head = base.get_output_embeddings()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from harness.techniques import BuildContext, Stage, technique
 from harness.techniques.bf16 import others
 
@@ -16,4 +14,6 @@ def fp16(ctx: BuildContext) -> None:
     Same memory as bf16; pure fp16 training without a loss scaler is numerically fragile, which
     is why amp_fp16 exists. Kept for GPUs without bf16 (V100, T4).
     """
+    import torch  # imported on use: the registry (tables, `ls`) is read without torch
+
     ctx.load.dtype = torch.float16

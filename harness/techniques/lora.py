@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from harness.techniques import BuildContext, Stage, dataclass_args, lora_label, technique
 
 
@@ -34,6 +36,9 @@ def _check_targets(model, args: dict) -> str | None:
 
 
 # LoRA arguments the estimate's arithmetic does not depend on; any other one must keep its default.
+# What LoraConfig takes unchecked: a negative dropout is no dropout, a negative alpha flips
+# the adapters' sign.
+RANGES = {"lora_dropout": (0, 1), "lora_alpha": (0, math.inf)}
 _ESTIMATE_NEUTRAL = {"r", "lora_alpha", "lora_dropout", "target_modules"}
 
 
@@ -62,7 +67,8 @@ def estimate_lora(stack: dict, args: dict, neutral: frozenset[str] = frozenset()
            args=dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
                                shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
                                aliases={"rank": "r", "alpha": "lora_alpha",
-                                        "dropout": "lora_dropout", "targets": "target_modules"}))
+                                        "dropout": "lora_dropout", "targets": "target_modules"},
+                               ranges=RANGES))
 def lora(ctx: BuildContext, **args) -> None:
     """Only the adapters train: grads and AdamW state shrink to the adapters' (well under 1 % of
     the base for r=16 on q/v), parameters barely change. Activations do not shrink: the frozen

@@ -11,14 +11,21 @@ from harness.techniques import (
     lora_label,
     technique,
 )
-from harness.techniques.lora import _RESERVED, _check_targets, _peft, add_lora, estimate_lora
+from harness.techniques.lora import (
+    _RESERVED,
+    RANGES,
+    _check_targets,
+    _peft,
+    add_lora,
+    estimate_lora,
+)
 
 # BitsAndBytesConfig's 4-bit arguments, spelled as it spells them, with QLoRA's usual values.
 BNB_4BIT = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
             "llm_int8_skip_modules": None}
 _LORA = dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
-                       shown=("r", "lora_alpha", "lora_dropout", "target_modules"))
+                       shown=("r", "lora_alpha", "lora_dropout", "target_modules"), ranges=RANGES)
 
 
 def bnb_supported(device) -> str | None:

@@ -124,26 +124,25 @@ def deep_scenario(tmp_path_factory):
 
 
 def simulate(scenario, source, name: str, layers: int, assemble_to: int | None = None):
-    from harness.worker import _measure
+    from harness.train import measure
 
     variant = scenario.variant(name)
     probe = make_probe(torch.device("cpu"), None, simulate=True)
     probe.label_layers, probe.assemble_to = assemble_to is not None, assemble_to
-    outcome, memory, *_ = _measure(scenario, dataclasses.replace(source, layers=layers), variant,
-                                   variant.train, torch.device("cpu"), None, True, "cuda", probe)
+    outcome, memory, *_ = measure(scenario, dataclasses.replace(source, layers=layers), variant,
+                                  variant.train, torch.device("cpu"), None, True, "cuda", probe)
     assert outcome["status"] == "ok", outcome
     probe.stop_memory = memory
     return probe
 
 
+@pytest.mark.slow  # two simulations per stack, of a 3- and a 6-layer model
 @pytest.mark.parametrize("name", list(STACKS))
 def test_a_simulated_step_assembled_from_three_layers_is_the_six_layer_one(deep_scenario, name):
     """Event for event: the same sizes allocated and freed in the same order, so the
     caching-allocator replay reserves exactly what it reserves for the real 6-layer trace."""
     scenario, source = deep_scenario
-    assembled = simulate(scenario, source, name, 3, assemble_to=6).assembled
-    assert isinstance(assembled, tuple), assembled
-    memory, trace = assembled
+    memory, trace = simulate(scenario, source, name, 3, assemble_to=6).assembly()
     full = simulate(scenario, source, name, 6)
     assert canonical(trace) == canonical(full.tracker.allocations)
     for expandable in (False, True):
@@ -151,6 +150,7 @@ def test_a_simulated_step_assembled_from_three_layers_is_the_six_layer_one(deep_
             max(r for _, r in replay(full.tracker.allocations, expandable))
 
 
+@pytest.mark.slow
 def test_assembly_gets_right_what_one_layer_at_a_time_does_not(deep_scenario):
     """With checkpointing and SGD the forward peak of a shallow model is the previous step's
     grads still held at zero_grad; deeper, the kept hidden states win. Peaks are maxima, not
@@ -161,7 +161,7 @@ def test_assembly_gets_right_what_one_layer_at_a_time_does_not(deep_scenario):
     name = "bf16-gc-sgd"
     shallow, deeper = (simulate(scenario, source, name, depth).stop_memory for depth in (2, 3))
     full = simulate(scenario, source, name, 6).stop_memory
-    assembled = simulate(scenario, source, name, 3, assemble_to=6).assembled[0]
+    assembled = simulate(scenario, source, name, 3, assemble_to=6).assembly()[0]
     affine = extrapolate(shallow, deeper, 6)
     forward = {m["phases"]["forward"]["peak_allocated_bytes"] for m in (full, assembled)}
     assert len(forward) == 1
@@ -171,12 +171,13 @@ def test_assembly_gets_right_what_one_layer_at_a_time_does_not(deep_scenario):
                          if k not in ("paged_optimizer_bytes", "quantized_weight_bytes")}
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_be_assembled_is_carried_one_layer_at_a_time(deep_scenario,
                                                                         monkeypatch):
     """Where assembly fails, allocated figures are extrapolated, reserved memory is unknown
     (null, not a guess) and the record says why."""
+    from harness.depth import simulate_deep
     from harness.probes import simulate as simulation
-    from harness.worker import _extrapolated
 
     def refuse(*args):
         raise NotAssembled("refused for the test")
@@ -184,7 +185,7 @@ def test_a_step_that_cannot_be_assembled_is_carried_one_layer_at_a_time(deep_sce
     monkeypatch.setattr(simulation, "assemble", refuse)
     scenario, source = deep_scenario
     variant = scenario.variant("fp32")
-    outcome, memory, result, notes = _extrapolated(scenario, source, variant, variant.train,
+    outcome, memory, result, notes = simulate_deep(scenario, source, variant, variant.train,
                                                    torch.device("cpu"), 6)
     full = simulate(scenario, source, "fp32", 6).stop_memory
     assert outcome["status"] == "ok"

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import harness, last_json, records, write_scenario
 
+pytestmark = pytest.mark.slow  # each test runs `harness run --snapshot`
+
 VARIANTS = [{"name": "bf16", "techniques": ["bf16"]},
             {"name": "lora-gc", "techniques": ["bf16", {"lora": {"r": 8}},
                                                "gradient_checkpointing"]}]

@@ -14,8 +14,9 @@ from tests.techniques.conftest import TOKENS, VOCAB
 MODELS = Path(__file__).resolve().parent.parent.parent / "scenarios" / "models"
 
 
-@pytest.mark.parametrize("chunk_size", [1, 37, 256, 10_000])
-def test_chunked_loss_and_grads_equal_the_full_loss(chunk_size):
+@pytest.fixture(scope="module")
+def full_loss():
+    """The model's own loss and gradients on one batch: what every chunk size must give."""
     torch.manual_seed(0)
     # dtype explicitly: from_config would take the config's torch_dtype (bfloat16).
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODELS / "tiny-llama.json"),
@@ -25,15 +26,22 @@ def test_chunked_loss_and_grads_equal_the_full_loss(chunk_size):
     labels[0, :5] = -100  # ignored positions count in neither
     full = model(input_ids=ids, labels=labels).loss
     full.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return model, ids, labels, full.item(), grads
+
+
+@pytest.mark.parametrize("chunk_size", [1, 37, 256, 10_000])
+def test_chunked_loss_and_grads_equal_the_full_loss(full_loss, chunk_size):
+    model, ids, labels, expected_loss, expected = full_loss
     model.zero_grad(set_to_none=True)
     chunked = chunked_causal_lm_loss(model, ids, labels, chunk_size)
     chunked.backward()
-    assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
+    assert chunked.item() == pytest.approx(expected_loss, rel=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_chunked_nll_cuts_the_peak_where_logits_dominate(bigvocab):
     full, chunked = (bigvocab[n]["memory"]["peak_allocated_bytes"]
                      for n in ("full-loss", "chunked-256"))

@@ -6,6 +6,8 @@ import pytest
 
 from tests.techniques.conftest import TOKENS, VOCAB
 
+pytestmark = pytest.mark.slow  # both read the `bigvocab` run: `harness run` on CPU
+
 
 def test_compile_fuses_the_fp32_loss_temporaries_away(bigvocab):
     """Eager up-casts the bf16 logits to fp32 and keeps the log-softmax beside them; inductor

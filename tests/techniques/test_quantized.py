@@ -31,15 +31,18 @@ def _ratio_to_bf16(record) -> float:
     return record["memory"]["quantized_weight_bytes"] / (2 * record["model"]["quantized_params"])
 
 
+@pytest.mark.slow
 def test_qlora_base_weights_take_a_quarter_to_a_third_of_bf16(quantized):
     assert 0.25 <= _ratio_to_bf16(quantized["qlora"]) <= 1 / 3
     assert quantized["qlora"]["model"]["params_total"] == quantized["lora"]["model"]["params_total"]
 
 
+@pytest.mark.slow
 def test_int8_base_weights_take_about_half_of_bf16(quantized):
     assert 0.5 <= _ratio_to_bf16(quantized["int8-lora"]) <= 0.55
 
 
+@pytest.mark.slow
 def test_the_fp32_upcast_of_kbit_preparation_is_visible(quantized):
     upcast, plain = quantized["qlora"], quantized["qlora-no-upcast"]
     model = upcast["model"]

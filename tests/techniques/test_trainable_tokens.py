@@ -29,6 +29,7 @@ def _state(record) -> int:
     return end["grads"] + end["optimizer"]
 
 
+@pytest.mark.slow
 def test_trainable_tokens_cost_far_less_than_training_the_whole_embedding(runs):
     whole, tokens = runs["lora-whole-embedding"], runs["lora-trainable-tokens"]
     hidden, vocab = 256, 4096  # tiny-llama
@@ -38,6 +39,7 @@ def test_trainable_tokens_cost_far_less_than_training_the_whole_embedding(runs):
     assert tokens["memory"]["peak_allocated_bytes"] < whole["memory"]["peak_allocated_bytes"]
 
 
+@pytest.mark.slow
 def test_trainable_tokens_alone_train_only_those_rows(runs):
     assert runs["trainable-tokens"]["model"]["params_trainable"] == len(TOKENS) * 256
 

@@ -1,0 +1,150 @@
+"""Scenario input a user gets wrong, or writes in standard YAML we must accept: each mistake is
+one line naming the file, the variant and the key (the ScenarioError a CLI exits 2 with)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from harness.scenario import MAX_NAME, ScenarioError, TrainSpec, load_scenario
+
+HEAD = "name: s\nmodel: {config: tiny-llama}\n"
+
+
+def _load(tmp_path, body: str, name: str = "s"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(body)
+    return load_scenario(path)
+
+
+def _refused(tmp_path, body: str, name: str = "s") -> str:
+    with pytest.raises(ScenarioError) as caught:
+        _load(tmp_path, body, name)
+    text = str(caught.value)
+    assert "\n" not in text
+    return text
+
+
+@pytest.mark.parametrize("train, key, words", [
+    ("[]", "train", "must be a mapping, got list"),
+    ("0", "train", "must be a mapping, got int"),
+    ("{optimizer: AdamW}", "train.optimizer", "did you mean 'adamw'"),
+    ("{max_grad_norm: .nan}", "train.max_grad_norm", "finite"),
+    ("{seed: -1}", "train.seed", "≥ 0"),
+    ("{seed: 18446744073709551616}", "train.seed", "< 2**64"),
+    ("{weight_decay: -0.1}", "train.weight_decay", "≥ 0"),
+])
+def test_train_values_are_checked_by_their_field(tmp_path, train, key, words):
+    text = _refused(tmp_path, HEAD + f"train: {train}\nvariants: [{{name: a}}]\n")
+    assert f"key {key!r}" in text and words in text
+
+
+def test_train_with_every_key_commented_out_is_the_defaults(tmp_path):
+    scenario = _load(tmp_path, HEAD + "train:\n  # batch_size: 4\nvariants: [{name: a}]\n")
+    assert scenario.train == TrainSpec()
+
+
+def test_a_variants_key_reads_from_the_top(tmp_path):
+    text = _refused(tmp_path, HEAD + "variants:\n  - {name: a}\n  - {name: b, train: {lr: 0}}\n")
+    assert "variant 'b'" in text and "key 'variants[1].train.lr'" in text and "> 0" in text
+    text = _refused(tmp_path, HEAD + "variants:\n  - {name: a}\n  - {name: b, techniques: [BF16]}\n")
+    assert "key 'variants[1].techniques[0]'" in text and "did you mean 'bf16'" in text
+
+
+def test_a_parallel_world_beyond_what_can_be_simulated_is_refused(tmp_path):
+    text = _refused(tmp_path, HEAD + "parallel: {strategy: fsdp2, world_size: 100000}\n"
+                                     "variants: [{name: a}]\n")
+    assert "key 'parallel.world_size'" in text and "≤ 1024" in text
+
+
+def test_merge_keys_are_standard_yaml(tmp_path):
+    scenario = _load(tmp_path, HEAD +
+                     "train: &base {batch_size: 2, seq_len: 64}\n"
+                     "variants:\n"
+                     "  - {name: a}\n"
+                     "  - name: b\n"
+                     "    train: {<<: *base, seq_len: 128}\n")
+    assert scenario.variant("b").train.batch_size == 2
+    assert scenario.variant("b").train.seq_len == 128  # its own key overrides the merged one
+    text = _refused(tmp_path, HEAD + "train: {batch_size: 2, batch_size: 3}\nvariants: [{name: a}]\n")
+    assert "duplicate key 'batch_size'" in text
+
+
+def test_aliases_that_expand_beyond_any_scenario_are_refused(tmp_path):
+    """833 bytes of nested aliases once expanded to a 100 MB record."""
+    lines = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    body = HEAD + "x:\n" + "\n".join("  " + line for line in lines) + "\nvariants: [{name: a}]\n"
+    assert len(body) < 1000 and yaml.safe_load(body)  # small on disk, valid YAML
+    text = _refused(tmp_path, body)
+    assert "expands to more than 100,000 values" in text
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a" * (MAX_NAME + 1)])
+def test_names_are_one_safe_path_component(tmp_path, name):
+    text = _refused(tmp_path, f"name: '{name}'\nmodel: {{config: tiny-llama}}\n"
+                              "variants: [{name: a}]\n", name=name)
+    assert "key 'name'" in text and f"at most {MAX_NAME}" in text
+    text = _refused(tmp_path, HEAD + f"variants: [{{name: '{name}'}}]\n")
+    assert "key 'variants[0].name'" in text
+    assert _load(tmp_path, HEAD + f"variants: [{{name: '{'a' * MAX_NAME}'}}]\n")
+
+
+@pytest.mark.parametrize("techniques, key, words", [
+    ("[{lora: {r: 0}}]", "variants[0].techniques[0].lora", "`r` should be a positive integer"),
+    ("[{qlora: {r: 0}}]", "variants[0].techniques[0].qlora", "`r` should be a positive integer"),
+    ("[{lora: {bias: everything}}]", "variants[0].techniques[0].lora", "bias: everything"),
+    ("[{lora: {init_lora_weights: bogus}}]", "variants[0].techniques[0].lora", "bogus"),
+    ("[{lora: {target_modules: []}}]", "variants[0].techniques[0].lora", "No `target_modules`"),
+    ("[{lora: {target_modules: 'q_proj,v_proj'}}]", "variants[0].techniques[0].lora",
+     "q_proj,v_proj not found"),
+    ("[{lora: {target_modules: [input_layernorm]}}]", "variants[0].techniques[0].lora",
+     "LlamaRMSNorm((256,), eps=1e-05) is not supported"),
+    ("[{lora: {layers_to_transform: [50]}}]", "variants[0].techniques[0].lora",
+     "'layers_to_transform': [50]"),
+    ("[{lora: {target_modules: [q_proj], exclude_modules: [q_proj]}}]",
+     "variants[0].techniques[0].lora", "No modules were targeted"),
+    ("[{qlora: {bnb_4bit_compute_dtype: int8}}]", "variants[0].techniques[0].qlora",
+     "not a floating-point dtype"),
+    ("[{lora: {lora_dropout: -0.5}}]", "variants[0].techniques[0].lora.lora_dropout",
+     "within [0, 1]"),
+    ("[{lora: {lora_alpha: -1}}]", "variants[0].techniques[0].lora.lora_alpha", "within [0, inf]"),
+    ("[{lora: {task_type: SEQ_CLS}}]", "variants[0].techniques[0].lora.task_type",
+     "set by the harness"),
+])
+def test_what_the_libraries_refuse_on_the_meta_model_is_bad_input(tmp_path, techniques, key,
+                                                                   words):
+    """Validation applies each variant's stack to the model on the meta device as the worker
+    would: PEFT's and transformers' own refusals, in their words, before anything runs."""
+    text = _refused(tmp_path, HEAD + f"variants: [{{name: v, techniques: {techniques}}}]\n")
+    assert "variant 'v'" in text and f"key {key!r}" in text and words in text
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"vocab_size": 0}, "vocab_size must be ≥ 1, got 0"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be ≥ 1, got 0"),
+    ({"num_attention_heads": 5}, "not a multiple of the number of attention heads"),
+    ({"rope_scaling": {"rope_type": "bogus", "factor": 2.0}}, "cannot be built from its config"),
+])
+def test_a_model_config_transformers_cannot_build_is_bad_input(tmp_path, change, words):
+    import json
+
+    from tests.conftest import REPO
+
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps({**config, **change}))
+    text = _refused(tmp_path, "name: s\nmodel: {config: ./m.json}\n"
+                              "variants: [{name: v, techniques: [lora]}]\n")
+    assert "key 'model.config'" in text and words in text
+
+
+def test_validation_leaves_nothing_behind_in_the_process():
+    """Building each stack on meta must not patch the libraries for whatever this process runs
+    next: qlora_mistral stacks Liger, which replaces transformers' Mistral classes when applied."""
+    from transformers.models.mistral import modeling_mistral
+
+    before = dict(vars(modeling_mistral))
+    load_scenario("qlora_mistral")
+    after = vars(modeling_mistral)
+    assert [k for k in before if after.get(k) is not before[k]] == []
