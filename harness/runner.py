@@ -201,13 +201,14 @@ def _start_worker(argv: list[str], log: Path, *, fork: bool) -> _Worker:
         context.set_forkserver_preload(_PRELOAD)
         from harness.worker import forked_main
 
-        proc = context.Process(target=forked_main, args=(argv, str(log)), daemon=False)
+        proc = context.Process(target=forked_main, args=(argv, str(log), os.getpid()),
+                               daemon=False)
         proc.start()
         return _Worker(proc)
     with open(log, "w") as log_file:
         return _Worker(subprocess.Popen(
             [sys.executable, "-m", "harness.worker", *argv], stdout=log_file,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}))
 
 
@@ -221,9 +222,52 @@ def _start_ranks(argv: list[str], log: Path, ranks: int) -> _Worker:
              f"--nproc-per-node={ranks}", "--max-restarts=0", "--monitor-interval=0.5",
              "-m", "harness.worker", *argv],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1",
                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(
                      1, (os.cpu_count() or 1) // ranks)))}))
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this process when its parent dies (PR_SET_PDEATHSIG), so a
+    CLI killed with SIGKILL — which cannot stop its workers' sessions — leaves no CUDA worker
+    or torchrun behind, and torchrun's ranks go with it. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(1)
+
+
+def exit_with(pid: int) -> None:
+    """A thread that ends this process when process `pid` (the CLI) is gone. A forked worker's
+    parent is the fork server, which outlives the CLI while any worker it forked runs, so
+    PR_SET_PDEATHSIG cannot tell it; the CLI's own pid can (a pidfd on Linux: no polling)."""
+    import select
+    import threading
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux ≥ 5.3, or already gone
+            fd = None
+        while True:
+            if fd is not None:
+                select.select([fd], [], [])
+            else:
+                time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+                if fd is None:
+                    continue
+            except ProcessLookupError:
+                pass
+            os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-cli", daemon=True).start()
 
 
 def _exit(code: int) -> str:

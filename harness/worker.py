@@ -208,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def forked_main(argv: list[str], log_path: str) -> None:
+def forked_main(argv: list[str], log_path: str, cli_pid: int) -> None:
     """Entry of a worker forked from the runner's fork server: what a fresh
-    `python -m harness.worker` gets from its command line — its own session, output to its log."""
+    `python -m harness.worker` gets from its command line — its own session, output to its
+    log — and an end when the CLI that asked for it ends, however it ends."""
     import faulthandler
-    import os
+
+    from harness.runner import exit_with
 
     os.setsid()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -222,8 +224,13 @@ def forked_main(argv: list[str], log_path: str) -> None:
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     faulthandler.enable()  # a segfault's stack goes to the log, as in a fresh interpreter
+    exit_with(cli_pid)
     sys.exit(main(argv))
 
 
 if __name__ == "__main__":
+    if "RANK" in os.environ:  # a rank torchrun started: it ends with torchrun
+        from harness.runner import die_with_parent
+
+        die_with_parent()
     sys.exit(main())

@@ -81,6 +81,21 @@ def test_a_worker_past_its_timeout_is_killed_and_recorded(tmp_path):
     assert got["a"]["status"] == "error" and "timed out after 5 s" in got["a"]["error"]
 
 
+def test_workers_die_with_a_cli_killed_outright(tmp_path):
+    """SIGKILL gives the CLI no chance to stop its workers' session: a worker forked from the
+    fork server must still go (it once trained on at 100 % CPU for minutes)."""
+    path = write_scenario(tmp_path, "orphan", [{"name": "a", "techniques": []}])
+    parent = _start(path, tmp_path / "out", "--steps", "100000")  # hours, if left alone
+    worker = _worker_of(parent)
+    parent.kill()
+    parent.communicate(timeout=60)
+    try:
+        worker.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        worker.kill()
+        raise AssertionError("the worker outlived its CLI by 30 s") from None
+
+
 def test_ctrl_c_keeps_every_finished_record_and_exits_130(tmp_path):
     path = write_scenario(tmp_path, "interrupt", [
         {"name": "a", "techniques": ["bf16"]},
