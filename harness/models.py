@@ -233,3 +233,30 @@ def _own_memory(model) -> None:
 def parameter_bytes_on_meta(spec: ModelSpec, source: ConfigSource, load: LoadOptions) -> int:
     """Bytes the parameters would take in `load.dtype`, from the model built on meta."""
     return sum(p.numel() * p.element_size() for p in meta_model(spec, source, load).parameters())
+
+
+# Attention implementations that are not transformers' own eager/SDPA code: what each needs.
+_ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def attention_reason(attn: str, device: str) -> str | None:
+    """Why `attn` (model.attn_implementation) cannot train on `device` ("cpu", "cuda…" or
+    "simulate"), or None. A result (`unsupported`), not bad input: another machine may run it."""
+    import importlib.util
+
+    import torch
+
+    if attn == "flex_attention" and device == "cpu":
+        return (f"flex_attention has no backward on CPU (torch {torch.__version__}); use sdpa or "
+                "eager, or run it on a GPU")
+    if attn == "flex_attention" and device == "simulate":
+        return "flex_attention's compiled kernels cannot run on fake tensors (the worker crashes)"
+    package = _ATTENTION_PACKAGES.get(attn)
+    if package is None:
+        return None
+    if not device.startswith("cuda"):
+        return f"{attn} runs only on a CUDA GPU" + (
+            " (its kernels cannot run on fake tensors)" if device == "simulate" else "")
+    if importlib.util.find_spec(package) is None:
+        return f"{attn} needs the {package} package, which is not installed"
+    return None

@@ -95,6 +95,7 @@ def _preflight(job: Job) -> str | None:
     import torch
 
     from harness import parallel as parallel_training
+    from harness.models import attention_reason
     from harness.optimizers import OPTIMIZERS
     from harness.techniques import simulation_reason, unsupported_reason
 
@@ -102,6 +103,7 @@ def _preflight(job: Job) -> str | None:
     kind = torch.device("cuda" if job.device.startswith("cuda") else "cpu")  # simulated: cpu
     checks = (
         lambda: _cuda_missing_reason() if kind.type == "cuda" else None,
+        lambda: attention_reason(job.scenario.model.attn_implementation, job.device),
         lambda: parallel_training.unsupported_reason(
             variant.parallel, variant.techniques, kind, simulate) if variant.parallel else None,
         lambda: simulation_reason(variant.techniques, OPTIMIZERS[variant.train.optimizer])

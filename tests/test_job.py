@@ -98,3 +98,24 @@ def test_preflight_gives_the_first_reason_a_job_cannot_run(tmp_path):
     assert reason("liger", "simulate").startswith("liger cannot be simulated")
     assert reason("liger", "cpu").startswith("liger: ")
 
+
+
+@pytest.mark.parametrize("attn, device, says", [
+    ("flex_attention", "cpu", "no backward on CPU"),
+    ("flex_attention", "simulate", "cannot run on fake tensors"),
+    ("flash_attention_2", "cpu", "runs only on a CUDA GPU"),
+    ("flash_attention_3", "simulate", "runs only on a CUDA GPU"),
+    ("sdpa", "simulate", None),
+    ("eager", "cpu", None),
+])
+def test_an_attention_this_device_cannot_run_is_unsupported_not_a_crash(tmp_path, attn, device,
+                                                                        says):
+    """flex_attention segfaulted a simulating worker and raised in a CPU backward; flash
+    attention without its package or a GPU was an `error` record."""
+    from harness.worker import _preflight
+
+    scenario = load_scenario(write_scenario(tmp_path, "s", [{"name": "v"}], model={
+        "config": "tiny-llama", "attn_implementation": attn}))
+    reason = _preflight(Job.make(scenario, scenario.variant("v"), RunOptions(device),
+                                 run_id="r", result=tmp_path / "r.json"))
+    assert (reason is None) if says is None else (says in reason), reason
