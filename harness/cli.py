@@ -80,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         start_fork_server()  # its imports overlap the scenario's validation
     scenario = load_scenario(args.scenario)
     variants = _selected(scenario, args.variant)
+    _warn_positions(scenario, variants)
     device = _resolve_device(args.device)
     run_id = new_run_id()
     run_dir = Path(args.out) / scenario.name / run_id
@@ -94,6 +95,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(text)
     print(report.run_summary(run_dir, report.load_results_in(run_dir), outcome.interrupted))
     return 130 if outcome.interrupted else 0
+
+
+def _warn_positions(scenario, variants) -> None:
+    """One stderr line per sequence length beyond the model's positions (the records say it
+    too): a warning, not bad input — the memory of that many tokens is still a question."""
+    from harness.models import beyond_positions, resolve_config
+
+    source = resolve_config(scenario.model, scenario.path)
+    for seq_len in sorted({v.train.seq_len for v in variants}):
+        warning = beyond_positions(source, seq_len, scenario.model.trust_remote_code)
+        if warning:
+            print(f"harness: warning: {scenario.path}: {warning}", file=sys.stderr)
 
 
 def _plot(run_dir: Path) -> list[Path]:

@@ -260,3 +260,17 @@ def attention_reason(attn: str, device: str) -> str | None:
     if importlib.util.find_spec(package) is None:
         return f"{attn} needs the {package} package, which is not installed"
     return None
+
+
+def beyond_positions(source: ConfigSource, seq_len: int,
+                     trust_remote_code: bool = False) -> str | None:
+    """A warning when `seq_len` exceeds the model's `max_position_embeddings`: memory is still
+    what that many tokens take, but the model was not made for them (and a real run with
+    pretrained weights would train on positions it never saw)."""
+    if source.kind != "file":
+        return None
+    limit = getattr(load_config(source, trust_remote_code), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        return (f"seq_len {seq_len:,} exceeds the model's max_position_embeddings ({limit:,}): "
+                "the figures are for that many tokens, which the model was not configured for")
+    return None

@@ -150,7 +150,7 @@ def _simulate_ranks(job: Job, record: dict, started: float) -> str:
 def _run_measured(job: Job, record: dict, torch_device, started: float) -> None:
     """Build and train the variant under this device's probe; fill `record`'s results."""
     from harness.depth import NotExtrapolated, layers_to_extrapolate, simulate_deep
-    from harness.models import resolve_config
+    from harness.models import beyond_positions, resolve_config
     from harness.train import measure, timing
 
     scenario, variant, simulate = job.scenario, job.variant, job.device == "simulate"
@@ -189,7 +189,8 @@ def _run_measured(job: Job, record: dict, torch_device, started: float) -> None:
     memory["snapshot_file"] = snapshot_path.name if snapshot_path and snapshot_path.is_file() \
         else None
     record.update(outcome)
-    record["notes"] = ([sim_note] if sim_note else []) + notes
+    positions = beyond_positions(source, variant.train.seq_len, scenario.model.trust_remote_code)
+    record["notes"] = [n for n in (positions, sim_note) if n] + notes
     record["memory"] = {**memory, "rank": None, "ranks": None, "imbalance": None}  # one process
     record["model"]["quantized_params"] = result.quantized_params
     record["model"].update(params_total=result.params_total or None,

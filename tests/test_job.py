@@ -119,3 +119,13 @@ def test_an_attention_this_device_cannot_run_is_unsupported_not_a_crash(tmp_path
     reason = _preflight(Job.make(scenario, scenario.variant("v"), RunOptions(device),
                                  run_id="r", result=tmp_path / "r.json"))
     assert (reason is None) if says is None else (says in reason), reason
+
+
+def test_a_sequence_beyond_the_models_positions_is_a_warning_not_a_refusal(tmp_path):
+    from harness.models import beyond_positions, resolve_config
+
+    scenario = load_scenario(write_scenario(tmp_path, "s", [{"name": "v"}],
+                                            train={"seq_len": 4096}))  # tiny-llama: 2,048
+    source = resolve_config(scenario.model, scenario.path)
+    assert "max_position_embeddings (2,048)" in beyond_positions(source, 4096)
+    assert beyond_positions(source, 2048) is None
