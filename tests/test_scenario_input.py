@@ -148,3 +148,18 @@ def test_validation_leaves_nothing_behind_in_the_process():
     load_scenario("qlora_mistral")
     after = vars(modeling_mistral)
     assert [k for k in before if after.get(k) is not before[k]] == []
+
+
+@pytest.mark.parametrize("techniques, key, words", [
+    ("[{lora: {r: 512, target_modules: [q_proj, v_proj]}}]", "variants[0].techniques[0].lora",
+     "r 512 is above the smallest adapted layer's smaller side"),
+    ("[{lora: {modules_to_save: [nothing_here]}}]", "variants[0].techniques[0].lora",
+     "modules_to_save ['nothing_here'] match no module"),
+    ("[{trainable_tokens: {token_indices: [-1]}}]",
+     "variants[0].techniques[0].trainable_tokens.token_indices", "token ids"),
+    ("[{trainable_tokens: {token_indices: [4096]}}]", "variants[0].techniques[0].trainable_tokens",
+     "in [0, 4096), the vocabulary size 4096"),
+])
+def test_values_peft_takes_but_that_cannot_mean_what_was_meant(tmp_path, techniques, key, words):
+    text = _refused(tmp_path, HEAD + f"variants: [{{name: v, techniques: {techniques}}}]\n")
+    assert f"key {key!r}" in text and words in text

@@ -18,7 +18,29 @@ _RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_mod
 
 
 def _check_targets(model, args: dict) -> str | None:
-    """Names in target_modules must match some module (PEFT matches on the name's last part)."""
+    """Names in target_modules and modules_to_save must match some module (PEFT matches on
+    the name's last part), and the rank must fit in the layers it adapts: PEFT takes an `r`
+    above a layer's smaller side, which only adds parameters that cannot raise the rank."""
+    saved = args.get("modules_to_save")
+    if isinstance(saved, (list, tuple)):
+        names = [n for n, _ in model.named_modules()]
+        unknown = [m for m in saved if not any(n == m or n.endswith("." + m) for n in names)]
+        if unknown:
+            return f"modules_to_save {unknown} match no module of this model"
+    problem = _check_target_names(model, args)
+    if problem or not isinstance(args.get("target_modules"), (list, tuple)):
+        return problem
+    targets = set(args["target_modules"])
+    sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")]
+    r = args.get("r")
+    if sides and isinstance(r, int) and r > min(sides):
+        return (f"r {r} is above the smallest adapted layer's smaller side ({min(sides)}): "
+                "such a rank adds parameters, not rank")
+    return None
+
+
+def _check_target_names(model, args: dict) -> str | None:
     targets = args.get("target_modules")
     if not isinstance(targets, (list, tuple)):
         return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
@@ -35,10 +57,10 @@ def _check_targets(model, args: dict) -> str | None:
     return None
 
 
-# LoRA arguments the estimate's arithmetic does not depend on; any other one must keep its default.
 # What LoraConfig takes unchecked: a negative dropout is no dropout, a negative alpha flips
 # the adapters' sign.
 RANGES = {"lora_dropout": (0, 1), "lora_alpha": (0, math.inf)}
+# LoRA arguments the estimate's arithmetic does not depend on; any other one must keep its default.
 _ESTIMATE_NEUTRAL = {"r", "lora_alpha", "lora_dropout", "target_modules"}
 
 

@@ -21,8 +21,8 @@ def _resolve(args: dict) -> dict:
 
 def _check_ids(model, args: dict) -> str | None:
     vocab = model.get_input_embeddings().num_embeddings
-    if max(args["token_indices"]) >= vocab:
-        return f"token_indices must be below the vocabulary size {vocab}"
+    if max(args["token_indices"]) >= vocab or min(args["token_indices"]) < 0:
+        return f"token_indices must be ids in [0, {vocab}), the vocabulary size {vocab}"
     return None
 
 
