@@ -116,7 +116,8 @@ def _plot(run_dir: Path) -> list[Path]:
     try:
         return plot_run(run_dir)
     except Exception as e:  # noqa: BLE001 - pictures are a convenience, records are the result
-        _err(f"warning: no plots for {run_dir}: {type(e).__name__}: {e}")
+        print(f"harness: warning: no plots for {run_dir}: {type(e).__name__}: {e}",
+              file=sys.stderr)
         return []
 
 

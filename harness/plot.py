@@ -78,7 +78,13 @@ def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, fl
     ok = frame[(frame["status"] == "ok") & frame["sweep_point"].notna()].copy()
     points = [parse_point(s) for s in ok["sweep_point"]]
     key = next(iter(points[0]))
-    ok["x"] = [float(p[key]) for p in points]
+    values = [p[key] for p in points]
+    # Sizes (batch, sequence) read on a log axis; anything else (null, names) as categories
+    # in the order the sweep lists them.
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                  for v in values)
+    order = list(dict.fromkeys(values))
+    ok["x"] = [float(v) for v in values] if numeric else [float(order.index(v)) for v in values]
     ok["others"] = [",".join(f"{k}={v}" for k, v in p.items() if k != key) for p in points]
     unit, scale = _unit(frame)
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -99,9 +105,12 @@ def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, fl
             ax.axhline(card, color="grey", linestyle=":", linewidth=1)
             if card >= top:
                 break
-    ax.set_xscale("log", base=2)
     xs = sorted(set(ok["x"]))
-    ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    if numeric:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+    else:
+        ax.set_xticks(xs, ["null" if v is None else str(v) for v in order])
     ax.minorticks_off()
     ax.set_xlabel(key)
     ax.set_ylabel(f"peak {unit} (dashed: reserved)")

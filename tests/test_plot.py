@@ -78,3 +78,26 @@ def test_the_pictures_are_the_records(swept, tmp_path):
 def test_plot_of_a_folder_without_records_is_bad_input(tmp_path, cli):
     proc = cli("plot", str(tmp_path))
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
+
+
+def test_a_sweep_over_values_that_are_not_sizes_plots_them_as_categories(tmp_path):
+    """`max_grad_norm: [null, …]` once failed the plot (float(None)): values that are not all
+    positive numbers go on the axis in the sweep's order."""
+    from harness.plot import sweep_png
+    from harness.report import load_results_in
+
+    frame = load_results_in(next((REPO / "results" / "sweep_mistral").iterdir()))
+    as_norm = {"seq_len=512": "max_grad_norm=None", "seq_len=1024": "max_grad_norm=0.5",
+               "seq_len=2048": "max_grad_norm=1.0", "seq_len=4096": "max_grad_norm=2.0"}
+    for old, new in as_norm.items():
+        frame["sweep_point"] = frame["sweep_point"].str.replace(old + ",", new + ",", regex=False)
+    lines = sweep_png(frame, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    peaks = frame[frame["status"] == "ok"].set_index("sweep_point")
+    for label, points in lines.items():
+        assert [x for x, _ in points] == [0.0, 1.0, 2.0, 3.0], label  # null, 0.5, 1.0, 2.0
+        variant, others = label.split(" (")
+        expected = [peaks[(peaks["variant"] == variant)].loc[f"{new},{others[:-1]}",
+                                                              "peak_allocated_bytes"]
+                    for new in as_norm.values()]
+        assert [peak for _, peak in points] == [float(p) for p in expected]
