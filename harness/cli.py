@@ -270,40 +270,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _listing(path: Path) -> str:
-    """A scenario's line in `ls`, from its outline: checking it whole builds its model on meta
-    and resolves technique arguments with the libraries (torch, transformers, PEFT: seconds),
-    which is `validate`'s job. A file without a readable outline is loaded whole, so that its
-    line names the problem as `validate` does."""
-    from harness.scenario import ScenarioError, load_scenario
+    """A scenario's line in `ls`, from its outline (checking it whole is `validate`'s job); a
+    file without one is loaded whole, so that its line names the problem as `validate` does."""
+    from harness.scenario import ScenarioError, load_scenario, outline
 
     try:
-        name, config, count, description = _outline(path)
-    except Exception:  # noqa: BLE001 - whatever is wrong, the whole load says it in one line
+        name, config, count, description = outline(path)
+    except ScenarioError:
         try:
             s = load_scenario(path)
         except ScenarioError as e:
             return f"  {path.stem:<22} INVALID: {e}"
         name, config, count, description = s.name, s.model.config, len(s.variants), s.description
     return f"  {name:<22} {config:<18} {count:>2} variants  {description}"
-
-
-def _outline(path: Path) -> tuple[str, str, int, str]:
-    """(name, model config, number of variants, description) as the YAML spells them; raises
-    where the file does not read as a scenario."""
-    import math
-
-    import yaml
-
-    raw = yaml.safe_load(path.read_text())
-    config, variants = raw["model"]["config"], raw["variants"]
-    sweep, description = raw.get("sweep") or {}, raw.get("description", "")
-    if raw["name"] != path.stem or not (
-            isinstance(config, str) and isinstance(variants, list) and variants
-            and isinstance(description, str) and all(isinstance(v, list) and v
-                                                     for v in sweep.values())):
-        raise ValueError(f"{path}: not a scenario's outline")
-    # A sweep crosses every variant with every point of its grid.
-    return raw["name"], config, len(variants) * math.prod(map(len, sweep.values())), description
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

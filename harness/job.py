@@ -25,8 +25,6 @@ from typing import Any
 
 from harness.scenario import Scenario, Variant
 
-TARGETS = ("cuda", "cpu")  # what a simulation predicts for (probes/simulate.py)
-
 
 def method_for(device: str) -> str:
     if device == "simulate":
@@ -55,13 +53,16 @@ class Job:
     variant: Variant  # resolved: sweep point and --steps applied
     index: int  # the variant's place in the scenario's order
     device: str
-    method: str  # method_for(device)
     run_id: str
     result: Path  # where the worker writes its record (ranks: beside it, rank_record_path)
     budget_bytes: int | None = None
     target: str = "cuda"
     full_depth: bool = False
     snapshot: Path | None = None  # where the memory snapshot goes, or None for none
+
+    @property
+    def method(self) -> str:
+        return method_for(self.device)
 
     @classmethod
     def make(cls, scenario: Scenario, variant: Variant, options: RunOptions, *, run_id: str,
@@ -71,8 +72,7 @@ class Job:
             variant = dataclasses.replace(
                 variant, train=dataclasses.replace(variant.train, steps=options.steps))
         return cls(scenario=dataclasses.replace(scenario, variants=(variant,)), variant=variant,
-                   index=index, device=options.device, method=method_for(options.device),
-                   run_id=run_id, result=result, budget_bytes=options.budget_bytes,
+                   index=index, device=options.device, run_id=run_id, result=result, budget_bytes=options.budget_bytes,
                    target=options.target, full_depth=options.full_depth,
                    snapshot=snapshot if options.snapshot else None)
 

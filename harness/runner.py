@@ -251,23 +251,23 @@ def exit_with(pid: int) -> None:
 
     def watch() -> None:
         try:
-            fd = os.pidfd_open(pid)
+            select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended
         except (AttributeError, OSError):  # not Linux ≥ 5.3, or already gone
-            fd = None
-        while True:
-            if fd is not None:
-                select.select([fd], [], [])
-            else:
+            while _alive(pid):
                 time.sleep(1.0)
-            try:
-                os.kill(pid, 0)
-                if fd is None:
-                    continue
-            except ProcessLookupError:
-                pass
-            os._exit(1)
+        os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-cli", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _exit(code: int) -> str:

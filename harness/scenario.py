@@ -266,6 +266,32 @@ def list_scenarios() -> list[Path]:
 def load_scenario(arg: str | Path) -> Scenario:
     """Load and validate a scenario."""
     path = resolve_scenario_path(arg)
+    raw, raw_bytes = _read(path)
+    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest())
+
+
+def outline(arg: str | Path) -> tuple[str, str, int, str]:
+    """(name, model config, how many variants with the sweep crossed in, description) as the
+    file spells them, read without validating it — which builds the model and resolves
+    technique arguments with the libraries, seconds that `harness ls` need not spend. Raises
+    ScenarioError where the file does not even read as a scenario."""
+    path = resolve_scenario_path(arg)
+    raw, _ = _read(path)
+    try:
+        config, variants = raw["model"]["config"], raw["variants"]
+        sweep, description = raw.get("sweep") or {}, raw.get("description", "")
+        if raw["name"] == path.stem and isinstance(config, str) and isinstance(variants, list) \
+                and variants and isinstance(description, str) \
+                and all(isinstance(v, list) and v for v in sweep.values()):
+            return raw["name"], config, len(variants) * math.prod(map(len, sweep.values())), \
+                description
+    except (TypeError, KeyError, AttributeError):
+        pass
+    raise ScenarioError(path, "does not read as a scenario (harness validate says why)")
+
+
+def _read(path: Path) -> tuple[Any, bytes]:
+    """The file's YAML (strictly: see _StrictLoader) and its bytes."""
     raw_bytes = path.read_bytes()
     try:
         raw = yaml.load(raw_bytes.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - safe subclass
@@ -276,7 +302,7 @@ def load_scenario(arg: str | Path) -> Scenario:
     if _expanded_size(raw, MAX_VALUES) > MAX_VALUES:  # aliases of aliases: a few bytes, GBs
         raise ScenarioError(path, f"expands to more than {MAX_VALUES:,} values (YAML aliases "
                                   "nested in aliases?); a scenario is far smaller")
-    return _parse(path, raw, hashlib.sha256(raw_bytes).hexdigest())
+    return raw, raw_bytes
 
 
 MAX_VALUES = 100_000  # values in a scenario with every alias written out
@@ -401,12 +427,11 @@ def _did_you_mean(value, names) -> str:
 
 
 def _parse_model(path, raw) -> ModelSpec:
-    model = _require_mapping(path, raw, "model")
-    spec = ModelSpec(**_parse_fields(path, ModelSpec, model, "model")) if "config" in model \
-        else None
-    if spec is None:
+    values = _parse_fields(path, ModelSpec, _require_mapping(path, raw, "model"), "model")
+    if "config" not in values:
         raise ScenarioError(path, "missing (a name under scenarios/models, a config path or a hub id)",
                             key="model.config")
+    spec = ModelSpec(**values)
     # Imported here: models.py pulls in transformers, which validation of the rest does not need.
     from harness.models import ModelConfigError, load_config, resolve_config
 
@@ -482,8 +507,7 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
         raise ScenarioError(path, e.message, key=f"{key}.{name}" + (f".{e.key}" if e.key else ""),
                             variant=variant) from None
     except Exception as e:  # noqa: BLE001 - whatever the library raised, it is bad input
-        raise ScenarioError(path, f"invalid arguments: {type(e).__name__}: " +
-                            " ".join(str(e).split())[:200], key=f"{key}.{name}",
+        raise ScenarioError(path, f"invalid arguments: {_said(e, 200)}", key=f"{key}.{name}",
                             variant=variant) from None
     return TechniqueUse(name=name, args=resolved)
 
@@ -584,7 +608,7 @@ def _meta_build_failure(model: ModelSpec, source, uses) -> tuple[TechniqueUse | 
     whose workers then measure beside its context. Nothing built here outlives the check."""
     import torch
 
-    from harness.techniques import Stage, Unsupported, ordered
+    from harness.techniques import Unsupported, ordered
     from harness.train import build_failure
 
     if torch.cuda.is_available() and any(t.load is not None for t, _ in ordered(uses)):
@@ -600,21 +624,20 @@ def _meta_build_failure(model: ModelSpec, source, uses) -> tuple[TechniqueUse | 
     if failed is None or isinstance(failed[1], (Unsupported, ImportError)):
         return None
     use, error = failed
-    if use is None and uses and build_failure(model, source, ()) is None:
-        use = next((u for t, u in ordered(uses) if t.stage == Stage.LOAD or t.load is not None),
-                   None)
-    text = " ".join(str(error).split()) or type(error).__name__
-    return use, f"{'the model' if use is None else use.name} cannot be built: " \
-                f"{type(error).__name__}: {text[:300]}"
+    return use, f"{'the model' if use is None else use.name} cannot be built: {_said(error)}"
 
 
 def _meta_or_refuse(path, model: ModelSpec, source):
     try:
         return _cached_meta_model(model, source)
     except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
-        text = " ".join(str(e).split()) or type(e).__name__
-        raise ScenarioError(path, f"the model cannot be built from its config: "
-                                  f"{type(e).__name__}: {text[:300]}", key="model.config") from None
+        raise ScenarioError(path, f"the model cannot be built from its config: {_said(e)}",
+                            key="model.config") from None
+
+
+def _said(error: BaseException, limit: int = 300) -> str:
+    """What a library raised, on one line: `ValueError: its message`."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
 @functools.lru_cache(maxsize=8)

@@ -69,30 +69,29 @@ def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
 
 def build_failure(spec: ModelSpec, source: ConfigSource,
                   uses: tuple[TechniqueUse, ...]) -> tuple[TechniqueUse | None, Exception] | None:
-    """Build as `build` does, on the meta device (nothing allocated), one technique at a time:
-    None if it builds, else what failed — the technique being applied (None: the model
-    itself) and what it raised. Validation uses it: what the libraries refuse here (PEFT's
-    config checks and adapter injection, transformers' config and model classes) is bad input."""
+    """None if the stack builds (`build`, on the meta device: nothing allocated), else what
+    failed: the technique whose addition, in apply order, makes the build fail (None: the
+    model itself) and what it raised. Validation uses it: what the libraries refuse here
+    (PEFT's config checks and adapter injection, transformers' config and model classes) is
+    bad input, named by the technique."""
     from harness.techniques import ordered
 
-    ctx = BuildContext(device=torch.device("meta"))
-
-    def stage(which: Stage):
-        for _, use in ordered(uses):
-            try:
-                apply_stage(which, ctx, (use,))
-            except Exception as e:  # noqa: BLE001 - whatever it raised is the answer
-                return use, e
+    def failure(stack) -> Exception | None:
+        try:
+            build(spec, source, tuple(stack), torch.device("meta"))
+        except Exception as e:  # noqa: BLE001 - whatever it raised is the answer
+            return e
         return None
 
-    failed = stage(Stage.LOAD)
-    if failed:
-        return failed
-    try:
-        ctx.model = build_model(spec, source, ctx.load, torch.device("meta"))
-    except Exception as e:  # noqa: BLE001
-        return None, e
-    return stage(Stage.MODEL) or stage(Stage.STEP)
+    stack = [use for _, use in ordered(uses)]
+    error = failure(stack)
+    if error is None:
+        return None
+    for end in range(len(stack)):  # the shortest failing stack names the culprit
+        early = failure(stack[:end])
+        if early is not None:
+            return (stack[end - 1] if end else None), early
+    return (stack[-1] if stack else None), error
 
 
 def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,

@@ -170,13 +170,17 @@ def _run_measured(job: Job, record: dict, torch_device, started: float) -> None:
     # backward): not the one-layer-at-a-time pattern assembly repeats, so every layer runs.
     layers = layers_to_extrapolate(scenario, source) if simulate and not job.full_depth \
         and budget_bytes is None and variant.parallel is None else None
-    try:
-        if layers is None:
-            raise NotExtrapolated
-        outcome, memory, result, notes = simulate_deep(scenario, source, variant, train,
-                                                       torch_device, layers, target, snapshot_path)
+    deep = None
+    if layers is not None:
+        try:
+            deep = simulate_deep(scenario, source, variant, train, torch_device, layers, target,
+                                 snapshot_path)
+        except NotExtrapolated:  # a shallow run failed: every layer runs, and says it of all
+            pass
+    if deep is not None:
+        outcome, memory, result, notes = deep
         sim_note = "; ".join(n for n in (sim_note, notes.pop(0)) if n)
-    except NotExtrapolated:  # every layer (if a shallow run failed: say it of the whole model)
+    else:
         from harness.probes import make_probe
         from harness.probes.snapshot import write
 

@@ -112,11 +112,21 @@ def test_names_are_one_safe_path_component(tmp_path, name):
     ("[{lora: {lora_alpha: -1}}]", "variants[0].techniques[0].lora.lora_alpha", "within [0, inf]"),
     ("[{lora: {task_type: SEQ_CLS}}]", "variants[0].techniques[0].lora.task_type",
      "set by the harness"),
+    # What PEFT takes but cannot mean what was meant.
+    ("[{lora: {r: 512, target_modules: [q_proj, v_proj]}}]", "variants[0].techniques[0].lora",
+     "r 512 is above the smallest adapted layer's smaller side"),
+    ("[{lora: {modules_to_save: [nothing_here]}}]", "variants[0].techniques[0].lora",
+     "modules_to_save ['nothing_here'] match no module"),
+    ("[{trainable_tokens: {token_indices: [-1]}}]",
+     "variants[0].techniques[0].trainable_tokens.token_indices", "token ids"),
+    ("[{trainable_tokens: {token_indices: [4096]}}]", "variants[0].techniques[0].trainable_tokens",
+     "in [0, 4096), the vocabulary size 4096"),
 ])
-def test_what_the_libraries_refuse_on_the_meta_model_is_bad_input(tmp_path, techniques, key,
-                                                                   words):
+def test_what_a_stack_cannot_mean_is_bad_input_naming_the_technique(tmp_path, techniques, key,
+                                                                    words):
     """Validation applies each variant's stack to the model on the meta device as the worker
-    would: PEFT's and transformers' own refusals, in their words, before anything runs."""
+    would (PEFT's and transformers' own refusals, in their words), after the techniques' own
+    checks of what PEFT would take silently — all before anything runs."""
     text = _refused(tmp_path, HEAD + f"variants: [{{name: v, techniques: {techniques}}}]\n")
     assert "variant 'v'" in text and f"key {key!r}" in text and words in text
 
@@ -149,17 +159,3 @@ def test_validation_leaves_nothing_behind_in_the_process():
     after = vars(modeling_mistral)
     assert [k for k in before if after.get(k) is not before[k]] == []
 
-
-@pytest.mark.parametrize("techniques, key, words", [
-    ("[{lora: {r: 512, target_modules: [q_proj, v_proj]}}]", "variants[0].techniques[0].lora",
-     "r 512 is above the smallest adapted layer's smaller side"),
-    ("[{lora: {modules_to_save: [nothing_here]}}]", "variants[0].techniques[0].lora",
-     "modules_to_save ['nothing_here'] match no module"),
-    ("[{trainable_tokens: {token_indices: [-1]}}]",
-     "variants[0].techniques[0].trainable_tokens.token_indices", "token ids"),
-    ("[{trainable_tokens: {token_indices: [4096]}}]", "variants[0].techniques[0].trainable_tokens",
-     "in [0, 4096), the vocabulary size 4096"),
-])
-def test_values_peft_takes_but_that_cannot_mean_what_was_meant(tmp_path, techniques, key, words):
-    text = _refused(tmp_path, HEAD + f"variants: [{{name: v, techniques: {techniques}}}]\n")
-    assert f"key {key!r}" in text and words in text

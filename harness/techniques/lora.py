@@ -18,21 +18,25 @@ _RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_mod
 
 
 def _check_targets(model, args: dict) -> str | None:
-    """Names in target_modules and modules_to_save must match some module (PEFT matches on
-    the name's last part), and the rank must fit in the layers it adapts: PEFT takes an `r`
-    above a layer's smaller side, which only adds parameters that cannot raise the rank."""
+    """Names in target_modules and modules_to_save must match some module, and the rank must
+    fit in the layers it adapts: PEFT takes an `r` above a layer's smaller side, which only
+    adds parameters that cannot raise the rank."""
     saved = args.get("modules_to_save")
-    if isinstance(saved, (list, tuple)):
-        names = [n for n, _ in model.named_modules()]
-        unknown = [m for m in saved if not any(n == m or n.endswith("." + m) for n in names)]
-        if unknown:
-            return f"modules_to_save {unknown} match no module of this model"
-    problem = _check_target_names(model, args)
-    if problem or not isinstance(args.get("target_modules"), (list, tuple)):
-        return problem
-    targets = set(args["target_modules"])
+    if isinstance(saved, (list, tuple)) and _unmatched(model, saved):
+        return f"modules_to_save {_unmatched(model, saved)} match no module of this model"
+    targets = args.get("target_modules")
+    if not isinstance(targets, (list, tuple)):
+        return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
+    if not all(isinstance(t, str) and t for t in targets):
+        return f"target_modules must be module names, got {targets!r}"
+    missing = _unmatched(model, targets)
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ == "Linear"})
+        return (f"target_modules {missing} match no module of this model; "
+                f"its linear layers: {', '.join(linear)}")
     sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
-             if n.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")]
+             if hasattr(m, "in_features") and any(_names(n, t) for t in targets)]
     r = args.get("r")
     if sides and isinstance(r, int) and r > min(sides):
         return (f"r {r} is above the smallest adapted layer's smaller side ({min(sides)}): "
@@ -40,21 +44,15 @@ def _check_targets(model, args: dict) -> str | None:
     return None
 
 
-def _check_target_names(model, args: dict) -> str | None:
-    targets = args.get("target_modules")
-    if not isinstance(targets, (list, tuple)):
-        return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
-    if not all(isinstance(t, str) and t for t in targets):
-        return f"target_modules must be module names, got {targets!r}"
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaves and not any(
-        name == t or name.endswith("." + t) for name, _ in model.named_modules())]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if type(m).__name__ == "Linear"})
-        return (f"target_modules {missing} match no module of this model; "
-                f"its linear layers: {', '.join(linear)}")
-    return None
+def _names(module_name: str, given: str) -> bool:
+    """Whether a name in a LoRA config stands for this module: PEFT matches the whole name or
+    its last parts (`q_proj`, `self_attn.q_proj`)."""
+    return module_name == given or module_name.endswith("." + given)
+
+
+def _unmatched(model, given) -> list[str]:
+    names = [n for n, _ in model.named_modules()]
+    return [g for g in given if not any(_names(n, g) for n in names)]
 
 
 # What LoraConfig takes unchecked: a negative dropout is no dropout, a negative alpha flips

@@ -21,7 +21,7 @@ def _resolve(args: dict) -> dict:
 
 def _check_ids(model, args: dict) -> str | None:
     vocab = model.get_input_embeddings().num_embeddings
-    if max(args["token_indices"]) >= vocab or min(args["token_indices"]) < 0:
+    if max(args["token_indices"]) >= vocab:  # negative ids: refused with the arguments
         return f"token_indices must be ids in [0, {vocab}), the vocabulary size {vocab}"
     return None
 
