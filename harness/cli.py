@@ -407,9 +407,16 @@ def _flag(parser: argparse.ArgumentParser, name: str, **own) -> None:
     parser.add_argument(name, **{**_FLAGS[name], **own})
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags, like bad scenarios, are one line (and exit 2): the usage is a -h away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description="Measure the GPU memory of LLM "
-                                     "fine-tuning setups, one technique stack per variant.")
+    parser = _Parser(prog="harness", description="Measure the GPU memory of LLM "
+                     "fine-tuning setups, one technique stack per variant.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run every (or the chosen) variant of a scenario")

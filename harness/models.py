@@ -65,19 +65,39 @@ def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
                                    (f" (did you mean {hint[0]!r}?)" if hint else
                                     f"; known: {', '.join(known)}"))
         return ConfigSource("file", str(path), text)
-    # A hub id ("org/name"): usable offline only from the local cache, unless weights come from it.
+    # A hub id ("org/name"): its config.json, and only that, from the local cache or the hub.
+    cached = hub_config(text)
     if spec.weights != "pretrained":
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(text, "config.json")
-        except Exception as e:  # noqa: BLE001 - huggingface_hub rejects malformed ids
-            raise ModelConfigError(f"not a config name, path or valid hub id: {e}") from None
-        if not isinstance(cached, str):
-            raise ModelConfigError(f"hub id {text!r} with weights: random needs its config.json "
-                                   "in the local cache (or use weights: pretrained)")
         return ConfigSource("file", cached, text)
     return ConfigSource("hub", text, text)
+
+
+def hub_config(repo_id: str) -> str:
+    """The local path of a hub model's config.json: from the cache, else fetched (honouring
+    HF_TOKEN and HF_HUB_OFFLINE). Fails in seconds, not after the hub library's retries,
+    when the hub cannot be reached."""
+    from huggingface_hub import constants, get_session, hf_hub_download, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception as e:  # noqa: BLE001 - huggingface_hub rejects malformed ids
+        raise ModelConfigError(f"not a config name, path or valid hub id: {e}") from None
+    if isinstance(cached, str):
+        return cached
+    if constants.HF_HUB_OFFLINE:
+        raise ModelConfigError(f"hub id {repo_id!r}: config.json is not in the local cache "
+                               f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
+    try:  # one request, no retries: whether the hub answers at all
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as e:  # noqa: BLE001 - DNS, refused, timed out: all say the same
+        raise ModelConfigError(f"hub id {repo_id!r}: not in the local cache, and "
+                               f"{constants.ENDPOINT} cannot be reached ({e})") from None
+    try:
+        return hf_hub_download(repo_id, "config.json")
+    except Exception as e:  # noqa: BLE001 - not found, gated without HF_TOKEN, …
+        said = " ".join(str(e).split())
+        raise ModelConfigError(f"hub id {repo_id!r}: config.json cannot be fetched: "
+                               f"{type(e).__name__}: {said[:200]}") from None
 
 
 def _has_weights(folder: Path) -> bool:
@@ -88,12 +108,32 @@ def load_config(source: ConfigSource, trust_remote_code: bool = False):
     """A fresh config object: transformers' from_config mutates the config it is given."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    where = source.location
+    if source.kind == "file" and Path(where).name == "config.json":
+        where = str(Path(where).parent)  # the folder: custom code lies beside config.json
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     if source.layers is not None:
         config.num_hidden_layers = source.layers
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[:source.layers]
     return config
+
+
+def custom_code_reason(source: ConfigSource, trust_remote_code: bool) -> str | None:
+    """Why a config naming its own code (`auto_map`) could not be read without
+    trust_remote_code, in our words rather than transformers' (which builds a hub URL from a
+    local path); None otherwise (with it, transformers says which file is missing)."""
+    import json
+
+    try:
+        auto_map = json.loads(Path(source.location).read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(auto_map, dict) or trust_remote_code:
+        return None
+    names = ", ".join(f"{k} → {v}" for k, v in auto_map.items() if isinstance(v, str))
+    return (f"{source.location} names custom code ({names}): set model.trust_remote_code: true "
+            "to run it")
 
 
 def identical_layers(source: ConfigSource, trust_remote_code: bool = False) -> int | None:

@@ -433,7 +433,7 @@ def _parse_model(path, raw) -> ModelSpec:
                             key="model.config")
     spec = ModelSpec(**values)
     # Imported here: models.py pulls in transformers, which validation of the rest does not need.
-    from harness.models import ModelConfigError, load_config, resolve_config
+    from harness.models import ModelConfigError, custom_code_reason, load_config, resolve_config
 
     try:
         source = resolve_config(spec, path)
@@ -443,8 +443,9 @@ def _parse_model(path, raw) -> ModelSpec:
         try:
             config = load_config(source, spec.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
-            raise ScenarioError(path, f"cannot read model config {source.location}: "
-                                + " ".join(str(e).split())[:300], key="model.config") from None
+            raise ScenarioError(path, custom_code_reason(source, spec.trust_remote_code) or
+                                f"cannot read model config {source.location}: " +
+                                " ".join(str(e).split())[:300], key="model.config") from None
         for size in _MODEL_SIZES:  # what transformers builds without complaint, and trains wrong
             value = getattr(config, size, None)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:

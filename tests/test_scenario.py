@@ -87,7 +87,7 @@ BAD = [
     ((["model", "weights"], "pretrainde"), None, "model.weights", "random, pretrained"),
     ((["model", "config"], "tiny-lama"), None, "model.config", "did you mean 'tiny-llama'"),
     ((["model", "config"], "./nowhere.json"), None, "model.config", "not found"),
-    ((["model", "config"], "org/some-model"), None, "model.config", "local cache"),
+    ((["model", "config"], "org/some-model"), None, "model.config", "hub id 'org/some-model'"),
     ((["train", "batch_size"], "2"), None, "train.batch_size", "must be int"),
     ((["train", "seq_len"], 0), None, "train.seq_len", "≥ 2"),
     ((["train", "optimizer"], "adamww"), None, "train.optimizer", "did you mean 'adamw'"),
@@ -207,7 +207,8 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, cli):
 
 def test_cli_bad_flags_exit_2(tmp_path, cli):
     path = write_scenario(tmp_path, "s", [{"name": "a"}])
-    for extra in (["--variant", "b"], ["--memory-budget", "lots"], ["--steps", "0"]):
+    for extra in (["--variant", "b"], ["--memory-budget", "lots"], ["--steps", "0"],
+                  ["--timeout", "nan"], ["--timeout", "-5"], ["--colour", "red"]):
         proc = cli("run", str(path), "--out", str(tmp_path / "out"), *extra)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "out").exists()

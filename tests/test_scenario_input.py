@@ -121,6 +121,11 @@ def test_names_are_one_safe_path_component(tmp_path, name):
      "variants[0].techniques[0].trainable_tokens.token_indices", "token ids"),
     ("[{trainable_tokens: {token_indices: [4096]}}]", "variants[0].techniques[0].trainable_tokens",
      "in [0, 4096), the vocabulary size 4096"),
+    ("[{lora: {target_modules: [q_proj], target_parameters: [mlp.experts.gate_up_proj]}}]",
+     "variants[0].techniques[0].lora", "target_parameters ['mlp.experts.gate_up_proj'] match no "
+     "parameter of this model; it has none outside its linear and embedding layers"),
+    ("[bf16, {qlora: {bnb_4bit_compute_dtype: float16}}]", "variants[0].techniques[1].qlora",
+     "bnb_4bit_compute_dtype float16 with bf16 (weights in bfloat16) mixes dtypes"),
 ])
 def test_what_a_stack_cannot_mean_is_bad_input_naming_the_technique(tmp_path, techniques, key,
                                                                     words):
@@ -147,6 +152,75 @@ def test_a_model_config_transformers_cannot_build_is_bad_input(tmp_path, change,
     text = _refused(tmp_path, "name: s\nmodel: {config: ./m.json}\n"
                               "variants: [{name: v, techniques: [lora]}]\n")
     assert "key 'model.config'" in text and words in text
+
+
+def test_no_default_target_modules_names_the_linear_layers(tmp_path):
+    """PEFT has no default for Phi-3 (fused qkv_proj, gate_up_proj): say what to name."""
+    import json
+
+    phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 64,
+            "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "num_hidden_layers": 2, "vocab_size": 320, "eos_token_id": 1, "pad_token_id": 0}
+    (tmp_path / "phi3.json").write_text(json.dumps(phi3))
+    text = _refused(tmp_path, "name: s\nmodel: {config: ./phi3.json}\n"
+                              "variants: [{name: v, techniques: [lora]}]\n")
+    assert "key 'variants[0].techniques[0].lora'" in text
+    assert ("PEFT has no default target_modules for model_type 'phi3': name them (or all-linear); "
+            "its linear layers: down_proj, gate_up_proj, lm_head, o_proj, qkv_proj") in text
+    assert _load(tmp_path, "name: s\nmodel: {config: ./phi3.json}\n"
+                           "variants: [{name: v, techniques: [{lora: {target_modules: all-linear}}]}]\n")
+
+
+def _remote_code_model(folder):
+    """A model whose config names its own code, as a hub repository with custom code does."""
+    import json
+
+    from tests.conftest import REPO
+
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        **config, "model_type": "tinyremote", "architectures": ["TinyRemoteForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_tiny.TinyRemoteConfig",
+                     "AutoModelForCausalLM": "modeling_tiny.TinyRemoteForCausalLM"}}))
+    (folder / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyRemoteConfig(LlamaConfig):\n"
+        "    model_type = 'tinyremote'\n")
+    (folder / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import "
+        "TinyRemoteConfig\n\n\nclass TinyRemoteForCausalLM(LlamaForCausalLM):\n"
+        "    config_class = TinyRemoteConfig\n")
+
+
+def test_custom_code_needs_trust_remote_code_and_runs_with_it(tmp_path):
+    _remote_code_model(tmp_path / "remote")
+    body = ("name: s\nmodel: {config: ./remote%s}\n"
+            "variants: [{name: v, techniques: [{lora: {target_modules: [q_proj, v_proj]}}]}]\n")
+    text = _refused(tmp_path, body % "")
+    assert "key 'model.config'" in text and "hf.co" not in text
+    assert ("names custom code (AutoConfig → configuration_tiny.TinyRemoteConfig, "
+            "AutoModelForCausalLM → modeling_tiny.TinyRemoteForCausalLM): set "
+            "model.trust_remote_code: true") in text
+    scenario = _load(tmp_path, body % ", trust_remote_code: true")  # built on meta: it loads
+    assert scenario.model.trust_remote_code
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_refused_at_once(tmp_path, monkeypatch):
+    """Not in the cache: offline is said as such, and an unreachable hub after one request,
+    not after the hub library's five retries (about 25 s)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    body = "name: s\nmodel: {config: org/some-model, weights: %s}\nvariants: [{name: v}]\n"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for weights in ("random", "pretrained"):
+        text = _refused(tmp_path, body % weights)
+        assert "key 'model.config'" in text and "hub id 'org/some-model'" in text
+        assert "not in the local cache" in text and "HF_HUB_OFFLINE is set" in text
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    text = _refused(tmp_path, body % "pretrained")
+    assert "not in the local cache, and http://127.0.0.1:9 cannot be reached" in text
 
 
 def test_validation_leaves_nothing_behind_in_the_process():

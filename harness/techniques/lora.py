@@ -24,17 +24,26 @@ def _check_targets(model, args: dict) -> str | None:
     saved = args.get("modules_to_save")
     if isinstance(saved, (list, tuple)) and _unmatched(model, saved):
         return f"modules_to_save {_unmatched(model, saved)} match no module of this model"
+    parameters = args.get("target_parameters")
+    if isinstance(parameters, (list, tuple)):
+        names = [n for n, _ in model.named_parameters()]
+        missing = [p for p in parameters if not any(_names(n, p) for n in names)]
+        if missing:
+            return f"target_parameters {missing} match no parameter of this model; " + \
+                _loose_parameters(model)
     targets = args.get("target_modules")
+    if targets is None and not parameters and _no_default_targets(model):
+        return (f"PEFT has no default target_modules for model_type "
+                f"{model.config.model_type!r}: name them (or all-linear); its linear layers: "
+                f"{', '.join(_linear_names(model))}")
     if not isinstance(targets, (list, tuple)):
         return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
     if not all(isinstance(t, str) and t for t in targets):
         return f"target_modules must be module names, got {targets!r}"
     missing = _unmatched(model, targets)
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if type(m).__name__ == "Linear"})
         return (f"target_modules {missing} match no module of this model; "
-                f"its linear layers: {', '.join(linear)}")
+                f"its linear layers: {', '.join(_linear_names(model))}")
     sides = [min(m.in_features, m.out_features) for n, m in model.named_modules()
              if hasattr(m, "in_features") and any(_names(n, t) for t in targets)]
     r = args.get("r")
@@ -48,6 +57,30 @@ def _names(module_name: str, given: str) -> bool:
     """Whether a name in a LoRA config stands for this module: PEFT matches the whole name or
     its last parts (`q_proj`, `self_attn.q_proj`)."""
     return module_name == given or module_name.endswith("." + given)
+
+
+def _linear_names(model) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if type(m).__name__ == "Linear"})
+
+
+def _no_default_targets(model) -> bool:
+    """Whether PEFT lacks a default target_modules for this architecture (Phi-3's fused
+    qkv_proj, Starcoder2): its own error would not say what to name instead."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    return getattr(getattr(model, "config", None), "model_type", None) not in DEFAULTS
+
+
+def _loose_parameters(model) -> str:
+    """What target_parameters can name: parameters held outside linear, embedding and norm
+    layers (a mixture-of-experts' 3-D expert weights)."""
+    loose = sorted({".".join(f"{module}.{param}".split(".")[-2:])
+                    for module, m in model.named_modules()
+                    for param, p in m.named_parameters(recurse=False)
+                    if p.dim() >= 2 and type(m).__name__ not in ("Linear", "Embedding")})
+    return (f"parameters it can name: {', '.join(loose)}" if loose else
+            "it has none outside its linear and embedding layers (use target_modules)")
 
 
 def _unmatched(model, given) -> list[str]:

@@ -84,7 +84,18 @@ def _estimate(stack: dict, args: dict) -> None:
                  quantized=True, double_quant=args["bnb_4bit_use_double_quant"])
 
 
+def _check_compute(stack: dict[str, dict]) -> str | None:
+    """bf16 loads the weights QLoRA leaves unquantized (embeddings, norms, LM head) in
+    bfloat16: a float16 or float32 compute dtype then mixes two dtypes in every layer."""
+    compute = stack["qlora"].get("bnb_4bit_compute_dtype", BNB_4BIT["bnb_4bit_compute_dtype"])
+    if "bf16" in stack and compute != "bfloat16":
+        return (f"bnb_4bit_compute_dtype {compute} with bf16 (weights in bfloat16) mixes dtypes: "
+                "use bnb_4bit_compute_dtype: bfloat16, or drop bf16")
+    return None
+
+
 @technique("qlora", stage=Stage.MODEL, conflicts=("lora", "int8", "fp16"),
+           check_stack=_check_compute,
            estimate=_estimate, label=lambda args: lora_label("qlora", args),
            parallel_unsupported={"fsdp2": (
                "QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "
