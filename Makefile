@@ -22,8 +22,8 @@ setup:  ## create .venv and install everything (CUDA torch where nvidia-smi work
 	$(PIP) install -q -e '.[dev]'
 	$(PY) -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 
-test:  ## every test, slow ones included, two workers, a file each (CI; GPU tests skip without CUDA)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+test:  ## every test, two workers, a file each, one thread per process (CI; GPU tests skip)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast:  ## in-process tests only: committed records, tiny models, no CLI process (< 1 min)
 	$(PY) -m pytest -q -m "not slow and not gpu"
