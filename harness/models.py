@@ -125,11 +125,13 @@ def custom_code_reason(source: ConfigSource, trust_remote_code: bool) -> str | N
     local path); None otherwise (with it, transformers says which file is missing)."""
     import json
 
+    if trust_remote_code:
+        return None
     try:
         auto_map = json.loads(Path(source.location).read_text()).get("auto_map")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(auto_map, dict) or trust_remote_code:
+    if not isinstance(auto_map, dict):
         return None
     names = ", ".join(f"{k} → {v}" for k, v in auto_map.items() if isinstance(v, str))
     return (f"{source.location} names custom code ({names}): set model.trust_remote_code: true "

@@ -21,13 +21,13 @@ def _check_targets(model, args: dict) -> str | None:
     """Names in target_modules and modules_to_save must match some module, and the rank must
     fit in the layers it adapts: PEFT takes an `r` above a layer's smaller side, which only
     adds parameters that cannot raise the rank."""
+    modules = [n for n, _ in model.named_modules()]
     saved = args.get("modules_to_save")
-    if isinstance(saved, (list, tuple)) and _unmatched(model, saved):
-        return f"modules_to_save {_unmatched(model, saved)} match no module of this model"
+    if isinstance(saved, (list, tuple)) and _unmatched(modules, saved):
+        return f"modules_to_save {_unmatched(modules, saved)} match no module of this model"
     parameters = args.get("target_parameters")
     if isinstance(parameters, (list, tuple)):
-        names = [n for n, _ in model.named_parameters()]
-        missing = [p for p in parameters if not any(_names(n, p) for n in names)]
+        missing = _unmatched([n for n, _ in model.named_parameters()], parameters)
         if missing:
             return f"target_parameters {missing} match no parameter of this model; " + \
                 _loose_parameters(model)
@@ -40,7 +40,7 @@ def _check_targets(model, args: dict) -> str | None:
         return None  # None: PEFT's per-architecture default; a str is a regex PEFT checks itself
     if not all(isinstance(t, str) and t for t in targets):
         return f"target_modules must be module names, got {targets!r}"
-    missing = _unmatched(model, targets)
+    missing = _unmatched(modules, targets)
     if missing:
         return (f"target_modules {missing} match no module of this model; "
                 f"its linear layers: {', '.join(_linear_names(model))}")
@@ -83,8 +83,8 @@ def _loose_parameters(model) -> str:
             "it has none outside its linear and embedding layers (use target_modules)")
 
 
-def _unmatched(model, given) -> list[str]:
-    names = [n for n, _ in model.named_modules()]
+def _unmatched(names: list[str], given) -> list[str]:
+    """What of `given` no module (or parameter) name in `names` stands for."""
     return [g for g in given if not any(_names(n, g) for n in names)]
 
 

@@ -87,7 +87,7 @@ def _estimate(stack: dict, args: dict) -> None:
 def _check_compute(stack: dict[str, dict]) -> str | None:
     """bf16 loads the weights QLoRA leaves unquantized (embeddings, norms, LM head) in
     bfloat16: a float16 or float32 compute dtype then mixes two dtypes in every layer."""
-    compute = stack["qlora"].get("bnb_4bit_compute_dtype", BNB_4BIT["bnb_4bit_compute_dtype"])
+    compute = stack["qlora"]["bnb_4bit_compute_dtype"]  # resolved: the default filled in
     if "bf16" in stack and compute != "bfloat16":
         return (f"bnb_4bit_compute_dtype {compute} with bf16 (weights in bfloat16) mixes dtypes: "
                 "use bnb_4bit_compute_dtype: bfloat16, or drop bf16")
