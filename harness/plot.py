@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 
 from harness.report import BREAKDOWN, CARDS_GB, _unit, load_results_in
-from harness.scenario import parse_point
 
 COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868",
            "activations": "#c44e52", "other": "#8172b3", "unattributed": "#937860"}
@@ -76,7 +75,7 @@ def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, fl
     """Peak against the first swept key; returns {line label: [(x, peak bytes), ...]}."""
     plt = _pyplot()
     ok = frame[(frame["status"] == "ok") & frame["sweep_point"].notna()].copy()
-    points = [parse_point(s) for s in ok["sweep_point"]]
+    points = list(ok["sweep_values"])
     key = next(iter(points[0]))
     values = [p[key] for p in points]
     # Sizes (batch, sequence) read on a log axis; anything else (null, names) as categories

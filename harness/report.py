@@ -44,6 +44,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "run_id": record["run_id"],
         "variant": record["variant"]["name"],
         "sweep_point": point_label(record["sweep_point"]) if record.get("sweep_point") else None,
+        "sweep_values": record.get("sweep_point"),  # the point itself: {train key: value}
         "job": record_key(record),  # the variant with its sweep point, as the file is named
         "variant_index": record["variant"].get("index"),
         "baseline": record["scenario"].get("baseline"),

@@ -136,30 +136,16 @@ class Variant:
     description: str = ""
     sweep_point: tuple[tuple[str, Any], ...] = ()  # (train key, value) pairs, in sweep order
     parallel: ParallelSpec | None = None  # None: one process
+    declared: str = ""  # the name as the scenario declares it, without the sweep point
 
-    @property
-    def declared(self) -> str:
-        """The name as the scenario declares it, without the sweep point."""
-        return self.name.split("@", 1)[0]
+    def __post_init__(self):
+        if not self.declared:
+            object.__setattr__(self, "declared", self.name)
 
 
 def point_label(point) -> str:
     """`seq_len=512,batch_size=2`: how a sweep point reads in names and tables."""
     return ",".join(f"{k}={v}" for k, v in dict(point).items())
-
-
-def parse_point(label: str) -> dict[str, Any]:
-    """`seq_len=512,batch_size=2` → {"seq_len": 512, "batch_size": 2}, typed as train is."""
-    kinds = _kinds(TrainSpec)
-    point = {}
-    for part in label.split(","):
-        key, _, text = part.partition("=")
-        if key not in kinds:
-            raise KeyError(key)
-        kind = kinds[key][0]
-        point[key] = None if text == "None" else int(text) if kind == "int" else \
-            float(text) if kind == "float" else text
-    return point
 
 
 @dataclass(frozen=True)
@@ -175,18 +161,15 @@ class Scenario:
     sweep: tuple[tuple[str, tuple], ...] = ()  # (train key, values), as written
 
     def variant(self, name: str) -> Variant:
-        """By name; `<declared>@<key>=<value>,…` is that variant at that point of the train
-        settings even where no sweep of the scenario has it (what `harness fit` probes)."""
+        """By name: a declared variant's, or one sweep point's (`<declared>@<key>=<value>,…`)."""
         for v in self.variants:
             if v.name == name:
                 return v
-        if "@" in name:
-            declared, label = name.split("@", 1)
-            return self.at_point(declared, parse_point(label))
         raise KeyError(name)
 
     def at_point(self, declared: str, point: Mapping[str, Any]) -> Variant:
-        """A declared variant with `point`'s train values on top (of its sweep point's, if any)."""
+        """A declared variant with `point`'s train values on top (of its sweep point's, if any),
+        even where no sweep of the scenario has that point (what `harness fit` probes)."""
         base = next((v for v in self.variants if v.declared == declared), None)
         if base is None:
             raise KeyError(declared)

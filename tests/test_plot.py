@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.scenario import point_label
 from tests.conftest import REPO, harness, last_json, records, write_scenario
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -87,17 +88,22 @@ def test_a_sweep_over_values_that_are_not_sizes_plots_them_as_categories(tmp_pat
     from harness.report import load_results_in
 
     frame = load_results_in(next((REPO / "results" / "sweep_mistral").iterdir()))
-    as_norm = {"seq_len=512": "max_grad_norm=None", "seq_len=1024": "max_grad_norm=0.5",
-               "seq_len=2048": "max_grad_norm=1.0", "seq_len=4096": "max_grad_norm=2.0"}
-    for old, new in as_norm.items():
-        frame["sweep_point"] = frame["sweep_point"].str.replace(old + ",", new + ",", regex=False)
+    as_norm = {512: None, 1024: 0.5, 2048: 1.0, 4096: 2.0}
+
+    def as_norm_point(point):
+        return None if point is None else {
+            "max_grad_norm": as_norm[point["seq_len"]],
+            **{k: v for k, v in point.items() if k != "seq_len"}}
+
+    frame["sweep_values"] = [as_norm_point(p) for p in frame["sweep_values"]]
+    frame["sweep_point"] = [None if p is None else point_label(p) for p in frame["sweep_values"]]
     lines = sweep_png(frame, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
     peaks = frame[frame["status"] == "ok"].set_index("sweep_point")
     for label, points in lines.items():
         assert [x for x, _ in points] == [0.0, 1.0, 2.0, 3.0], label  # null, 0.5, 1.0, 2.0
         variant, others = label.split(" (")
-        expected = [peaks[(peaks["variant"] == variant)].loc[f"{new},{others[:-1]}",
+        expected = [peaks[(peaks["variant"] == variant)].loc[f"max_grad_norm={new},{others[:-1]}",
                                                               "peak_allocated_bytes"]
                     for new in as_norm.values()]
         assert [peak for _, peak in points] == [float(p) for p in expected]
