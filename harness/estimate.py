@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.probes.timeline import CATEGORIES
+from harness.record import Memory, Record, collect_env, new_record
 
 ROUND = 512
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -471,18 +472,15 @@ def _layer_grads(trainable: list[Tensor], sh: Shapes) -> int:
 
 
 def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
-                    target: str = "cuda") -> dict[str, Any]:
+                    target: str = "cuda") -> Record:
     """The variant's record with `method: estimated`: status ok with the closed-form phases,
     or unsupported with the reason the arithmetic does not cover it."""
     from harness.models import resolve_config
-    from harness.record import collect_env, new_record
 
     train = variant.train if steps is None else dataclasses.replace(variant.train, steps=steps)
     variant = dataclasses.replace(variant, train=train)
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device="estimate",
-                        method="estimated")
-    record["variant"]["index"] = scenario.index(variant)
-    record["env"] = collect_env("cpu")
+                        method="estimated", index=scenario.index(variant), env=collect_env("cpu"))
     source = resolve_config(scenario.model, scenario.path)
     try:
         if source.kind != "file":
@@ -495,11 +493,9 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
         result = estimate(shapes, stack, train.batch_size, train.seq_len, train.warmup_steps,
                           train.steps, target)
     except NotModelled as e:
-        record.update(status="unsupported", error=f"not estimated: {e}")
+        record.status, record.error = "unsupported", f"not estimated: {e}"
         return record
-    record.update(status="ok", memory={**result.memory, "target": target})
-    record["model"].update(params_total=result.params_total,
-                           params_trainable=result.params_trainable)
-    record["timing"] = {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None,
-                        "wall_s": None}
+    record.status, record.memory = "ok", Memory.of({**result.memory, "target": target})
+    record.model.params_total = result.params_total
+    record.model.params_trainable = result.params_trainable
     return record

@@ -20,6 +20,7 @@ model. DDP wraps the built model; its gradient buckets live in its C++ reducer.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import os
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from harness.probes.timeline import Kind
+from harness.record import Record
 from harness.scenario import ParallelSpec
 from harness.techniques import Unsupported
 
@@ -86,12 +88,11 @@ def init_rank(spec: ParallelSpec, device_type: str) -> tuple[int, torch.device |
     return rank, where
 
 
-def simulate_ranks(job, record: dict, run: Callable[[Any, dict], None]) -> dict:
+def simulate_ranks(job, record: Record, run: Callable[[Any, Record], None]) -> Record:
     """Every rank of a parallel job (job.py), simulated on the fake process group in this
     process: one of each kind of rank (ranks whose shards have the same shapes allocate the
     same), each filled in by `run(job, rank's record)`, merged as the runner merges measured
     ranks' records. The snapshot, if asked for, is rank 0's."""
-    import copy
     import dataclasses
 
     from harness.models import resolve_config
@@ -112,7 +113,7 @@ def simulate_ranks(job, record: dict, run: Callable[[Any, dict], None]) -> dict:
     if len(kinds) < spec.world_size:
         note = (f"simulated {len(kinds)} of the {spec.world_size} ranks: the others hold shards "
                 "of the same shapes as one of those")
-        records[0]["notes"].insert(0, note)
+        records[0].notes.insert(0, note)
     return merge(records, spec.world_size)
 
 
@@ -274,11 +275,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
 # Records
 
 
-def rank_entry(rank: int, record: dict[str, Any]) -> dict[str, Any]:
-    memory = record["memory"]
-    return {"rank": rank, "status": record["status"],
-            "error": record["error"].splitlines()[0][:300] if record["error"] else None,
-            **{key: memory.get(key) for key in (
+def rank_entry(rank: int, record: Record) -> dict[str, Any]:
+    memory = record.memory
+    return {"rank": rank, "status": record.status,
+            "error": record.error.splitlines()[0][:300] if record.error else None,
+            **{key: getattr(memory, key) for key in (
                 "peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "breakdown_bytes",
                 "end_of_step_bytes")}}
 
@@ -295,29 +296,23 @@ def imbalance(ranks: list[dict[str, Any]]) -> float | None:
 _WORST = ("error", "oom", "unsupported", "ok")
 
 
-def merge(records: dict[int, dict[str, Any]], world_size: int) -> dict[str, Any]:
+def merge(records: dict[int, Record], world_size: int) -> Record:
     """One record from every rank's: the rank with the highest peak (its `memory`, timing and
     model figures), `memory.ranks` for all, `memory.rank`, `memory.imbalance`; the worst status
     (a rank's error or OOM is the variant's), with that rank's error."""
     ranks = [rank_entry(rank, records[rank]) for rank in sorted(records)]
-    worst_rank = min(sorted(records), key=lambda r: _WORST.index(records[r]["status"]))
+    worst_rank = min(sorted(records), key=lambda r: _WORST.index(records[r].status))
     worst = records[worst_rank]
-    peaked = [r for r in records if records[r]["memory"].get("peak_allocated_bytes") is not None]
-    top = max(peaked, key=lambda r: records[r]["memory"]["peak_allocated_bytes"]) if peaked \
+    peaked = [r for r in records if records[r].memory.peak_allocated_bytes is not None]
+    top = max(peaked, key=lambda r: records[r].memory.peak_allocated_bytes) if peaked \
         else min(records)
-    merged = dict(records[top])
-    merged["memory"] = {**records[top]["memory"], "rank": top, "ranks": ranks,
-                        "imbalance": imbalance(ranks)}
-    if worst["status"] != "ok":
-        merged["status"] = worst["status"]
-        merged["error"] = f"rank {worst_rank}: {worst['error']}"
-    notes = []
-    for rank in sorted(records):
-        for note in records[rank]["notes"]:
-            if note not in notes:
-                notes.append(note)
-    merged["notes"] = notes
+    merged = copy.deepcopy(records[top])
+    merged.memory.rank, merged.memory.ranks = top, ranks
+    merged.memory.imbalance = imbalance(ranks)
+    if worst.status != "ok":
+        merged.status, merged.error = worst.status, f"rank {worst_rank}: {worst.error}"
+    merged.notes = list(dict.fromkeys(n for rank in sorted(records) for n in records[rank].notes))
     missing = world_size - len(records)
     if missing:
-        merged["notes"].append(f"{missing} of {world_size} ranks wrote no record")
+        merged.notes.append(f"{missing} of {world_size} ranks wrote no record")
     return merged

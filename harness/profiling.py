@@ -28,11 +28,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from harness.probes import Kind, Probe, make_probe
+
+if TYPE_CHECKING:
+    from harness.record import Record
 
 DEFAULT_OUT = Path("results") / "_scratch"
 
@@ -104,7 +107,7 @@ class Profiler:
         run_id = new_run_id()
         run_dir = self.out / self.name / run_id
         record = _record(self.name, run_id, self.model, self.device, self.train, memory)
-        record["env"] = collect_env(str(self.device))
+        record.env = collect_env(str(self.device))
         self.record_path = run_dir / f"{self.name}.json"
         write_record(self.record_path, record)
         report.write_summary(run_dir)
@@ -125,10 +128,10 @@ def profile(name: str, *, model=None, optimizer=None, device=None, out=DEFAULT_O
 
 
 def _record(name: str, run_id: str, model, device: torch.device, train: dict,
-            memory: dict) -> dict[str, Any]:
+            memory: dict) -> Record:
     """The record `harness run` writes (record.new_record), for code no scenario describes."""
     from harness.job import method_for
-    from harness.record import new_record
+    from harness.record import Memory, new_record
     from harness.scenario import ModelSpec, Scenario, TrainSpec, Variant
 
     config = getattr(model, "config", None)
@@ -143,17 +146,17 @@ def _record(name: str, run_id: str, model, device: torch.device, train: dict,
                                             config, "_attn_implementation", None) or "sdpa"),
                         train=spec, baseline=name, variants=(variant,))
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device=str(device),
-                        method=method_for(str(device)))
+                        method=method_for(str(device)), index=0)
     params = list(model.parameters()) if model is not None else []
     measured = memory.get("peak_allocated_bytes") is not None
-    record["scenario"]["path"] = None  # no scenario file
-    record["variant"]["index"] = 0
-    record["model"].update(weights=None, params_total=sum(p.numel() for p in params) or None,
-                           params_trainable=sum(p.numel() for p in params if p.requires_grad)
-                           or None)
-    record.update(status="ok" if measured else "error",
-                  error=None if measured else "nothing measured", memory=memory,
-                  notes=["profiled: the phases are the user's code as the profiler marked them"])
+    record.scenario.path = None  # no scenario file
+    record.model.weights = None
+    record.model.params_total = sum(p.numel() for p in params) or None
+    record.model.params_trainable = sum(p.numel() for p in params if p.requires_grad) or None
+    record.status = "ok" if measured else "error"
+    record.error = None if measured else "nothing measured"
+    record.memory = Memory.of(memory)
+    record.notes = ["profiled: the phases are the user's code as the profiler marked them"]
     return record
 
 

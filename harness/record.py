@@ -5,10 +5,12 @@ train), what was measured (status, memory, timing), where it ran (device, method
 Bytes are whole integers; anything the tool cannot know is null, never a guess.
 
 The schema is the dataclasses below: their fields are the keys, their annotations the types,
-their comments what each means. Records are built and passed around as the plain dicts that go
-to disk; `check_record` holds every one to the schema before it is written and after it is
-read, so a key that is missing, misspelt or of the wrong type fails where it is made.
-A change to a field bumps SCHEMA_VERSION with an entry in _UPGRADES, so old records still load.
+their comments what each means. The harness builds a `Record` (`new_record`), fills its parts
+as attributes, and writes it (`write_record`, which turns it into the JSON on disk); readers of
+results get that JSON back as plain dicts (`read_record`). `check_record` holds every record
+to the schema before it is written and after it is read, so a key that is missing, misspelt or
+of the wrong type fails where it is made. A change to a field bumps SCHEMA_VERSION with an
+entry in _UPGRADES, so old records still load.
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ class Memory:
     device_used_at_start_bytes: int | None = None  # includes this process's CUDA context
     other_processes_bytes_at_start: int | None = None
     pytorch_cuda_alloc_conf: str | None = None
+    extras: dict = field(default_factory=dict, metadata={"inline": True})  # a probe's own
+    #   figures: on disk beside the fields above, not under a key of their own
+
+    @classmethod
+    def of(cls, memory: dict[str, Any]) -> Memory:
+        """From a probe's (or a record's) `memory` object: the fields by name, the rest extras."""
+        names = _fields(cls)[0].keys()
+        try:
+            return cls(**{k: v for k, v in memory.items() if k in names},
+                       extras={k: v for k, v in memory.items() if k not in names})
+        except TypeError as e:  # a required figure missing
+            raise RecordError(f"memory: {e}") from None
 
 
 @dataclass
@@ -140,6 +154,36 @@ class Record:
     #   figure was obtained (extrapolated, simulated steps)
 
 
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object on disk (a probe's extras inline in `memory`)."""
+        out = dataclasses.asdict(self)
+        out["memory"].update(out["memory"].pop("extras"))
+        return out
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Record:
+        """A record read back (read_record: upgraded and checked) as the dataclasses again."""
+        check_record(record)
+        return _construct(cls, record)
+
+
+def _construct(part: type, value: dict[str, Any]):
+    if part is Memory:
+        return Memory.of(value)
+    kinds = _fields(part)[0]
+    built = {}
+    for key, item in value.items():
+        inner = _dataclass_of(kinds[key])
+        built[key] = _construct(inner, item) if inner is not None and item is not None else item
+    return part(**built)
+
+
+def _dataclass_of(kind: Any) -> type | None:
+    arms = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) \
+        else (kind,)
+    return next((a for a in arms if dataclasses.is_dataclass(a)), None)
+
+
 _OPEN = (Memory,)  # parts that may carry keys beyond their fields
 
 
@@ -162,11 +206,12 @@ def _upgrade_1(record: dict) -> dict:
 _UPGRADES: dict[int, Any] = {1: _upgrade_1}
 
 
-def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> dict[str, Any]:
-    """A record with every key present; measured fields null until filled."""
+def new_record(*, run_id: str, scenario, variant, device: str, method: str,
+               index: int | None = None, env: dict[str, Any] | None = None) -> Record:
+    """A record with every key present, status `error` and measured fields null until filled."""
     from harness.techniques import ordered
 
-    return dataclasses.asdict(Record(
+    return Record(
         schema_version=SCHEMA_VERSION, run_id=run_id,
         scenario=ScenarioPart(scenario.name, str(scenario.path), scenario.sha256,
                               scenario.baseline),
@@ -177,18 +222,19 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str) -> d
             # In the order they are applied (stage by stage), whatever the YAML's order.
             techniques=[{"name": u.name, "args": dict(u.args)}
                         for _, u in ordered(variant.techniques)],
-            train_overrides=dict(variant.train_overrides)),
+            train_overrides=dict(variant.train_overrides), index=index),
         model=ModelPart(scenario.model.config, scenario.model.weights,
                         scenario.model.attn_implementation),
         train={k: getattr(variant.train, k) for k in variant.train.__dataclass_fields__},
         parallel=variant.parallel.as_dict() if variant.parallel else None,
         device=device, method=method, status="error", error=None,
         memory=Memory(None, None, {}, [], None),
-        timing=Timing(None, None, None, None), env=None))
+        timing=Timing(None, None, None, None), env=env)
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
+def write_record(path: Path, record: Record) -> None:
     """Temp file in the same folder, fsync, rename: a reader never sees a partial record."""
+    record = record.as_dict()
     check_record(record)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -234,12 +280,13 @@ def check_record(record: dict[str, Any]) -> None:
 
 @functools.cache
 def _fields(part: type) -> tuple[dict[str, Any], frozenset[str]]:
-    """(every field's type, the fields a record must have)."""
+    """(every key's type, the keys a record must have): the fields, but for those written
+    inline (a part's extras)."""
     hints = typing.get_type_hints(part)
-    required = frozenset(f.name for f in dataclasses.fields(part)
-                         if f.default is dataclasses.MISSING and
+    keys = [f for f in dataclasses.fields(part) if not f.metadata.get("inline")]
+    required = frozenset(f.name for f in keys if f.default is dataclasses.MISSING and
                          f.default_factory is dataclasses.MISSING)
-    return {f.name: hints[f.name] for f in dataclasses.fields(part)}, required
+    return {f.name: hints[f.name] for f in keys}, required
 
 
 def _check_part(part: type, value: Any, where: str) -> None:

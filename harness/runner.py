@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.job import Job, RunOptions
-from harness.record import RecordError, collect_env, new_record, read_record, write_record
+from harness.record import Record, RecordError, collect_env, new_record, read_record, write_record
 from harness.scenario import Scenario, Variant
 
 LOG_DIR = "logs"  # per-variant worker output, inside the run folder
@@ -58,16 +58,16 @@ def run_scenario(scenario: Scenario, variants: Sequence[Variant], options: RunOp
             outcome.interrupted = True
             progress(f"[{i}/{len(variants)}] {variant.name} interrupted: no record written")
             break
-        outcome.statuses[variant.name] = record["status"]
-        peak = record["memory"].get("peak_allocated_bytes")
+        outcome.statuses[variant.name] = record.status
+        peak = record.memory.peak_allocated_bytes
         shown = f"{peak / 2**30:.3f} GiB peak" if peak is not None else "no peak"
-        note = f" ({record['error'].splitlines()[0][:120]})" if record["error"] else ""
-        progress(f"[{i}/{len(variants)}] {variant.name}: {record['status']}, {shown}, "
+        note = f" ({record.error.splitlines()[0][:120]})" if record.error else ""
+        progress(f"[{i}/{len(variants)}] {variant.name}: {record.status}, {shown}, "
                  f"{time.monotonic() - started:.1f} s{note}")
     return outcome
 
 
-def _run_one(job: Job, run_dir: Path, timeout_s: float | None) -> dict:
+def _run_one(job: Job, run_dir: Path, timeout_s: float | None) -> Record:
     """Start the job's worker (or its ranks), wait, and move its record into `run_dir` — or
     write the error record that says why there is none."""
     name = job.variant.name
@@ -96,7 +96,7 @@ def _run_one(job: Job, run_dir: Path, timeout_s: float | None) -> dict:
     # A record the worker finished is the measurement, even if the process died at exit after.
     if why is None and pending.is_file():
         try:
-            record = read_record(pending)
+            record = Record.of(read_record(pending))
             write_record(final, record)
             pending.unlink(missing_ok=True)
             return record
@@ -108,18 +108,18 @@ def _run_one(job: Job, run_dir: Path, timeout_s: float | None) -> dict:
     return _error_record(job, final, why + "\n" + _tail(log))
 
 
-def _error_record(job: Job, final: Path, error: str) -> dict:
+def _error_record(job: Job, final: Path, error: str) -> Record:
     record = new_record(run_id=job.run_id, scenario=job.scenario, variant=job.variant,
-                        device=job.device, method=job.method)
-    record["variant"]["index"] = job.index
-    record.update(status="error", error=error)
-    record["env"] = collect_env("cpu")  # never touch CUDA here: a context would skew the workers
+                        device=job.device, method=job.method, index=job.index,
+                        # never touch CUDA here: a context would skew the workers
+                        env=collect_env("cpu"))
+    record.error = error
     write_record(final, record)
     return record
 
 
 def _collect_ranks(job: Job, final: Path, log: Path, ranks: int, code: int,
-                   why: str | None) -> dict:
+                   why: str | None) -> Record:
     """The variant's record from its ranks' (parallel.merge). Any rank without a record — it
     died, or torchrun stopped it when another died — makes the variant an error that says
     which, with the others' figures kept in `memory.ranks`."""
@@ -131,7 +131,7 @@ def _collect_ranks(job: Job, final: Path, log: Path, ranks: int, code: int,
         path = rank_record_path(job.result, rank)
         if path.is_file():
             try:
-                records[rank] = read_record(path)
+                records[rank] = Record.of(read_record(path))
             except (RecordError, ValueError, KeyError):
                 unreadable.append(rank)
             path.unlink(missing_ok=True)
@@ -148,7 +148,7 @@ def _collect_ranks(job: Job, final: Path, log: Path, ranks: int, code: int,
     if not records:
         return _error_record(job, final, error)
     record = merge(records, ranks)
-    record.update(status="error", error=error)
+    record.status, record.error = "error", error
     write_record(final, record)
     return record
 

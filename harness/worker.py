@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from harness.job import Job
-from harness.record import collect_env, new_record, write_record
+from harness.record import Memory, Record, Timing, collect_env, new_record, write_record
 
 
 def _cuda_missing_reason() -> str | None:
@@ -63,22 +63,21 @@ def run_variant(job: Job) -> str:
 
     variant, started = job.variant, time.perf_counter()
     record = new_record(run_id=job.run_id, scenario=job.scenario, variant=variant,
-                        device=job.device, method=job.method)
-    record["variant"]["index"] = job.index
+                        device=job.device, method=job.method, index=job.index)
     reason = _preflight(job)
     simulate, parallel = job.device == "simulate", variant.parallel
     if parallel is not None and not simulate and "RANK" in os.environ:
         job = _as_rank(job, int(os.environ["RANK"]), join=reason is None)
-        record["device"] = job.device
+        record.device = job.device
     if job.device == "cuda" and reason is None:
         job = dataclasses.replace(job, device=f"cuda:{torch.cuda.current_device()}")
-        record["device"] = job.device
-    record["env"] = collect_env(job.device if job.device.startswith("cuda") and
+        record.device = job.device
+    record.env = collect_env(job.device if job.device.startswith("cuda") and
                                 torch.cuda.is_available() else "cpu")
     if reason is not None:
-        record.update(status="unsupported", error=reason)
+        record.status, record.error = "unsupported", reason
         write_record(job.result, record)
-        return record["status"]
+        return record.status
     if parallel is not None and simulate:
         return _simulate_ranks(job, record, started)
     try:
@@ -86,7 +85,7 @@ def run_variant(job: Job) -> str:
     finally:
         parallel_training.leave()  # if this is a rank
     write_record(job.result, record)
-    return record["status"]
+    return record.status
 
 
 def _preflight(job: Job) -> str | None:
@@ -135,19 +134,19 @@ def rank_record_path(result_path: Path, rank: int) -> Path:
     return result_path.with_name(f"{result_path.stem}.rank{rank}.json")
 
 
-def _simulate_ranks(job: Job, record: dict, started: float) -> str:
+def _simulate_ranks(job: Job, record: Record, started: float) -> str:
     import torch
 
     from harness.parallel import simulate_ranks
 
     merged = simulate_ranks(job, record, lambda rank_job, rank_record: _run_measured(
         rank_job, rank_record, torch.device("cpu"), started))
-    merged["timing"]["wall_s"] = round(time.perf_counter() - started, 3)
+    merged.timing.wall_s = round(time.perf_counter() - started, 3)
     write_record(job.result, merged)
-    return merged["status"]
+    return merged.status
 
 
-def _run_measured(job: Job, record: dict, torch_device, started: float) -> None:
+def _run_measured(job: Job, record: Record, torch_device, started: float) -> None:
     """Build and train the variant under this device's probe; fill `record`'s results."""
     from harness.depth import NotExtrapolated, layers_to_extrapolate, simulate_deep
     from harness.models import beyond_positions, resolve_config
@@ -192,19 +191,20 @@ def _run_measured(job: Job, record: dict, torch_device, started: float) -> None:
             write(snapshot_path, probe.snapshot)
     memory["snapshot_file"] = snapshot_path.name if snapshot_path and snapshot_path.is_file() \
         else None
-    record.update(outcome)
+    record.status, record.error = outcome["status"], outcome["error"]
     positions = beyond_positions(source, variant.train.seq_len, scenario.model.trust_remote_code)
-    record["notes"] = [n for n in (positions, sim_note) if n] + notes
-    record["memory"] = {**memory, "rank": None, "ranks": None, "imbalance": None}  # one process
-    record["model"]["quantized_params"] = result.quantized_params
-    record["model"].update(params_total=result.params_total or None,
-                           params_trainable=result.params_trainable if result.params_total else None)
-    for use in record["variant"]["techniques"]:
+    record.notes = [n for n in (positions, sim_note) if n] + notes
+    record.memory = Memory.of(memory)  # one process: no rank, ranks or imbalance
+    record.model.quantized_params = result.quantized_params
+    record.model.params_total = result.params_total or None
+    record.model.params_trainable = result.params_trainable if result.params_total else None
+    for use in record.variant.techniques:
         use["args"].update(result.resolved.get(use["name"], {}))
     # Fake ops take no device time: a simulated step time would be the simulator's own.
-    record["timing"] = {**(timing(result, train) if not simulate else
-                           {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": None}),
-                        "wall_s": round(time.perf_counter() - started, 3)}
+    record.timing = Timing(**(timing(result, train) if not simulate else
+                              {"step_time_s_median": None, "tokens_per_s": None,
+                               "warmup_s": None}),
+                           wall_s=round(time.perf_counter() - started, 3))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ def grid(tmp_path_factory):
             result = folder / f"{name}.{v['name']}.json"
             run_variant(Job.make(scenario, scenario.variant(v["name"]), RunOptions("simulate"),
                                  run_id="test", result=result))
-            got[model, v["name"]] = (estimate_record(scenario, scenario.variant(v["name"]), "test"),
+            got[model, v["name"]] = (estimate_record(scenario, scenario.variant(v["name"]),
+                                                     "test").as_dict(),
                                      read_record(result))
     return got
 
@@ -129,7 +130,7 @@ def test_the_guides_worked_example_counts_gradients_and_peaks_without_activation
     from harness.scenario import load_scenario
 
     scenario = load_scenario("guide_mistral_fp16")
-    got = {v.name: estimate_record(scenario, v, "test") for v in scenario.variants}
+    got = {v.name: estimate_record(scenario, v, "test").as_dict() for v in scenario.variants}
     guide = got["guide"]["memory"]
     terms = guide["terms_bytes"]
     params = got["guide"]["model"]["params_total"]
@@ -180,7 +181,7 @@ def test_the_cuda_target_adds_what_cuda_kernels_allocate_in_both_methods(tmp_pat
                              run_id="test", result=out))
         sim = read_record(out)
         assert sim["memory"]["target"] == target
-        est = estimate_record(scenario, variant, "test", target=target)
+        est = estimate_record(scenario, variant, "test", target=target).as_dict()
         peaks[target] = sim["memory"]["peak_allocated_bytes"], est["memory"]["peak_allocated_bytes"]
         assert est["memory"]["peak_allocated_bytes"] == pytest.approx(
             sim["memory"]["peak_allocated_bytes"], rel=0.05)

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from harness.compare import Threshold, compare_records
-from harness.record import SCHEMA_VERSION, RecordError, check_record, read_record, write_record
+from harness.record import (
+    SCHEMA_VERSION,
+    Memory,
+    Record,
+    RecordError,
+    check_record,
+    read_record,
+    write_record,
+)
 from tests.conftest import REPO
 
 COMMITTED = sorted(p for p in (REPO / "results").glob("*/*/*.json")
@@ -29,6 +37,16 @@ def test_every_committed_record_loads_at_this_schema():
         record = read_record(path)
         assert record["schema_version"] == SCHEMA_VERSION, path
         assert "cublas_workspace_config" in record["env"], path
+        # As the dataclasses and back, nothing lost (a probe's extras stay inline in memory);
+        # optional keys an older record lacks come back null.
+        again = Record.of(record).as_dict()
+        assert again.keys() == record.keys(), path
+        for key, part in again.items():
+            if isinstance(part, dict) and isinstance(record[key], dict):
+                assert {k: part[k] for k in record[key]} == record[key], (path, key)
+                assert all(part[k] is None for k in part.keys() - record[key].keys()), (path, key)
+            else:
+                assert part == record[key], (path, key)
 
 
 def test_a_schema_1_record_is_upgraded_to_what_a_new_one_holds(tmp_path):
@@ -39,8 +57,8 @@ def test_a_schema_1_record_is_upgraded_to_what_a_new_one_holds(tmp_path):
     assert new["parallel"] is None and new["sweep_point"] is None
     assert new["env"]["cublas_workspace_config"] is None  # not said then: unknown, null
     assert new["memory"] == old["memory"] and new["train"] == old["train"]  # figures as written
-    write_record(tmp_path / "r.json", new)
-    assert read_record(tmp_path / "r.json") == new
+    write_record(tmp_path / "r.json", Record.of(new))
+    assert read_record(tmp_path / "r.json") == Record.of(new).as_dict()  # optional keys: null
 
 
 @pytest.mark.parametrize("change, says", [
@@ -60,8 +78,17 @@ def test_a_record_off_the_schema_is_refused_naming_the_key(change, says, tmp_pat
     broken = copy.deepcopy(record)
     change(broken)
     with pytest.raises(RecordError, match=says.replace(".", r"\.").replace("(", r"\(")):
-        write_record(tmp_path / "r.json", broken)
+        write_record(tmp_path / "r.json", Record.of(broken))
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_memory_part_is_built_from_its_fields_and_keeps_a_probe_s_extras():
+    _, record = _record()
+    memory = Memory.of({**record["memory"], "a_probe_figure": 12})
+    assert memory.extras == {"a_probe_figure": 12}
+    assert memory.breakdown_bytes == record["memory"]["breakdown_bytes"]
+    with pytest.raises(RecordError, match="phases"):
+        Memory.of({k: v for k, v in record["memory"].items() if k != "phases"})
 
 
 def test_device_extras_are_allowed_in_memory_and_type_checked_where_known():
