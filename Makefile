@@ -25,7 +25,7 @@ setup:  ## create .venv and install everything (CUDA torch where nvidia-smi work
 test:  ## every test, two workers, a file each, one thread per process (CI; GPU tests skip)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-test-fast:  ## in-process tests only: committed records, tiny models, no CLI process (< 1 min)
+test-fast:  ## in-process tests only: committed records, tiny models, no worker process (< 1 min)
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-gpu:  ## run only the GPU tests

@@ -201,8 +201,10 @@ def _start_worker(argv: list[str], log: Path, *, fork: bool) -> _Worker:
         context.set_forkserver_preload(_PRELOAD)
         from harness.worker import forked_main
 
-        proc = context.Process(target=forked_main, args=(argv, str(log), os.getpid()),
-                               daemon=False)
+        # The fork server's environment and folder are those it started with: the worker
+        # takes the CLI's own, as a fresh process would.
+        proc = context.Process(target=forked_main, daemon=False,
+                               args=(argv, str(log), os.getpid(), dict(os.environ), os.getcwd()))
         proc.start()
         return _Worker(proc)
     with open(log, "w") as log_file:

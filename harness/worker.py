@@ -215,14 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def forked_main(argv: list[str], log_path: str, cli_pid: int) -> None:
+def forked_main(argv: list[str], log_path: str, cli_pid: int, environ: dict[str, str],
+                cwd: str) -> None:
     """Entry of a worker forked from the runner's fork server: what a fresh
-    `python -m harness.worker` gets from its command line — its own session, output to its
-    log — and an end when the CLI that asked for it ends, however it ends."""
+    `python -m harness.worker` gets from its command line — the CLI's environment and folder,
+    its own session, output to its log — and an end when the CLI that asked for it ends,
+    however it ends."""
     import faulthandler
 
     from harness.runner import exit_with
 
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.setsid()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)

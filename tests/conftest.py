@@ -1,5 +1,6 @@
-"""Shared fixtures: scenarios written in tmp folders, the CLI run as a user runs it (`harness`,
-a process: slow) or in this process (`cli`: fast, for verbs that start no worker).
+"""Shared fixtures: scenarios written in tmp folders, the CLI run as a user runs it (`harness`:
+its workers are processes, forked from one fork server per test process; slow) or in this
+process (`cli`: fast, for verbs that start no worker).
 
 Two tiers: a test that starts the CLI or a worker process, or trains beyond a tiny model, is
 marked `slow`; `make test-fast` runs the rest (`-m "not slow and not gpu"`), `make test` all."""
@@ -52,10 +53,48 @@ def write_scenario(folder: Path, name: str, variants: list[dict], *, train: dict
     return path
 
 
-def harness(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                          **kwargs)
+def harness(*args: str, process: bool = False, timeout: float = 600,
+            **kwargs) -> subprocess.CompletedProcess:
+    """`harness <args>` as a user runs it, answered as a finished process is (exit code, stdout,
+    stderr). By default the CLI's `main` runs in this process: its workers fork, as they do
+    for a user, from one fork server that later calls reuse (they take this process's
+    environment and folder, as a fresh worker would), so a call costs what it runs rather
+    than two imports of torch, transformers and PEFT. `process=True` (or any subprocess
+    option) starts `python -m harness` instead: for what only a process shows — its exit
+    status, what reaches its real stderr, imports, signals."""
+    if process or kwargs:
+        return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+    return _in_process(list(args))
+
+
+def _in_process(args: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import signal
+    import traceback
+
+    from harness import cli as entry
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = entry.main(args)
+            except SystemExit as e:  # argparse's own refusals
+                code = e.code
+            except Exception:  # what a process would print before exiting with 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(cwd)
+        for s, handler in handlers.items():  # main() installs its own for a run's clean stop
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(["harness", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

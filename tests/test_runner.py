@@ -147,3 +147,25 @@ def test_what_this_machine_cannot_run_is_an_unsupported_result(tmp_path):
         record = records(Path(last_json(proc.stdout)["run_dir"]))["full"]
         assert record["status"] == "unsupported" and record["method"] == "measured-cuda"
         assert "CUDA" in record["error"]
+
+
+def test_a_forked_worker_takes_the_environment_the_cli_has_now(tmp_path, monkeypatch):
+    """Workers fork from a fork server started once (and, here, reused across runs): each must
+    see the CLI's environment of its own run, not the server's — CUBLAS_WORKSPACE_CONFIG sizes
+    the simulated cuBLAS workspaces, two handles of them."""
+    from harness.estimate import HOPPER_CUBLAS_WORKSPACE
+
+    path = write_scenario(tmp_path, "env", [{"name": "bf16", "techniques": ["bf16"]}])
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    got = {}
+    for config in (None, ":4096:2:16:8"):
+        if config:
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", config)
+        proc = harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / "out"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got[config] = records(Path(last_json(proc.stdout)["run_dir"]))["bf16"]
+        assert got[config]["env"]["cublas_workspace_config"] == config
+    before_sm90 = 4096 * 1024 * 2 + 16 * 1024 * 8
+    assert (got[None]["memory"]["peak_allocated_bytes"] -
+            got[":4096:2:16:8"]["memory"]["peak_allocated_bytes"]) == \
+        2 * (HOPPER_CUBLAS_WORKSPACE - before_sm90)
