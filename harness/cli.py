@@ -12,8 +12,10 @@ import json
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from harness import gpus as _gpus
 from harness.fit import VARIED
 from harness.units import parse_size
 
@@ -257,6 +259,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from harness.scenario import list_scenarios
     from harness.techniques import REGISTRY
 
+    if args.what == "gpus":
+        print(_gpu_listing())
+        return 0
     print("scenarios:")
     for path in list_scenarios():
         print(_listing(path))
@@ -266,7 +271,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print("models (scenarios/models):")
     for path in sorted(MODEL_DIR.glob("*.json")):
         print(f"  {path.stem}")
+    print("gpus (harness ls gpus: their figures and sources):")
+    print("  " + " ".join(_gpus.PRESETS))
     return 0
+
+
+def _gpu_listing() -> str:
+    """Every preset: the driver's total, what a training process can use, and the sources."""
+    rows = [f"GPU presets (--gpu NAME, or a size such as 24GiB). Usable: the total less the "
+            f"driver's share and a CUDA context of {_gpus.CONTEXT_BYTES / 2**20:.0f} MiB; "
+            f"'fits' leaves at least the headroom (default {_gpus.HEADROOM_BYTES / 2**30:g} "
+            "GiB). See harness/gpus.py.", "",
+            "| gpu | card | total bytes | total GiB | driver GiB | usable GiB | source |",
+            "|:--|:--|--:|--:|--:|--:|:--|"]
+    for g in _gpus.PRESETS.values():
+        source = g.source + (f"; CUDA's total: {g.cuda_source}" if g.cuda_source else
+                             "; driver share: the default")
+        rows.append(f"| {g.name} | {g.label} | {g.total_bytes} | {g.total_bytes / 2**30:.2f} | "
+                    f"{g.driver_reserve_bytes / 2**30:.2f} | {g.usable_bytes() / 2**30:.2f} | "
+                    f"{source} |")
+    return "\n".join(rows)
 
 
 def _listing(path: Path) -> str:
@@ -294,10 +318,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from harness.runner import run_scenario, start_fork_server
     from harness.scenario import load_scenario
 
-    try:
-        budget = parse_size(args.gpu_memory)
-    except ValueError as e:
-        raise BadInput(f"--gpu-memory: {e}") from None
+    target = "cpu" if args.device == "cpu" or args.target == "cpu" else "cuda"
+    if args.gpu is not None:
+        try:
+            gpu = _gpus.card(args.gpu)
+        except _gpus.UnknownGpu as e:
+            raise BadInput(f"--gpu: {e}") from None
+        budget, within = gpu.usable_bytes(target), f"{gpu.name} ({_gb(gpu.usable_bytes(target))} usable)"
+    else:
+        try:
+            budget = parse_size(args.gpu_memory)
+        except ValueError as e:
+            raise BadInput(f"--gpu-memory: {e}") from None
+        within = args.gpu_memory
     if args.multiple_of < 1 or args.max < args.multiple_of:
         raise BadInput(f"--multiple-of {args.multiple_of} / --max {args.max}: need "
                        "1 ≤ multiple-of ≤ max")
@@ -313,7 +346,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     run_id = new_run_id()
     run_dir = Path(args.out) / scenario.name / f"{run_id}-fit"
-    _progress(f"{scenario.name}: largest {args.vary} within {args.gpu_memory}, "
+    _progress(f"{scenario.name}: largest {args.vary} within {within}, "
               f"{len(variants)} variant(s) on {device} → {run_dir}")
     # Simulated peaks are compared with the budget; real runs meet it as an OOM.
     options = RunOptions(device, budget_bytes=None if device == "simulate" else budget,
@@ -338,6 +371,151 @@ def cmd_fit(args: argparse.Namespace) -> int:
     text, data = fitting.write(results, args.vary, budget, run_dir)
     print(text)
     print(json.dumps(data))
+    return 0
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+class _Item(argparse.Action):
+    """`--technique SPEC` and its shorthands, kept in command-line order in `items`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from harness import ask
+
+        try:
+            item = ask.technique(values) if self.const is None else \
+                ask.shorthand(self.const, values) if self.nargs == "?" else self.const
+        except ask.AskError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+        namespace.items = [*(getattr(namespace, "items", None) or []), item]
+
+
+def _ask_error(e) -> str:
+    """A ScenarioError of the scenario `ask` wrote, in the words of its flags."""
+    import re
+
+    key = e.key or ""
+    flag = ("MODEL" if key.startswith("model") else
+            "--batch" if key == "train.batch_size" else "--seq" if key == "train.seq_len" else
+            "--optimizer" if key == "train.optimizer" else "")
+    match = re.match(r"variants\[0\]\.techniques\[(\d+)\]", key)
+    if match:
+        flag = f"technique #{int(match.group(1)) + 1}"
+    return f"harness ask: {flag or key or 'the question'}: {e.message}"
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """The question in one line: fits or not on each card, and the cheapest change that fits."""
+    import dataclasses
+    import tempfile
+
+    from harness import ask, report
+    from harness.job import RunOptions
+    from harness.record import new_run_id, read_record
+    from harness.runner import run_scenario, start_fork_server
+    from harness.scenario import ScenarioError, load_scenario
+    from harness.techniques import stack_label
+
+    items = getattr(args, "items", None) or []
+    try:
+        cards = [_gpus.card(g) for g in args.gpu or []]
+        headroom = parse_size(args.headroom) if args.headroom != "0" else 0
+    except (_gpus.UnknownGpu, ValueError) as e:
+        raise BadInput(f"harness ask: --gpu/--headroom: {e}") from None
+    if args.target is not None and args.device in ("cpu", "cuda"):
+        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
+    name = Path(args.save_scenario).stem if args.save_scenario else ask.scenario_name(args.model)
+    train = {k: v for k, v in (("batch_size", args.batch), ("seq_len", args.seq),
+                               ("optimizer", args.optimizer)) if v is not None}
+    train.update(steps=1, warmup_steps=1)
+
+    def load(body: dict):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.yaml"
+            ask.write_yaml(path, body)
+            return load_scenario(path)
+
+    if _forks(args.device):
+        start_fork_server()
+    body = ask.scenario_body(name, args.model, items, train)
+    try:
+        scenario = load(body)
+    except ScenarioError as e:
+        raise BadInput(_ask_error(e)) from None
+    asked = scenario.variant(ask.ASKED)
+    device = _resolve_device(args.device)
+    run_id = new_run_id()
+    run_dir = Path(args.out) / name / run_id
+    final = run_dir / f"{name}.yaml"
+    ask.write_yaml(final, body)
+    scenario = dataclasses.replace(scenario, path=final)
+    options = RunOptions(device, timeout_s=args.timeout, target=args.target or "cuda")
+    head = (f"{args.model} · {stack_label(asked.techniques, asked.train.optimizer)} · batch "
+            f"{asked.train.batch_size} × seq {asked.train.seq_len} · {device} → {run_dir}")
+    _progress(head)
+
+    def run(variants) -> None:
+        outcome = run_scenario(scenario, variants, options, run_dir=run_dir, run_id=run_id,
+                               progress=_progress)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+
+    run([asked])
+    record = read_record(run_dir / f"{ask.ASKED}.json")
+    if not cards:  # no card named: the smallest preset that fits
+        need = ask._need(record) if record["status"] == "ok" else None
+        found = _gpus.smallest_fitting(need, _gpus.target_of(record), headroom) if need else None
+        cards = [found[0]] if found else [max(_gpus.PRESETS.values(),
+                                              key=lambda g: g.total_bytes)]
+    answers = [ask.CardAnswer(g, _gpus.record_verdict(record, g, headroom)) for g in cards]
+    judged = [a for a in answers if a.verdict is not None]
+    probes: dict[tuple[str, int], dict] = {}
+
+    def probe(key: str) -> Callable[[int], dict]:
+        def at(value: int) -> dict:
+            if (key, value) not in probes:
+                job = scenario.at_point(ask.ASKED, {key: value})
+                run([job])
+                probes[key, value] = read_record(run_dir / f"{job.name}.json")
+            return probes[key, value]
+        return at
+
+    if any(a.verdict.verdict == "no" for a in judged):
+        tried = []
+        for change in ask.changes(items, asked.train.optimizer):
+            candidate = ask.scenario_body(name, args.model, items, train, [
+                body["variants"][0], {"name": change.variant, "techniques": change.techniques,
+                                      **({"train": change.train} if change.train else {})}])
+            try:
+                variant = load(candidate).variant(change.variant)
+            except ScenarioError:
+                continue  # a change this stack cannot take (a conflict): not a suggestion
+            body["variants"].append(candidate["variants"][1])
+            tried.append((change, variant))
+        ask.write_yaml(final, body)
+        scenario = dataclasses.replace(load(body), path=final)
+        run([scenario.variant(c.variant) for c, _ in tried])
+        records = [(c, read_record(run_dir / f"{c.variant}.json")) for c, _ in tried]
+        for a in judged:
+            if a.verdict.verdict != "no":
+                continue
+            a.suggestion = ask.best_change(records, a.gpu, headroom)
+            if asked.train.batch_size > 1:
+                a.smaller_batch = ask.largest_fitting(
+                    probe("batch_size"), asked.train.batch_size - 1, a.gpu,
+                    _gpus.target_of(record), headroom, asked.train.batch_size - 1)
+    if args.vary:
+        for a in judged:
+            a.largest = ask.largest_fitting(probe(args.vary), getattr(asked.train, args.vary),
+                                            a.gpu, _gpus.target_of(record), headroom, args.max)
+    if args.save_scenario:
+        ask.write_yaml(Path(args.save_scenario), body)
+    report.write_summary(run_dir)
+    print("\n".join(ask.summary_lines(head, record, judged, args.vary)))
+    print(json.dumps(ask.answer_json(run_dir, Path(args.save_scenario or final), record, judged,
+                                     args.vary)))
     return 0
 
 
@@ -471,8 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="the largest batch size or sequence length that fits a GPU's "
                          "memory, per variant (bisection over runs)")
     _flag(fit, "scenario")
-    fit.add_argument("--gpu-memory", required=True, metavar="SIZE",
-                     help="the card's memory, e.g. 24GiB (what the reserved peak must fit)")
+    card = fit.add_mutually_exclusive_group(required=True)
+    card.add_argument("--gpu", metavar="NAME",
+                      help="a GPU preset (harness ls gpus): its usable memory, the driver's "
+                           "share and the CUDA context taken off, is the budget")
+    card.add_argument("--gpu-memory", metavar="SIZE",
+                      help="the memory a run may use, e.g. 23GiB (nothing taken off)")
     fit.add_argument("--vary", required=True, choices=VARIED)
     _flag(fit, "--variant")
     _flag(fit, "--device", help="as for run: auto is cuda if available, else simulate")
@@ -485,6 +667,44 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(fit, "--target", help="simulate: see run --target")
     _flag(fit, "--timeout", help="per-probe wall-clock limit (default 3600)")
     fit.set_defaults(fn=cmd_fit)
+
+    ask = sub.add_parser("ask", help="one question as flags: does MODEL with these techniques "
+                         "fit on these GPUs, with how much left, and what change would make it")
+    ask.add_argument("model", metavar="MODEL",
+                     help="as model.config is: a name under scenarios/models, a config path or "
+                          "a hub id")
+    ask.add_argument("--technique", action=_Item, metavar="SPEC",
+                     help="repeatable; one item of a scenario's technique list: a name, or "
+                          "'name: {key: value}' (YAML flow style)")
+    for flag, tech, kind in (("--lora", "lora", "?"), ("--qlora", "qlora", "?"),
+                             ("--gc", "gradient_checkpointing", 0), ("--bf16", "bf16", 0),
+                             ("--chunked-nll", "chunked_nll", 0)):
+        if kind == "?":
+            ask.add_argument(flag, action=_Item, nargs="?", const=tech, metavar="ARGS",
+                             help=f"{tech}, with ARGS as key=value pairs and target modules "
+                                  "(e.g. r=16,all-linear)")
+        else:
+            ask.add_argument(flag, action=_Item, nargs=0, const=tech, help=tech)
+    ask.add_argument("--batch", type=int, metavar="N", help="micro-batch size")
+    ask.add_argument("--seq", type=int, metavar="N", help="sequence length")
+    ask.add_argument("--optimizer", help="as train.optimizer (default adamw)")
+    ask.add_argument("--gpu", action="append", metavar="NAME",
+                     help="repeatable: a preset (harness ls gpus) or a size such as 24GiB; "
+                          "default: the smallest preset that fits")
+    ask.add_argument("--headroom", default="1GiB", metavar="SIZE",
+                     help="what must be left for 'fits' (less is 'tight'); default 1GiB")
+    ask.add_argument("--vary", choices=VARIED, help="also the largest value that fits each card")
+    ask.add_argument("--max", type=int, default=2**16, metavar="N",
+                     help="with --vary: the largest value tried (default 65536)")
+    ask.add_argument("--save-scenario", metavar="FILE",
+                     help="write the scenario that ran (its name: FILE's stem) to rerun, sweep "
+                          "or gate the answer")
+    _flag(ask, "--device", help="auto: measured on CUDA if there is one, else simulated")
+    _flag(ask, "--target", help="simulate: see run --target")
+    _flag(ask, "--out", default="results/_scratch",
+          help="records go to OUT/<scenario>/<run id> (default: ./results/_scratch)")
+    _flag(ask, "--timeout")
+    ask.set_defaults(fn=cmd_ask, items=[])
 
     hist = sub.add_parser("history", help="every record under results/ over time: each variant's "
                           "peak per run, with what changed (commit, libraries, GPU), and a plot")
@@ -513,7 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("scenarios", nargs="*", metavar="SCENARIO")
     validate.set_defaults(fn=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list scenarios, techniques and model configs")
+    ls = sub.add_parser("ls", help="list scenarios, techniques and model configs (ls gpus: the "
+                        "GPU presets, their memory and what a process can use of it)")
+    ls.add_argument("what", nargs="?", choices=("gpus",), help="gpus: the GPU presets only")
     ls.set_defaults(fn=cmd_ls)
 
     plot = sub.add_parser("plot", help="PNGs of a run folder (breakdown per variant; peak against "

@@ -2,8 +2,11 @@
 found by bisection over runs — simulated without a GPU, real with the OOM caught on CUDA (and on
 CPU under the tracked-bytes budget).
 
-A value fits when its run ends `ok` and what a card must hold — the reserved peak where it is
-known (CUDA, simulation), else the allocated peak — is within `--gpu-memory`. The search starts
+A value fits when its run ends `ok` and what a card must hold (gpus.py's rule: the reserved peak
+where it is known, CUDA or simulation, else the allocated peak, plus the fragmentation margin
+for a CUDA target) is within the usable memory: `--gpu NAME`'s (the preset's total less the
+driver's share and the CUDA context) or `--gpu-memory SIZE` as given. A largest value that
+leaves less than the headroom is marked tight. The search starts
 at the scenario's value, doubles (or halves) until the answer is bracketed, then bisects; each
 probe is a record of its own (`<variant>@batch_size=8.json`, a sweep point), so the bracket's
 two ends can be read like any run. It assumes memory grows with the value, which it does for
@@ -18,16 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.units import unit_for
+from harness import gpus
+from harness.units import GIB, unit_for
 
 VARIED = ("batch_size", "seq_len")
 
 
 def need_bytes(record: dict) -> int | None:
-    """What a card must hold for this run: reserved where known, else allocated."""
+    """What a card must hold for this run (gpus.need_bytes)."""
     memory = record.get("memory") or {}
-    reserved = memory.get("peak_reserved_bytes")
-    return reserved if reserved is not None else memory.get("peak_allocated_bytes")
+    return gpus.need_bytes(memory.get("peak_allocated_bytes"), memory.get("peak_reserved_bytes"),
+                           gpus.target_of(record))
 
 
 def fits(record: dict, budget: int) -> bool:
@@ -91,7 +95,8 @@ def search(probe: Callable[[int], dict], start: int, budget: int, multiple: int 
     return fit
 
 
-def table(fits_: list[Fit], key: str, budget: int) -> str:
+def table(fits_: list[Fit], key: str, budget: int,
+          headroom: int = gpus.HEADROOM_BYTES) -> str:
     unit, scale = unit_for(budget)
 
     def peak(record: dict | None) -> str:
@@ -104,13 +109,23 @@ def table(fits_: list[Fit], key: str, budget: int) -> str:
         return f"{memory['peak_allocated_bytes'] / scale:.3f}" + (
             f" ({reserved / scale:.3f})" if reserved is not None else "")
 
-    lines = [f"largest {key} within {budget / scale:.2f} {unit} (reserved where known, else "
-             f"allocated); peaks in {unit}, allocated (reserved)", "",
-             f"| variant | largest {key} | its peak | first that does not fit | its peak | probes |",
-             "|:--|--:|--:|--:|--:|:--|"]
+    def left(record: dict | None) -> str:
+        need = need_bytes(record) if record is not None else None
+        if need is None:
+            return "—"
+        room = budget - need
+        return f"{room / scale:.2f}" + (" tight" if room < headroom else "")
+
+    lines = [f"largest {key} within {budget / scale:.2f} {unit} usable (what a card must hold: "
+             f"reserved where known, else allocated, + {gpus.FRAGMENTATION:.0%} for CUDA); "
+             f"peaks in {unit}, allocated (reserved); tight: less than "
+             f"{headroom / GIB:g} GiB left", "",
+             f"| variant | largest {key} | its peak | left | first that does not fit | "
+             "its peak | probes |",
+             "|:--|--:|--:|--:|--:|--:|:--|"]
     for f in fits_:
         lines.append(f"| {f.variant} | {f.largest if f.largest is not None else 'none'} | "
-                     f"{peak(f.largest_record)} | "
+                     f"{peak(f.largest_record)} | {left(f.largest_record)} | "
                      f"{f.first_failing if f.first_failing is not None else '— (fits at --max)'} | "
                      f"{peak(f.failing_record)} | {' '.join(map(str, f.probes))} |")
     return "\n".join(lines) + "\n"
@@ -121,6 +136,8 @@ def summary(fits_: list[Fit], key: str, budget: int, run_dir: Path) -> dict[str,
             "variants": {f.variant: {
                 "largest": f.largest, "largest_need_bytes": need_bytes(f.largest_record)
                 if f.largest_record else None,
+                "largest_left_bytes": budget - need_bytes(f.largest_record)
+                if f.largest_record and need_bytes(f.largest_record) is not None else None,
                 "first_failing": f.first_failing,
                 "first_failing_status": f.failing_record["status"] if f.failing_record else None,
                 "first_failing_need_bytes": need_bytes(f.failing_record)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report import BREAKDOWN, CARDS_GB, _unit, load_results_in
+from harness.gpus import PRESETS
+from harness.report import BREAKDOWN, _unit, load_results_in
 
 COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868",
            "activations": "#c44e52", "other": "#8172b3", "unattributed": "#937860"}
@@ -52,9 +53,9 @@ def breakdown_png(frame: pd.DataFrame, path: Path) -> dict[str, dict[str, float]
                    color="black", zorder=3, label="reserved")
     top = max(bottom + [v for _, v in reserved], default=0)
     if unit == "GiB":
-        for card in CARDS_GB:  # the cards the bars reach, and the next one up
+        for name, card in _cards():  # the cards the bars reach, and the next one up
             ax.axhline(card, color="grey", linestyle=":", linewidth=1)
-            ax.text(len(labels) - 0.5, card, f"{card} GB", va="bottom", ha="right",
+            ax.text(len(labels) - 0.5, card, f"{name} (usable)", va="bottom", ha="right",
                     fontsize=8, color="grey")
             if card >= top:
                 break
@@ -69,6 +70,15 @@ def breakdown_png(frame: pd.DataFrame, path: Path) -> dict[str, dict[str, float]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
+
+
+PLOT_CARDS = ("rtx4090", "l40s", "a100-80", "h200")  # the lines drawn across the bars
+
+
+def _cards() -> list[tuple[str, float]]:
+    """(preset, usable GiB) of the cards drawn, smallest first."""
+    return sorted(((n, PRESETS[n].usable_bytes() / 2**30) for n in PLOT_CARDS),
+                  key=lambda c: c[1])
 
 
 def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, float]]]:
@@ -100,7 +110,7 @@ def sweep_png(frame: pd.DataFrame, path: Path) -> dict[str, list[tuple[float, fl
                     color=line.get_color(), linewidth=1)
     if unit == "GiB":
         top = ok["peak_allocated_bytes"].max() / scale
-        for card in CARDS_GB:
+        for _, card in _cards():
             ax.axhline(card, color="grey", linestyle=":", linewidth=1)
             if card >= top:
                 break

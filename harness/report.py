@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness import gpus
 from harness.compare import record_key
 from harness.record import read_record
 from harness.scenario import point_label
@@ -66,6 +67,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "peak_allocated_bytes": memory.get("peak_allocated_bytes"),
         "peak_reserved_bytes": memory.get("peak_reserved_bytes"),
         "peak_phase": memory.get("peak_phase"),
+        "target": gpus.target_of(record),  # what device the figures are for: cuda or cpu
         **{f"{name}_peak_allocated_bytes": (phases.get(name) or {}).get("peak_allocated_bytes")
            for name in PHASE_NAMES},
         **{f"{k}_bytes": breakdown.get(k) for k in BREAKDOWN},
@@ -131,34 +133,34 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
         previous[index] = peak[index].shift(1).where(ok[index].shift(1, fill_value=False))
     table["vs_previous_pct"] = (peak / previous - 1) * 100
     table.loc[~ok, ["vs_baseline_pct", "vs_previous_pct"]] = pd.NA
-    # What a card must hold: the reserved peak where known (CUDA), else the allocated peak.
-    table["fits_need_bytes"] = table["peak_reserved_bytes"].fillna(table["peak_allocated_bytes"])
-    fits = [fits_on(n) if good else (None, None)
-            for n, good in zip(table["fits_need_bytes"], ok, strict=True)]
-    table["fits_on_gb"] = pd.array([f[0] for f in fits], dtype="Int64")
-    table["fits_margin_bytes"] = pd.array([f[1] for f in fits], dtype="Int64")
+    # What a card must hold, by the one rule (gpus.py): reserved where known, else allocated
+    # plus the fragmentation margin; the smallest preset it fits with the headroom to spare.
+    need = [gpus.need_bytes(None if pd.isna(a) else int(a), None if pd.isna(r) else int(r), t)
+            if good else None for a, r, t, good in zip(
+                table["peak_allocated_bytes"], table["peak_reserved_bytes"], table["target"], ok,
+                strict=True)]
+    fits = [fits_on(n, t) for n, t in zip(need, table["target"], strict=True)]
+    table["fits_need_bytes"] = pd.array(need, dtype="Int64")
+    table["fits_on"] = pd.array([f[0] for f in fits], dtype="string")
+    table["fits_left_bytes"] = pd.array([f[1] for f in fits], dtype="Int64")
     return table
 
 
-CARDS_GB = (24, 40, 48, 80, 141)  # common GPU memory sizes, as sold (GiB on the device)
-
-
-def fits_on(need_bytes) -> tuple[int | None, int | None]:
-    """The smallest common card whose memory holds `need_bytes`, and what is left on it."""
-    if pd.isna(need_bytes):
+def fits_on(need_bytes: int | None, target: str = "cuda") -> tuple[str | None, int | None]:
+    """The preset with the least usable memory that `need_bytes` fits (gpus.verdict: with the
+    default headroom left), and what is left on it."""
+    if need_bytes is None:
         return None, None
-    for card in CARDS_GB:
-        if need_bytes <= card * GIB:
-            return card, int(card * GIB - need_bytes)
-    return None, None
+    found = gpus.smallest_fitting(need_bytes, target)
+    return (found[0].name, found[1].left_bytes) if found else (None, None)
 
 
 def _fits_text(r) -> str:
     if r["status"] != "ok" or pd.isna(r["fits_need_bytes"]):
         return "—"
-    if pd.isna(r["fits_on_gb"]):
-        return f"none of {'/'.join(map(str, CARDS_GB))} GB"
-    return f"{int(r['fits_on_gb'])} GB (+{r['fits_margin_bytes'] / GIB:.1f})"
+    if pd.isna(r["fits_on"]):
+        return "none of the presets"
+    return f"{r['fits_on']} (+{r['fits_left_bytes'] / GIB:.1f})"
 
 
 def header_line(frame: pd.DataFrame) -> str:
@@ -212,8 +214,10 @@ def markdown(table: pd.DataFrame) -> str:
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
     notes = [f"- `{r['job']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
              for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
-    fits = (" Fits on: the smallest common card whose memory holds the peak (reserved where "
-            "known, else allocated; the CUDA context comes on top)." if unit == "GiB" else "")
+    fits = (" Fits on: the GPU preset with the least usable memory (harness ls gpus: the "
+            "driver's share and a CUDA context taken off) that holds the peak — reserved where "
+            f"known, else allocated + {gpus.FRAGMENTATION:.0%} — with "
+            f"{gpus.HEADROOM_BYTES / GIB:g} GiB left." if unit == "GiB" else "")
     ranks = (" A parallel row's figures are its busiest rank's (the highest peak; every rank's "
              "are in the record's memory.ranks), its shares of params, grads and optimizer "
              "state that rank's shards; imbalance: the highest rank peak over the ranks' mean."
@@ -230,8 +234,8 @@ CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", 
                "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",
                "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],
                "params_trainable", "params_total", "step_time_s_median", "tokens_per_s",
-               "fits_on_gb", "fits_margin_bytes", "peak_phase", "device", "method", "run_id",
-               "error"]
+               "fits_need_bytes", "fits_on", "fits_left_bytes", "peak_phase", "device", "method",
+               "run_id", "error"]
 
 
 def write_summary(run_dir: str | Path) -> str:

@@ -70,7 +70,29 @@ def test_simulated_fit_judges_the_reserved_peak(tmp_path):
     assert lora["largest_need_bytes"] == at["peak_reserved_bytes"]
 
 
+@pytest.mark.slow
+def test_a_gpu_preset_is_its_usable_memory_and_a_thin_margin_says_tight(tmp_path):
+    """`--gpu a10g`: the budget is the preset's usable memory (driver's share and CUDA context
+    taken off), and the table says how much the largest value leaves — tight under 1 GiB."""
+    from harness.gpus import PRESETS
+
+    path = scenario(tmp_path, "preset")
+    got = run("fit", str(path), "--gpu", "a10g", "--vary", "batch_size", "--device", "simulate",
+              "--max", "4", "--out", str(tmp_path / "fit"))
+    usable = PRESETS["a10g"].usable_bytes("cuda")
+    assert got["gpu_memory_bytes"] == usable < PRESETS["a10g"].total_bytes
+    lora = got["variants"]["lora"]
+    assert lora["largest"] == 4 and lora["largest_left_bytes"] == usable - lora["largest_need_bytes"]
+    table = (Path(got["run_dir"]) / "fit.md").read_text()
+    assert "| left |" in table and "tight" not in table.split("\n", 3)[-1]  # GiB to spare
+    tight = run("fit", str(path), "--gpu-memory", "120MiB", "--vary", "batch_size", "--device",
+                "simulate", "--max", "4", "--out", str(tmp_path / "fit"))
+    assert tight["variants"]["lora"]["largest_left_bytes"] < 2**30
+    assert " tight |" in (Path(tight["run_dir"]) / "fit.md").read_text()
+
+
 @pytest.mark.parametrize("args, says", [
+    (["--gpu", "a10", "--vary", "batch_size"], "did you mean 'a10g'"),
     (["--gpu-memory", "lots", "--vary", "batch_size"], "--gpu-memory"),
     (["--gpu-memory", "1GiB", "--vary", "batch_size", "--multiple-of", "0"], "--multiple-of"),
     (["--gpu-memory", "1GiB", "--vary", "batch_size", "--variant", "lroa"], "did you mean 'lora'"),

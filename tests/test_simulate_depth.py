@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.report import CARDS_GB, fits_on
+from harness.gpus import HEADROOM_BYTES, smallest_fitting
 from tests.conftest import REPO, harness, last_json, records, write_scenario
 
 LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj",
@@ -35,14 +35,9 @@ def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path)
     assert memory["peak_allocated_bytes"] <= memory["peak_reserved_bytes"] \
         < 1.1 * memory["peak_allocated_bytes"]
     need = memory["peak_reserved_bytes"]  # what the card must hold
-    card = next(c for c in CARDS_GB if need <= c * 2**30)
-    assert f"| {card} GB (+{(card * 2**30 - need) / 2**30:.1f})" in proc.stdout
-
-
-def test_fits_on_picks_the_smallest_card_that_holds_the_peak():
-    assert fits_on(24 * 2**30) == (24, 0)
-    assert fits_on(24 * 2**30 + 1) == (40, 16 * 2**30 - 1)
-    assert fits_on(142 * 2**30) == (None, None)
+    gpu, verdict = smallest_fitting(need)
+    assert verdict.left_bytes >= HEADROOM_BYTES and verdict.need_bytes == need
+    assert f"| {gpu.name} (+{verdict.left_bytes / 2**30:.1f})" in proc.stdout
 
 
 @pytest.mark.slow
