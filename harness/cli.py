@@ -19,8 +19,8 @@ from harness import gpus as _gpus
 from harness.fit import VARIED
 from harness.units import parse_size
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "_scratch"
-REPO_RESULTS = DEFAULT_OUT.parent  # the committed reference runs
+DEFAULT_OUT = Path("results") / "_scratch"  # of the folder the user stands in
+REPO_RESULTS = Path(__file__).resolve().parent.parent / "results"  # the committed reference runs
 
 
 class BadInput(Exception):
@@ -93,8 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_scenario(scenario, variants, options, run_dir=run_dir, run_id=run_id,
                            progress=_progress)
     _plot(run_dir)
-    text = report.write_summary(run_dir)
-    print(text)
+    print(report.write_summary(run_dir, wide=args.wide))
     print(report.run_summary(run_dir, report.load_results_in(run_dir), outcome.interrupted))
     return 130 if outcome.interrupted else 0
 
@@ -181,7 +180,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) / scenario.name / run_id
     estimate_run(scenario, variants, run_dir, run_id, args.steps, args.target)
     frame = report.load_results_in(run_dir)
-    print((run_dir / "summary.md").read_text())
+    print(report.write_summary(run_dir, wide=args.wide))
     if args.terms:
         print(report.terms_markdown(run_dir))
     print(report.run_summary(run_dir, frame))
@@ -561,7 +560,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from harness import report
 
-    print(report.write_summary(_run_folder(args.run_dir)))
+    print(report.write_summary(_run_folder(args.run_dir), wide=args.wide))
     return 0
 
 
@@ -571,10 +570,13 @@ _FLAGS: dict[str, dict] = {
     "scenario": {"help": "a name under scenarios/ or a path to a YAML file"},
     "--variant": {"action": "append", "metavar": "NAME", "help": "repeatable"},
     "--device": {"choices": ("auto", "cuda", "cpu", "simulate"), "default": "auto"},
-    "--out": {"default": str(DEFAULT_OUT)},
+    "--out": {"default": str(DEFAULT_OUT), "type": lambda text: Path(text).resolve(),
+              "metavar": "OUT"},
     "--steps": {"type": int, "help": "measured steps (overrides the scenario)"},
     "--full-depth": {"action": "store_true", "help": "simulate every decoder layer"},
     "--target": {"choices": ("cuda", "cpu")},
+    "--wide": {"action": "store_true",
+               "help": "print every column (summary.md and summary.csv always have them)"},
     "--timeout": {"type": _timeout, "default": 3600.0, "metavar": "SECONDS",
                   "help": "per-variant wall-clock limit (default 3600)"},
 }
@@ -582,7 +584,10 @@ _FLAGS: dict[str, dict] = {
 
 def _flag(parser: argparse.ArgumentParser, name: str, **own) -> None:
     """Add the shared flag `name`, with this verb's own help or default where given."""
-    parser.add_argument(name, **{**_FLAGS[name], **own})
+    flag = {**_FLAGS[name], **own}
+    if name == "--out" and "default" not in own:
+        flag["help"] = flag.get("help", "where records go") + " (default: ./results/_scratch)"
+    parser.add_argument(name, **flag)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -616,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-budget", metavar="SIZE",
                      help="end a variant as out-of-memory past SIZE (e.g. 24GiB, 512MB)")
     _flag(run, "--timeout")
+    _flag(run, "--wide")
     run.set_defaults(fn=cmd_run)
 
     est = sub.add_parser("estimate", help="closed-form estimate of every (or the chosen) variant: "
@@ -625,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(est, "--out", help="records go to OUT/<scenario>/<run id>")
     _flag(est, "--steps")
     est.add_argument("--terms", action="store_true", help="also print each variant's terms")
+    _flag(est, "--wide")
     _flag(est, "--target", default="cuda",
           help="cuda (default): include what CUDA kernels allocate beside their outputs; cpu: "
                "only what the CPU kernels do")
@@ -701,8 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or gate the answer")
     _flag(ask, "--device", help="auto: measured on CUDA if there is one, else simulated")
     _flag(ask, "--target", help="simulate: see run --target")
-    _flag(ask, "--out", default="results/_scratch",
-          help="records go to OUT/<scenario>/<run id> (default: ./results/_scratch)")
+    _flag(ask, "--out", help="records go to OUT/<scenario>/<run id>")
     _flag(ask, "--timeout")
     ask.set_defaults(fn=cmd_ask, items=[])
 
@@ -745,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="regenerate summary.csv/summary.md of a run folder")
     rep.add_argument("run_dir")
+    _flag(rep, "--wide")
     rep.set_defaults(fn=cmd_report)
     return parser
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,8 @@ class Profiler:
         record.env = collect_env(str(self.device))
         self.record_path = run_dir / f"{self.name}.json"
         write_record(self.record_path, record)
+        print(f"harness: {self.name}: record {self.record_path.resolve()}", file=sys.stderr,
+              flush=True)
         report.write_summary(run_dir)
         return self.record_path
 

@@ -8,6 +8,7 @@ records, never the other way round).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +184,83 @@ def _size(value, scale: int) -> str:
     return "—" if pd.isna(value) else f"{value / scale:.3f}" if scale == GIB else f"{value / scale:.1f}"
 
 
+def _short(value, scale: int) -> str:
+    return "—" if pd.isna(value) else f"{value / scale:.2f}" if scale == GIB else \
+        f"{value / scale:.1f}"
+
+
 def _pct(value) -> str:
     return "—" if pd.isna(value) else f"{value:+.1f}%"
+
+
+def reason_line(error: str | None, limit: int = 200) -> str:
+    """An error's one meaningful line: the exception's (`OutOfMemoryError: …`) where a
+    traceback tail holds one — its last — else the first line that is not a traceback's
+    frame, source or caret line."""
+    lines = [line.strip() for line in str(error or "").splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("^~ ") and
+             not line.startswith(("File \"", "Traceback (most recent call last)"))]
+    raised = [line for line in lines if _EXCEPTION.match(line)]
+    return (raised[-1] if raised else lines[0] if lines else "no reason recorded")[:limit]
+
+
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*)?(Error|Exception|Interrupt|Unsupported|Exit)\b"
+                        r"[\w.]*:")
+
+
+def narrow_markdown(table: pd.DataFrame) -> str:
+    """The table a terminal shows: what decides the question — peak, reserved, the change vs
+    the baseline, the phase and the category that set the peak, the smallest card it fits —
+    one row per variant; `--wide` and summary.md/summary.csv have every column."""
+    unit, scale = _unit(table)
+    swept = "sweep_point" in table and table["sweep_point"].notna().any()
+    rows = []
+    for _, r in table.iterrows():
+        ok = r["status"] == "ok"
+        shown = ok or r["status"] == "oom"  # an OOM keeps the peak it reached
+        largest = max(CATEGORIES, key=lambda k: -1 if pd.isna(r[f"{k}_bytes"]) else
+                      r[f"{k}_bytes"])
+        rows.append({
+            "variant": r["variant"],
+            **({"point": r["sweep_point"] or "—"} if swept else {}),
+            "status": r["status"],
+            "peak": _short(r["peak_allocated_bytes"] if shown else pd.NA, scale),
+            "reserved": _short(r["peak_reserved_bytes"] if shown else pd.NA, scale),
+            "vs base": _pct(r["vs_baseline_pct"]),
+            "phase": r["peak_phase"] if ok and isinstance(r["peak_phase"], str) else "—",
+            "largest": _SHORT.get(largest, largest)
+            if ok and not pd.isna(r[f"{largest}_bytes"]) else "—",
+            **({"fits on": _fits_text(r).replace(" (+", " +").rstrip(")")}
+               if unit == "GiB" else {}),
+        })
+    body = _pipe(rows)
+    return (header_line(table) + f"\n\nSizes in {unit}; largest: the category that is "
+            "largest at the peak (activ: saved for backward); fits on: the smallest GPU preset "
+            f"that holds it with the headroom left, and {unit} left. Every column: summary.md, "
+            "--wide.\n\n" + body +
+            "\n" + _notes(table))
+
+
+_SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "activations": "activ",
+          "other": "other"}
+
+
+def _pipe(rows: list[dict[str, str]]) -> str:
+    """A markdown pipe table padded to its widest cell only (to_markdown pads more)."""
+    heads = list(rows[0])
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in heads]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)) + " |",
+             "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(r[h]).ljust(w) for h, w in zip(heads, widths, strict=True))
+              + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _notes(table: pd.DataFrame) -> str:
+    """Why each row that did not end ok ended so, one line each."""
+    notes = [f"- `{r['job']}` ({r['status']}): {reason_line(r['error'])}"
+             for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
+    return ("\n" + "\n".join(notes) + "\n") if notes else ""
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -193,6 +269,7 @@ def markdown(table: pd.DataFrame) -> str:
     parallel = "parallel" in table and table["parallel"].notna().any()
     rows = []
     for _, r in table.iterrows():
+        shown = r["status"] in ("ok", "oom")  # an error's partial figures are not a result
         rows.append({
             "variant": r["variant"],
             **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
@@ -201,19 +278,17 @@ def markdown(table: pd.DataFrame) -> str:
                 "imbalance": _pct(r["imbalance"] * 100 if pd.notna(r["imbalance"]) else pd.NA)}
                if parallel else {}),
             "status": r["status"],
-            f"peak {unit}": _size(r["peak_allocated_bytes"], scale),
-            f"reserved {unit}": _size(r["peak_reserved_bytes"], scale),
+            f"peak {unit}": _size(r["peak_allocated_bytes"] if shown else pd.NA, scale),
+            f"reserved {unit}": _size(r["peak_reserved_bytes"] if shown else pd.NA, scale),
             "vs baseline": _pct(r["vs_baseline_pct"]),
             "vs prev": _pct(r["vs_previous_pct"]),
-            **{k: _size(r[f"{k}_bytes"], scale) for k in BREAKDOWN},
+            **{k: _size(r[f"{k}_bytes"] if shown else pd.NA, scale) for k in BREAKDOWN},
             "trainable": "—" if pd.isna(r["params_trainable"]) else f"{r['params_trainable']:,}",
             "step s": "—" if pd.isna(r["step_time_s_median"]) else f"{r['step_time_s_median']:.3f}",
             "tok/s": "—" if pd.isna(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}",
             **({"fits on (GiB left)": _fits_text(r)} if unit == "GiB" else {}),
         })
     body = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
-    notes = [f"- `{r['job']}` ({r['status']}): {str(r['error']).splitlines()[0][:200]}"
-             for _, r in table.iterrows() if r["status"] != "ok" and isinstance(r["error"], str)]
     fits = (" Fits on: the GPU preset with the least usable memory (harness ls gpus: the "
             "driver's share and a CUDA context taken off) that holds the peak — reserved where "
             f"known, else allocated + {gpus.FRAGMENTATION:.0%} — with "
@@ -222,11 +297,8 @@ def markdown(table: pd.DataFrame) -> str:
              "are in the record's memory.ranks), its shares of params, grads and optimizer "
              "state that rank's shards; imbalance: the highest rank peak over the ranks' mean."
              if parallel else "")
-    text = (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak."
-            f"{fits}{ranks}\n\n" + body + "\n")
-    if notes:
-        text += "\n" + "\n".join(notes) + "\n"
-    return text
+    return (header_line(table) + f"\n\nSizes in {unit}; breakdown at the moment of the peak."
+            f"{fits}{ranks}\n\n" + body + "\n" + _notes(table))
 
 
 CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", "parallel",
@@ -238,8 +310,9 @@ CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", 
                "run_id", "error"]
 
 
-def write_summary(run_dir: str | Path) -> str:
-    """Regenerate summary.csv and summary.md from the run folder's records; return the markdown."""
+def write_summary(run_dir: str | Path, wide: bool = True) -> str:
+    """Regenerate summary.csv and summary.md (every column) from the run folder's records;
+    return the markdown a terminal shows: that, or the narrow table (`wide=False`)."""
     run_dir = Path(run_dir)
     frame = load_results_in(run_dir)
     if frame.empty:
@@ -251,7 +324,7 @@ def write_summary(run_dir: str | Path) -> str:
     if pictures:  # made by harness plot (plot.py), from the same records
         text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
     (run_dir / "summary.md").write_text(text)
-    return text
+    return text if wide else narrow_markdown(table)
 
 
 def terms_markdown(run_dir: Path) -> str:

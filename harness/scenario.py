@@ -592,14 +592,14 @@ def _meta_build_failure(model: ModelSpec, source, uses) -> tuple[TechniqueUse | 
     whose workers then measure beside its context. Nothing built here outlives the check."""
     import torch
 
-    from harness.techniques import Unsupported, ordered
+    from harness.techniques import Unsupported, not_simulated, ordered
     from harness.train import build_failure
 
     if torch.cuda.is_available() and any(t.load is not None for t, _ in ordered(uses)):
         return None
     # What cannot be simulated is not applied here either: only a device knows what it does,
     # and some of it acts process-wide (Liger patches the model classes themselves).
-    uses = tuple(u for t, u in ordered(uses) if not t.not_simulated)
+    uses = tuple(u for t, u in ordered(uses) if not not_simulated(t, u))
     # Two decoder layers build in a fraction of the time and refuse what the whole model would;
     # a refusal is confirmed at full depth (arguments such as layers_to_transform name layers).
     failed = build_failure(model, dataclasses.replace(source, layers=2), uses)

@@ -55,7 +55,7 @@ def test_compare_reads_records_without_torch():
 def test_report_builds_the_table_without_torch(tmp_path):
     run = tmp_path / "20261122T034105071Z-4ae8585"  # report rewrites the folder's summaries
     shutil.copytree(RESULTS / "smoke_tiny" / run.name, run)
-    code, lines = _verb("report", str(run))
+    code, lines = _verb("report", str(run), "--wide")  # the techniques column is wide's
     assert code == 0
     rows = {cells[0]: cells[1:4] for line in lines if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}

@@ -46,7 +46,7 @@ def harness_run(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-def test_a_profiled_loop_measures_what_harness_run_measures(tmp_path, harness_run):
+def test_a_profiled_loop_measures_what_harness_run_measures(tmp_path, harness_run, capsys):
     model, config = tiny_lora()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # as harness run's adamw
@@ -67,6 +67,7 @@ def test_a_profiled_loop_measures_what_harness_run_measures(tmp_path, harness_ru
             del loss
     record = json.loads(prof.record_path.read_text())
     assert record["status"] == "ok" and record["method"] == "measured-cpu"
+    assert f"record {prof.record_path.resolve()}" in capsys.readouterr().err  # says where
     mine, theirs = record["memory"], harness_run["memory"]
     assert mine["peak_allocated_bytes"] == pytest.approx(theirs["peak_allocated_bytes"], rel=0.01)
     for phase in ("forward", "backward", "optimizer"):

@@ -37,7 +37,9 @@ def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path)
     need = memory["peak_reserved_bytes"]  # what the card must hold
     gpu, verdict = smallest_fitting(need)
     assert verdict.left_bytes >= HEADROOM_BYTES and verdict.need_bytes == need
-    assert f"| {gpu.name} (+{verdict.left_bytes / 2**30:.1f})" in proc.stdout
+    assert f"| {gpu.name} +{verdict.left_bytes / 2**30:.1f} |" in proc.stdout  # the narrow table
+    summary = (Path(last_json(proc.stdout)["run_dir"]) / "summary.md").read_text()
+    assert f"| {gpu.name} (+{verdict.left_bytes / 2**30:.1f})" in summary  # every column
 
 
 @pytest.mark.slow

@@ -115,8 +115,9 @@ class Technique:
     # the loss): a problem, or None.
     check_stack: Callable[[dict[str, dict]], str | None] | None = None
     needs_warmup: bool = False  # its first step is not representative (compilation)
-    # Why it cannot run on fake tensors (simulation), or None where it can.
-    not_simulated: str | None = None
+    # Why it cannot run on fake tensors (simulation), or None where it can; a function of the
+    # resolved arguments where only some of them cannot (QLoRA with DoRA).
+    not_simulated: str | Callable[[dict], str | None] | None = None
     # Its part of the closed-form estimate (harness/estimate.py): (stack fields, resolved args)
     # → updates the stack fields in place, or raises estimate.NotModelled for arguments the
     # arithmetic does not cover. None: not modelled, for the reason in `not_estimated`.
@@ -142,7 +143,8 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
               check_model: Callable[[Any, dict], str | None] | None = None,
               load: Callable[..., None] | None = None, requires: tuple[str, ...] = (),
               check_stack: Callable[[dict[str, dict]], str | None] | None = None,
-              needs_warmup: bool = False, not_simulated: str | None = None,
+              needs_warmup: bool = False,
+              not_simulated: str | Callable[[dict], str | None] | None = None,
               estimate: Callable[[dict, dict], None] | None = None,
               not_estimated: str | None = None,
               parallel_unsupported: Mapping[str, str] | None = None,
@@ -221,12 +223,19 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
     return None
 
 
+def not_simulated(tech: Technique, use: TechniqueUse) -> str | None:
+    """Why this use of the technique (its arguments) cannot run on fake tensors, or None."""
+    why = tech.not_simulated
+    return why(dict(use.args)) if callable(why) else why
+
+
 def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer) -> str | None:
     """Why this stack and `optimizer` (an optimizers.OptimizerSpec) cannot be simulated, or
     None."""
-    for tech, _ in ordered(uses):
-        if tech.not_simulated:
-            return f"{tech.name} cannot be simulated: {tech.not_simulated}"
+    for tech, use in ordered(uses):
+        why = not_simulated(tech, use)
+        if why:
+            return f"{tech.name} cannot be simulated: {why}"
     why = optimizer.not_simulated
     return f"optimizer {optimizer.name} cannot be simulated: {why}" if why else None
 

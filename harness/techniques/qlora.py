@@ -94,8 +94,19 @@ def _check_compute(stack: dict[str, dict]) -> str | None:
     return None
 
 
+def _not_simulated(args: dict) -> str | None:
+    """QDoRA: DoRA's weight norm dequantizes each 4-bit weight through a deep copy of
+    bitsandbytes' Params4bit, which cannot be copied on the meta device a simulation builds on
+    (RuntimeError from `set_data`); a real run, CPU or CUDA, trains it."""
+    if args.get("use_dora"):
+        return ("DoRA on 4-bit weights (QDoRA) deep-copies bitsandbytes' Params4bit for the "
+                "weight norm, which bitsandbytes cannot do on the meta device; measure it "
+                "(--device cpu or cuda)")
+    return None
+
+
 @technique("qlora", stage=Stage.MODEL, conflicts=("lora", "int8", "fp16"),
-           check_stack=_check_compute,
+           check_stack=_check_compute, not_simulated=_not_simulated,
            estimate=_estimate, label=lambda args: lora_label("qlora", args),
            parallel_unsupported={"fsdp2": (
                "QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from harness.models import resolve_config
 from harness.scenario import ModelSpec, ScenarioError, load_scenario
 from harness.techniques import REGISTRY, TechniqueUse
 from harness.train import build
-from tests.conftest import run_cpu, write_scenario
+from tests.conftest import REPO, run_cpu, write_scenario
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,6 +25,8 @@ def quantized(tmp_path_factory):
         {"name": "qlora-no-upcast", "techniques": [{"qlora": {
             "r": 16, "target_modules": ALL_LINEAR, "prepare_model_for_kbit_training": False}}]},
         {"name": "int8-lora", "techniques": ["int8", {"lora": {"r": 16, "target_modules": ALL_LINEAR}}]},
+        {"name": "qdora", "techniques": [{"qlora": {"r": 16, "target_modules": ALL_LINEAR,
+                                                   "use_dora": True}}]},
     ])
 
 
@@ -93,3 +96,31 @@ def test_a_quantization_on_meta_leaves_real_ones_working():
     assert a.device.type == "meta" and b.device.type == "cpu"
     assert a.shape == b.shape and a.quant_state.absmax.shape == b.quant_state.absmax.shape
     assert b.quant_state.state2.code.device.type == "cpu"
+
+
+@pytest.mark.slow
+def test_qdora_trains_for_real_and_keeps_a_magnitude_vector_per_output(quantized):
+    """QLoRA with use_dora: the same 4-bit base, plus DoRA's trainable magnitude (one value per
+    output feature of each adapted linear) beside the adapters."""
+    qlora, qdora = quantized["qlora"], quantized["qdora"]
+    assert qdora["status"] == "ok", qdora["error"]
+    assert qdora["memory"]["quantized_weight_bytes"] == qlora["memory"]["quantized_weight_bytes"]
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    outputs = layers * (h + kv + kv + h + i + i + h)  # q k v o gate up down
+    assert qdora["model"]["params_trainable"] - qlora["model"]["params_trainable"] == outputs
+
+
+def test_qdora_is_valid_and_a_simulation_says_why_it_cannot_run_it(tmp_path):
+    """Not bad input (a real run trains it): validation passes; a simulation is unsupported."""
+    from harness.optimizers import OPTIMIZERS
+    from harness.techniques import simulation_reason
+
+    path = write_scenario(tmp_path, "qdora", [{"name": "v", "techniques": [
+        {"qlora": {"r": 8, "use_dora": True}}]}])
+    variant = load_scenario(path).variant("v")
+    assert "QDoRA" in simulation_reason(variant.techniques, OPTIMIZERS["adamw"])
+    plain = load_scenario(write_scenario(tmp_path, "plain", [{"name": "v", "techniques": [
+        {"qlora": {"r": 8}}]}])).variant("v")
+    assert simulation_reason(plain.techniques, OPTIMIZERS["adamw"]) is None
