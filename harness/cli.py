@@ -278,14 +278,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _gpu_listing() -> str:
     """Every preset: the driver's total, what a training process can use, and the sources."""
     rows = [f"GPU presets (--gpu NAME, or a size such as 24GiB). Usable: the total less the "
-            f"driver's share and a CUDA context of {_gpus.CONTEXT_BYTES / 2**20:.0f} MiB; "
+            f"driver's share and a CUDA context ({_gpus.CONTEXT_BYTES / 2**20:.0f} MiB until a "
+            "GPU run measures it); "
             f"'fits' leaves at least the headroom (default {_gpus.HEADROOM_BYTES / 2**30:g} "
             "GiB). See harness/gpus.py.", "",
             "| gpu | card | total bytes | total GiB | driver GiB | usable GiB | source |",
             "|:--|:--|--:|--:|--:|--:|:--|"]
-    for g in _gpus.PRESETS.values():
+    for g in _gpus.measured_presets().values():
         source = g.source + (f"; CUDA's total: {g.cuda_source}" if g.cuda_source else
-                             "; driver share: the default")
+                             "; driver share: the default") + \
+            (f"; context: {g.context_source}" if g.context_source != "default" else "")
         rows.append(f"| {g.name} | {g.label} | {g.total_bytes} | {g.total_bytes / 2**30:.2f} | "
                     f"{g.driver_reserve_bytes / 2**30:.2f} | {g.usable_bytes() / 2**30:.2f} | "
                     f"{source} |")

@@ -9,7 +9,7 @@ the MI300X), each with where the figure was seen. What a training process can us
 * the process's CUDA context (driver state and the kernels it loads): 287 MB to 426 MiB for a
   bare context with lazy module loading, PyTorch's default since 1.13 (pytorch/pytorch#86509,
   unsloth-zoo#1053), more once cuBLAS, cuDNN and NCCL kernels load; `CONTEXT_BYTES` is 512 MiB
-  until a GPU run of the harness measures it (`memory.device_used_at_start_bytes`).
+  until a CUDA record of the harness on that card is under results/ (`measured_presets`).
 
 The rule (`verdict`), used wherever the harness says "fits": what the card must hold is the
 reserved peak where it is known (measured on CUDA, or simulated), else the allocated peak plus
@@ -23,7 +23,9 @@ to subtract: the card is then a plain memory budget.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from harness.units import GIB, parse_size
 
@@ -45,6 +47,8 @@ class Gpu:
     # OOM message); None: total_bytes − DRIVER_RESERVE_BYTES
     cuda_total_bytes: int | None = None
     cuda_source: str | None = None
+    context_bytes: int = CONTEXT_BYTES  # the CUDA context: measured once a GPU run has
+    context_source: str = "default"  #   been made on this card (measured_presets)
 
     @property
     def driver_reserve_bytes(self) -> int:
@@ -57,7 +61,7 @@ class Gpu:
         context (a CPU target: the total, a plain budget)."""
         if target != "cuda":
             return self.total_bytes
-        return self.total_bytes - self.driver_reserve_bytes - CONTEXT_BYTES
+        return self.total_bytes - self.driver_reserve_bytes - self.context_bytes
 
 
 def _mib(n: int) -> int:
@@ -96,12 +100,50 @@ class UnknownGpu(ValueError):
     pass
 
 
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@functools.cache
+def measured_presets(results: Path = RESULTS) -> dict[str, Gpu]:
+    """The presets, with what CUDA runs under `results` measured on each card replacing the
+    defaults: CUDA's own total (`memory.device_total_bytes`) and the context, what the device
+    held at the probe's start less other processes (`device_used_at_start_bytes` −
+    `other_processes_bytes_at_start`; the largest seen). A context measured before the first
+    kernel ran is the bare one: cuBLAS's and NCCL's kernels load later."""
+    import json
+
+    seen: dict[str, list[tuple[int, int, str]]] = {}
+    for path in sorted(Path(results).glob("*/*/*.json")):
+        try:
+            record = json.loads(path.read_text())
+            memory, env = record["memory"], record.get("env") or {}
+            if record.get("method") != "measured-cuda" or not env.get("gpu_name"):
+                continue
+            used, total = memory["device_used_at_start_bytes"], memory["device_total_bytes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(used, int) and isinstance(total, int):
+            others = memory.get("other_processes_bytes_at_start") or 0
+            seen.setdefault(env["gpu_name"], []).append((used - others, total, str(path)))
+    out = {}
+    for name, gpu in PRESETS.items():
+        runs = seen.get(gpu.label)
+        if runs:
+            context, _, where = max(runs)
+            total = min(t for _, t, _ in runs)
+            gpu = replace(gpu, cuda_total_bytes=total, context_bytes=context,
+                          cuda_source=f"measured ({where})", context_source=f"measured ({where})")
+        out[name] = gpu
+    return out
+
+
 def card(text: str) -> Gpu:
     """A preset by name (case and `-`/`_` ignored), or a size (`24GiB`: a card of that total)."""
+    presets = measured_presets()
     key = text.lower().replace("_", "-")
-    if key in PRESETS:
-        return PRESETS[key]
-    squeezed = {k.replace("-", ""): g for k, g in PRESETS.items()}
+    if key in presets:
+        return presets[key]
+    squeezed = {k.replace("-", ""): g for k, g in presets.items()}
     if key.replace("-", "") in squeezed:
         return squeezed[key.replace("-", "")]
     try:
@@ -183,7 +225,7 @@ def target_of(record: dict) -> str:
 def smallest_fitting(need: int, target: str = "cuda",
                      headroom: int = HEADROOM_BYTES) -> tuple[Gpu, Verdict] | None:
     """The preset with the least usable memory that the rule says fits (not tight)."""
-    for gpu in sorted(PRESETS.values(), key=lambda g: g.usable_bytes(target)):
+    for gpu in sorted(measured_presets().values(), key=lambda g: g.usable_bytes(target)):
         v = verdict(need, gpu, target, headroom)
         if v.verdict == "fits":
             return gpu, v

@@ -102,3 +102,21 @@ def test_the_changes_tried_are_only_those_not_already_in_the_stack():
     lora = changes(["bf16", {"lora": {"r": 8}}, "gradient_checkpointing"], "adamw_8bit")
     assert [c.label for c in lora] == ["+ chunked_nll", "lora → qlora"]
     assert lora[1].techniques == ["bf16", {"qlora": {"r": 8}}, "gradient_checkpointing"]
+
+
+@pytest.mark.slow
+def test_vary_gives_the_largest_sequence_that_fits_each_card(tmp_path):
+    proc = harness("ask", "tiny-llama", "--bf16", "--lora", "r=8", "--batch", "2", "--seq", "128",
+                   "--target", "cpu", "--gpu", "40MiB", "--headroom", "0", "--vary", "seq_len",
+                   "--max", "2048", "--out", str(tmp_path / "ask"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = last_json(proc.stdout)
+    got = records(Path(answer["run_dir"]))
+    largest = answer["gpus"]["40MiB"]["largest_seq_len"]
+    gpu = gpus.card("40MiB")
+    assert 1 <= largest < 2048 and gpus.record_verdict(got[f"asked@seq_len={largest}"], gpu, 0).ok
+    beyond = [int(k.split("=")[1]) for k in got if k.startswith("asked@seq_len=")
+              and int(k.split("=")[1]) > largest]
+    assert beyond and not gpus.record_verdict(got[f"asked@seq_len={min(beyond)}"], gpu, 0).ok
+    assert min(beyond) == largest + 1  # bisected to one token
+    assert f"largest seq_len that fits: {largest}" in proc.stdout

@@ -59,3 +59,29 @@ def test_a_card_is_a_preset_by_name_or_a_size():
     assert card("24GiB").total_bytes == 24 * GIB
     with pytest.raises(gpus.UnknownGpu, match="did you mean 'rtx4090'"):
         card("rtx4009")
+
+
+def test_a_cuda_run_on_a_card_replaces_its_context_and_driver_share(tmp_path):
+    """Once a record measured on CUDA exists for a card, its figures (CUDA's total, what the
+    device held before the first tensor) replace the defaults; other cards keep them."""
+    import json
+    import shutil
+
+    from tests.conftest import REPO
+
+    run = next((REPO / "results" / "smoke_tiny").iterdir())
+    shutil.copytree(run, tmp_path / "smoke_tiny" / run.name)
+    path = tmp_path / "smoke_tiny" / run.name / "lora.json"
+    record = json.loads(path.read_text())
+    record["method"] = "measured-cuda"
+    record["env"]["gpu_name"] = "NVIDIA GeForce RTX 4090"
+    record["memory"].update(device_total_bytes=25_386_352_640,
+                            device_used_at_start_bytes=600 * 2**20,
+                            other_processes_bytes_at_start=100 * 2**20)
+    path.write_text(json.dumps(record))
+    measured = gpus.measured_presets(tmp_path)
+    rtx = measured["rtx4090"]
+    assert rtx.context_bytes == 500 * 2**20 and rtx.cuda_total_bytes == 25_386_352_640
+    assert rtx.usable_bytes() == 25_386_352_640 - 500 * 2**20
+    assert measured["a10g"] == PRESETS["a10g"]  # no run on it: the defaults
+    assert gpus.measured_presets() == PRESETS  # none committed yet
