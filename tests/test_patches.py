@@ -77,9 +77,12 @@ def _causal_mask(position_ids: torch.Tensor):
                          num_key_value_heads=4, num_hidden_layers=1, vocab_size=64)
     config._attn_implementation = "sdpa"
     batch, seq = position_ids.shape
+    # The cache argument is `cache` in transformers 5.2x, `past_key_values` in 5.17.
+    names = inspect.signature(masking_utils.create_causal_mask).parameters
+    cache = {"cache": None} if "cache" in names else {"past_key_values": None}
     return masking_utils.create_causal_mask(config=config, inputs_embeds=torch.empty(
-        batch, seq, config.hidden_size), attention_mask=None, cache=None,
-        position_ids=position_ids)
+        batch, seq, config.hidden_size), attention_mask=None, position_ids=position_ids,
+        **cache)
 
 
 def test_unpacked_batches_lets_sdpa_run_causal_on_fake_position_ids():

@@ -21,8 +21,6 @@ def activation_offload(ctx: BuildContext) -> None:
     to (pinned) host memory in forward and back in backward: GPU activations fall to about one
     layer's worth, at the cost of host↔device copies.
     """
-    base = base_model(ctx.model)
-    # transformers 5: activation_checkpointing_enable(offload=True); non-reentrant as for
-    # gradient_checkpointing.
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                         offload=True)
+    from harness.techniques.gradient_checkpointing import enable
+
+    enable(base_model(ctx.model), offload=True)  # non-reentrant, as gradient_checkpointing

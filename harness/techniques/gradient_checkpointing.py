@@ -12,7 +12,17 @@ def gradient_checkpointing(ctx: BuildContext) -> None:
     layer's worth, live while that layer is recomputed in backward); costs about one extra
     forward of compute.
     """
-    base = base_model(ctx.model)
-    # use_reentrant=False: the reentrant form needs inputs that require grad and silently drops
-    # grads of frozen-base (LoRA) models. (transformers 5 renamed gradient_checkpointing_enable.)
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable(base_model(ctx.model))
+
+
+def enable(base, offload: bool = False) -> None:
+    """Non-reentrant checkpointing of every decoder layer: the reentrant form needs inputs that
+    require grad and silently drops grads of frozen-base (LoRA) models. transformers 5.2x calls
+    it `activation_checkpointing_enable` (the old name a deprecated alias); 5.17 and earlier
+    have only `gradient_checkpointing_enable`, with the same arguments under the old names."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                             offload=offload)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, offload=offload)
