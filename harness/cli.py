@@ -472,7 +472,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                               key=lambda g: g.total_bytes)]
     answers = [ask.CardAnswer(g, _gpus.record_verdict(record, g, headroom)) for g in cards]
     judged = [a for a in answers if a.verdict is not None]
-    probes: dict[tuple[str, int], dict] = {}
+    # The asked run is the probe at the asked value of either key: not run twice.
+    probes: dict[tuple[str, int], dict] = {("batch_size", asked.train.batch_size): record,
+                                           ("seq_len", asked.train.seq_len): record}
 
     def probe(key: str) -> Callable[[int], dict]:
         def at(value: int) -> dict:
