@@ -229,3 +229,120 @@ def answer_json(run_dir: Path, scenario_file: Path, record: dict,
 def write_yaml(path: Path, body: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(body, sort_keys=False))
+
+
+def flag_error(e) -> str:
+    """A ScenarioError of the scenario `ask` wrote, in the words of its flags."""
+    key = e.key or ""
+    flag = ("MODEL" if key.startswith("model") else
+            "--batch" if key == "train.batch_size" else "--seq" if key == "train.seq_len" else
+            "--optimizer" if key == "train.optimizer" else
+            "--save-scenario (its file name is the scenario's name)" if key == "name" else "")
+    match = re.match(r"variants\[0\]\.techniques\[(\d+)\]", key)
+    if match:
+        flag = f"technique #{int(match.group(1)) + 1}"
+    return f"harness ask: {flag or key or 'the question'}: {e.message}"
+
+
+def answer(args, items: list, cards: list[gpus.Gpu], headroom: int, device: str,
+           progress: Callable[[str], None]) -> tuple[list[str], dict[str, Any]]:
+    """Run the question (cli.py's `ask` flags in `args`) and every suggestion it needs; the
+    answer's lines and its JSON. Raises AskError on bad input, before anything is written."""
+    import dataclasses
+    import tempfile
+
+    from harness.job import RunOptions
+    from harness.record import new_run_id, read_record
+    from harness.report import write_summary
+    from harness.runner import run_scenario
+    from harness.scenario import ScenarioError, load_scenario
+    from harness.techniques import stack_label
+
+    name = Path(args.save_scenario).stem if args.save_scenario else scenario_name(args.model)
+    train = {k: v for k, v in (("batch_size", args.batch), ("seq_len", args.seq),
+                               ("optimizer", args.optimizer)) if v is not None}
+    train.update(steps=1, warmup_steps=1)
+
+    def load(body: dict):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}.yaml"
+            write_yaml(path, body)
+            return load_scenario(path)
+
+    body = scenario_body(name, args.model, items, train)
+    try:
+        scenario = load(body)
+    except ScenarioError as e:
+        raise AskError(flag_error(e)) from None
+    asked = scenario.variant(ASKED)
+    run_id = new_run_id()
+    run_dir = Path(args.out) / name / run_id
+    final = run_dir / f"{name}.yaml"
+    write_yaml(final, body)
+    scenario = dataclasses.replace(scenario, path=final)
+    options = RunOptions(device, timeout_s=args.timeout, target=args.target or "cuda")
+    head = (f"{args.model} · {stack_label(asked.techniques, asked.train.optimizer)} · batch "
+            f"{asked.train.batch_size} × seq {asked.train.seq_len} · {device} → {run_dir}")
+    progress(head)
+
+    def run(variants) -> None:
+        outcome = run_scenario(scenario, variants, options, run_dir=run_dir, run_id=run_id,
+                               progress=progress)
+        if outcome.interrupted:
+            raise KeyboardInterrupt
+
+    run([asked])
+    record = read_record(run_dir / f"{ASKED}.json")
+    target = gpus.target_of(record)
+    if not cards:  # no card named: the smallest preset that fits
+        need = _need(record) if record["status"] == "ok" else None
+        found = gpus.smallest_fitting(need, target, headroom) if need else None
+        cards = [found[0] if found else max(gpus.PRESETS.values(), key=lambda g: g.total_bytes)]
+    judged = [a for a in (CardAnswer(g, gpus.record_verdict(record, g, headroom)) for g in cards)
+              if a.verdict is not None]
+    # The asked run is the probe at the asked value of either key: not run twice.
+    probes: dict[tuple[str, int], dict] = {("batch_size", asked.train.batch_size): record,
+                                           ("seq_len", asked.train.seq_len): record}
+
+    def probe(key: str) -> Callable[[int], dict]:
+        def at(value: int) -> dict:
+            if (key, value) not in probes:
+                job = scenario.at_point(ASKED, {key: value})
+                run([job])
+                probes[key, value] = read_record(run_dir / f"{job.name}.json")
+            return probes[key, value]
+        return at
+
+    if any(a.verdict.verdict == "no" for a in judged):
+        tried = []
+        for change in changes(items, asked.train.optimizer):
+            candidate = scenario_body(name, args.model, items, train, [
+                body["variants"][0], {"name": change.variant, "techniques": change.techniques,
+                                      **({"train": change.train} if change.train else {})}])
+            try:
+                load(candidate)
+            except ScenarioError:
+                continue  # a change this stack cannot take (a conflict): not a suggestion
+            body["variants"].append(candidate["variants"][1])
+            tried.append(change)
+        write_yaml(final, body)
+        scenario = dataclasses.replace(load(body), path=final)
+        run([scenario.variant(c.variant) for c in tried])
+        records = [(c, read_record(run_dir / f"{c.variant}.json")) for c in tried]
+        for a in judged:
+            if a.verdict.verdict != "no":
+                continue
+            a.suggestion = best_change(records, a.gpu, headroom)
+            if asked.train.batch_size > 1:
+                a.smaller_batch = largest_fitting(probe("batch_size"), asked.train.batch_size - 1,
+                                                  a.gpu, target, headroom,
+                                                  asked.train.batch_size - 1)
+    if args.vary:
+        for a in judged:
+            a.largest = largest_fitting(probe(args.vary), getattr(asked.train, args.vary), a.gpu,
+                                        target, headroom, args.max)
+    if args.save_scenario:
+        write_yaml(Path(args.save_scenario), body)
+    write_summary(run_dir)
+    return (summary_lines(head, record, judged, args.vary),
+            answer_json(run_dir, Path(args.save_scenario or final), record, judged, args.vary))

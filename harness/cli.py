@@ -12,7 +12,6 @@ import json
 import shutil
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from harness import gpus as _gpus
@@ -393,132 +392,28 @@ class _Item(argparse.Action):
         namespace.items = [*(getattr(namespace, "items", None) or []), item]
 
 
-def _ask_error(e) -> str:
-    """A ScenarioError of the scenario `ask` wrote, in the words of its flags."""
-    import re
-
-    key = e.key or ""
-    flag = ("MODEL" if key.startswith("model") else
-            "--batch" if key == "train.batch_size" else "--seq" if key == "train.seq_len" else
-            "--optimizer" if key == "train.optimizer" else "")
-    match = re.match(r"variants\[0\]\.techniques\[(\d+)\]", key)
-    if match:
-        flag = f"technique #{int(match.group(1)) + 1}"
-    return f"harness ask: {flag or key or 'the question'}: {e.message}"
-
-
 def cmd_ask(args: argparse.Namespace) -> int:
     """The question in one line: fits or not on each card, and the cheapest change that fits."""
-    import dataclasses
-    import tempfile
+    from harness import ask
 
-    from harness import ask, report
-    from harness.job import RunOptions
-    from harness.record import new_run_id, read_record
-    from harness.runner import run_scenario, start_fork_server
-    from harness.scenario import ScenarioError, load_scenario
-    from harness.techniques import stack_label
-
-    items = getattr(args, "items", None) or []
+    if args.target is not None and args.device in ("cpu", "cuda"):
+        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
     try:
         cards = [_gpus.card(g) for g in args.gpu or []]
         headroom = parse_size(args.headroom) if args.headroom != "0" else 0
     except (_gpus.UnknownGpu, ValueError) as e:
         raise BadInput(f"harness ask: --gpu/--headroom: {e}") from None
-    if args.target is not None and args.device in ("cpu", "cuda"):
-        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
-    name = Path(args.save_scenario).stem if args.save_scenario else ask.scenario_name(args.model)
-    train = {k: v for k, v in (("batch_size", args.batch), ("seq_len", args.seq),
-                               ("optimizer", args.optimizer)) if v is not None}
-    train.update(steps=1, warmup_steps=1)
-
-    def load(body: dict):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{name}.yaml"
-            ask.write_yaml(path, body)
-            return load_scenario(path)
-
     if _forks(args.device):
+        from harness.runner import start_fork_server
+
         start_fork_server()
-    body = ask.scenario_body(name, args.model, items, train)
     try:
-        scenario = load(body)
-    except ScenarioError as e:
-        raise BadInput(_ask_error(e)) from None
-    asked = scenario.variant(ask.ASKED)
-    device = _resolve_device(args.device)
-    run_id = new_run_id()
-    run_dir = Path(args.out) / name / run_id
-    final = run_dir / f"{name}.yaml"
-    ask.write_yaml(final, body)
-    scenario = dataclasses.replace(scenario, path=final)
-    options = RunOptions(device, timeout_s=args.timeout, target=args.target or "cuda")
-    head = (f"{args.model} · {stack_label(asked.techniques, asked.train.optimizer)} · batch "
-            f"{asked.train.batch_size} × seq {asked.train.seq_len} · {device} → {run_dir}")
-    _progress(head)
-
-    def run(variants) -> None:
-        outcome = run_scenario(scenario, variants, options, run_dir=run_dir, run_id=run_id,
-                               progress=_progress)
-        if outcome.interrupted:
-            raise KeyboardInterrupt
-
-    run([asked])
-    record = read_record(run_dir / f"{ask.ASKED}.json")
-    if not cards:  # no card named: the smallest preset that fits
-        need = ask._need(record) if record["status"] == "ok" else None
-        found = _gpus.smallest_fitting(need, _gpus.target_of(record), headroom) if need else None
-        cards = [found[0]] if found else [max(_gpus.PRESETS.values(),
-                                              key=lambda g: g.total_bytes)]
-    answers = [ask.CardAnswer(g, _gpus.record_verdict(record, g, headroom)) for g in cards]
-    judged = [a for a in answers if a.verdict is not None]
-    # The asked run is the probe at the asked value of either key: not run twice.
-    probes: dict[tuple[str, int], dict] = {("batch_size", asked.train.batch_size): record,
-                                           ("seq_len", asked.train.seq_len): record}
-
-    def probe(key: str) -> Callable[[int], dict]:
-        def at(value: int) -> dict:
-            if (key, value) not in probes:
-                job = scenario.at_point(ask.ASKED, {key: value})
-                run([job])
-                probes[key, value] = read_record(run_dir / f"{job.name}.json")
-            return probes[key, value]
-        return at
-
-    if any(a.verdict.verdict == "no" for a in judged):
-        tried = []
-        for change in ask.changes(items, asked.train.optimizer):
-            candidate = ask.scenario_body(name, args.model, items, train, [
-                body["variants"][0], {"name": change.variant, "techniques": change.techniques,
-                                      **({"train": change.train} if change.train else {})}])
-            try:
-                variant = load(candidate).variant(change.variant)
-            except ScenarioError:
-                continue  # a change this stack cannot take (a conflict): not a suggestion
-            body["variants"].append(candidate["variants"][1])
-            tried.append((change, variant))
-        ask.write_yaml(final, body)
-        scenario = dataclasses.replace(load(body), path=final)
-        run([scenario.variant(c.variant) for c, _ in tried])
-        records = [(c, read_record(run_dir / f"{c.variant}.json")) for c, _ in tried]
-        for a in judged:
-            if a.verdict.verdict != "no":
-                continue
-            a.suggestion = ask.best_change(records, a.gpu, headroom)
-            if asked.train.batch_size > 1:
-                a.smaller_batch = ask.largest_fitting(
-                    probe("batch_size"), asked.train.batch_size - 1, a.gpu,
-                    _gpus.target_of(record), headroom, asked.train.batch_size - 1)
-    if args.vary:
-        for a in judged:
-            a.largest = ask.largest_fitting(probe(args.vary), getattr(asked.train, args.vary),
-                                            a.gpu, _gpus.target_of(record), headroom, args.max)
-    if args.save_scenario:
-        ask.write_yaml(Path(args.save_scenario), body)
-    report.write_summary(run_dir)
-    print("\n".join(ask.summary_lines(head, record, judged, args.vary)))
-    print(json.dumps(ask.answer_json(run_dir, Path(args.save_scenario or final), record, judged,
-                                     args.vary)))
+        lines, answer = ask.answer(args, getattr(args, "items", None) or [], cards, headroom,
+                                   _resolve_device(args.device), _progress)
+    except ask.AskError as e:
+        raise BadInput(str(e)) from None
+    print("\n".join(lines))
+    print(json.dumps(answer))
     return 0
 
 
