@@ -152,13 +152,13 @@ def largest_fitting(probe: Callable[[int], dict], start: int, gpu: gpus.Gpu, tar
 
 def summary_lines(head: str, record: dict, answers: list[CardAnswer], vary: str | None) -> list[str]:
     from harness.gpus import size
+    from harness.report import reason_line
     from harness.units import CATEGORIES
 
     lines = [head]
     memory = record.get("memory") or {}
     if record["status"] != "ok":
-        error = (record.get("error") or "").strip().splitlines()
-        lines.append(f"{record['status']}: {error[0][:300] if error else 'no reason recorded'}")
+        lines.append(f"{record['status']}: {reason_line(record.get('error'), 300)}")
         return lines
     reserved = memory.get("peak_reserved_bytes")
     breakdown = memory.get("breakdown_bytes") or {}
@@ -175,10 +175,10 @@ def summary_lines(head: str, record: dict, answers: list[CardAnswer], vary: str 
             tips = []
             if a.suggestion:
                 change, r, v = a.suggestion
-                tips.append(f"{change.label}: {size(_need(r))}, {v.text()}")
+                tips.append(f"{change.label}: {size(v.need_bytes)}, {v.text()}")
             if a.smaller_batch:
                 batch, r, v = a.smaller_batch
-                tips.append(f"batch {batch}: {size(_need(r))}, {v.text()}")
+                tips.append(f"batch {batch}: {size(v.need_bytes)}, {v.text()}")
             elif a.smaller_batch is None and record["train"]["batch_size"] > 1:
                 tips.append("no smaller batch fits")
             line += " — " + ("; ".join(tips) if tips else "no single change tried fits")
@@ -189,12 +189,6 @@ def summary_lines(head: str, record: dict, answers: list[CardAnswer], vary: str 
             line += f" · no {vary} fits"
         lines.append(line)
     return lines
-
-
-def _need(record: dict) -> int:
-    memory = record["memory"]
-    return gpus.need_bytes(memory.get("peak_allocated_bytes"), memory.get("peak_reserved_bytes"),
-                           gpus.target_of(record))
 
 
 def answer_json(run_dir: Path, scenario_file: Path, record: dict,
@@ -295,7 +289,7 @@ def answer(args, items: list, cards: list[gpus.Gpu], headroom: int, device: str,
     record = read_record(run_dir / f"{ASKED}.json")
     target = gpus.target_of(record)
     if not cards:  # no card named: the smallest preset that fits
-        need = _need(record) if record["status"] == "ok" else None
+        need = gpus.record_need(record) if record["status"] == "ok" else None
         found = gpus.smallest_fitting(need, target, headroom) if need else None
         cards = [found[0] if found else max(gpus.PRESETS.values(), key=lambda g: g.total_bytes)]
     judged = [a for a in (CardAnswer(g, gpus.record_verdict(record, g, headroom)) for g in cards)

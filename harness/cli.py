@@ -60,6 +60,11 @@ def _timeout(text: str) -> float:
     return value
 
 
+def _check_target(args: argparse.Namespace) -> None:
+    if args.target is not None and args.device in ("cpu", "cuda"):
+        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import report
     from harness.job import RunOptions
@@ -75,8 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise BadInput(f"--memory-budget: {e}") from None
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
-    if args.target is not None and args.device in ("cpu", "cuda"):
-        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
+    _check_target(args)
     if _forks(args.device):
         start_fork_server()  # its imports overlap the scenario's validation
     scenario = load_scenario(args.scenario)
@@ -324,7 +328,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             gpu = _gpus.card(args.gpu)
         except _gpus.UnknownGpu as e:
             raise BadInput(f"--gpu: {e}") from None
-        budget, within = gpu.usable_bytes(target), f"{gpu.name} ({_gb(gpu.usable_bytes(target))} usable)"
+        budget = gpu.usable_bytes(target)
+        within = f"{gpu.name} ({_gpus.size(budget)} usable)"
     else:
         try:
             budget = parse_size(args.gpu_memory)
@@ -334,8 +339,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.multiple_of < 1 or args.max < args.multiple_of:
         raise BadInput(f"--multiple-of {args.multiple_of} / --max {args.max}: need "
                        "1 ≤ multiple-of ≤ max")
-    if args.target is not None and args.device in ("cpu", "cuda"):
-        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
+    _check_target(args)
     if _forks(args.device):
         start_fork_server()
     scenario = load_scenario(args.scenario)
@@ -374,10 +378,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gb(n_bytes: int) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB"
-
-
 class _Item(argparse.Action):
     """`--technique SPEC` and its shorthands, kept in command-line order in `items`."""
 
@@ -396,8 +396,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     """The question in one line: fits or not on each card, and the cheapest change that fits."""
     from harness import ask
 
-    if args.target is not None and args.device in ("cpu", "cuda"):
-        raise BadInput(f"--target: applies to a simulation, not to --device {args.device}")
+    _check_target(args)
     try:
         cards = [_gpus.card(g) for g in args.gpu or []]
         headroom = parse_size(args.headroom) if args.headroom != "0" else 0
@@ -408,7 +407,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
         start_fork_server()
     try:
-        lines, answer = ask.answer(args, getattr(args, "items", None) or [], cards, headroom,
+        lines, answer = ask.answer(args, args.items, cards, headroom,
                                    _resolve_device(args.device), _progress)
     except ask.AskError as e:
         raise BadInput(str(e)) from None

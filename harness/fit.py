@@ -27,11 +27,7 @@ from harness.units import GIB, unit_for
 VARIED = ("batch_size", "seq_len")
 
 
-def need_bytes(record: dict) -> int | None:
-    """What a card must hold for this run (gpus.need_bytes)."""
-    memory = record.get("memory") or {}
-    return gpus.need_bytes(memory.get("peak_allocated_bytes"), memory.get("peak_reserved_bytes"),
-                           gpus.target_of(record))
+need_bytes = gpus.record_need  # what a card must hold for a probe's run
 
 
 def fits(record: dict, budget: int) -> bool:
@@ -114,7 +110,7 @@ def table(fits_: list[Fit], key: str, budget: int,
         if need is None:
             return "—"
         room = budget - need
-        return f"{room / scale:.2f}" + (" tight" if room < headroom else "")
+        return f"{room / scale:.2f}" + (" tight" if gpus.word(room, headroom) == "tight" else "")
 
     lines = [f"largest {key} within {budget / scale:.2f} {unit} usable (what a card must hold: "
              f"reserved where known, else allocated, + {gpus.FRAGMENTATION:.0%} for CUDA); "
@@ -132,17 +128,18 @@ def table(fits_: list[Fit], key: str, budget: int,
 
 
 def summary(fits_: list[Fit], key: str, budget: int, run_dir: Path) -> dict[str, Any]:
-    return {"run_dir": str(run_dir), "vary": key, "gpu_memory_bytes": budget,
-            "variants": {f.variant: {
-                "largest": f.largest, "largest_need_bytes": need_bytes(f.largest_record)
-                if f.largest_record else None,
-                "largest_left_bytes": budget - need_bytes(f.largest_record)
-                if f.largest_record and need_bytes(f.largest_record) is not None else None,
+    def row(f: Fit) -> dict[str, Any]:
+        need = need_bytes(f.largest_record) if f.largest_record else None
+        return {"largest": f.largest, "largest_need_bytes": need,
+                "largest_left_bytes": budget - need if need is not None else None,
                 "first_failing": f.first_failing,
                 "first_failing_status": f.failing_record["status"] if f.failing_record else None,
                 "first_failing_need_bytes": need_bytes(f.failing_record)
                 if f.failing_record else None,
-                "probes": f.probes} for f in fits_}}
+                "probes": f.probes}
+
+    return {"run_dir": str(run_dir), "vary": key, "gpu_memory_bytes": budget,
+            "variants": {f.variant: row(f) for f in fits_}}
 
 
 def write(fits_: list[Fit], key: str, budget: int, run_dir: Path) -> tuple[str, dict]:

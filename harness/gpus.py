@@ -194,22 +194,30 @@ def size(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if abs(n_bytes) >= GIB else f"{n_bytes / MIB:.1f} MiB"
 
 
+def word(left_bytes: int, headroom: int = HEADROOM_BYTES) -> str:
+    """The rule's word for what a card has left: `no` below 0, `tight` under the headroom."""
+    return "no" if left_bytes < 0 else "tight" if left_bytes < headroom else "fits"
+
+
 def verdict(need: int, gpu: Gpu, target: str = "cuda",
             headroom: int = HEADROOM_BYTES) -> Verdict:
     usable = gpu.usable_bytes(target)
-    left = usable - need
-    word = "no" if left < 0 else "tight" if left < headroom else "fits"
-    return Verdict(word, need, usable, left, headroom)
+    return Verdict(word(usable - need, headroom), need, usable, usable - need, headroom)
+
+
+def record_need(record: dict) -> int | None:
+    """What a card must hold for a record's run (need_bytes, for the record's target)."""
+    memory = record.get("memory") or {}
+    return need_bytes(memory.get("peak_allocated_bytes"), memory.get("peak_reserved_bytes"),
+                      target_of(record))
 
 
 def record_verdict(record: dict, gpu: Gpu, headroom: int = HEADROOM_BYTES) -> Verdict | None:
     """The rule applied to a record (None unless it ended ok with a peak)."""
-    memory, target = record.get("memory") or {}, target_of(record)
-    need = need_bytes(memory.get("peak_allocated_bytes"), memory.get("peak_reserved_bytes"),
-                      target)
+    need = record_need(record)
     if record.get("status") != "ok" or need is None:
         return None
-    return verdict(need, gpu, target, headroom)
+    return verdict(need, gpu, target_of(record), headroom)
 
 
 def target_of(record: dict) -> str:

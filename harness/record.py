@@ -178,10 +178,14 @@ def _construct(part: type, value: dict[str, Any]):
     return part(**built)
 
 
-def _dataclass_of(kind: Any) -> type | None:
-    arms = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) \
+def _arms(kind: Any) -> tuple:
+    """The types a field's annotation allows: each arm of a union, or the one type."""
+    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) \
         else (kind,)
-    return next((a for a in arms if dataclasses.is_dataclass(a)), None)
+
+
+def _dataclass_of(kind: Any) -> type | None:
+    return next((a for a in _arms(kind) if dataclasses.is_dataclass(a)), None)
 
 
 _OPEN = (Memory,)  # parts that may carry keys beyond their fields
@@ -307,8 +311,7 @@ def _check_part(part: type, value: Any, where: str) -> None:
 def _check_value(kind: Any, value: Any, where: str) -> None:
     if dataclasses.is_dataclass(kind):
         return _check_part(kind, value, where + ".")
-    arms = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) \
-        else (kind,)
+    arms = _arms(kind)
     if value is None and type(None) in arms:
         return
     for arm in arms:

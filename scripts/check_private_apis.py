@@ -5,8 +5,8 @@ another Python, can be checked on any machine):
     python scripts/check_private_apis.py torch-2.11.0-*.whl transformers-5.17.0-*.whl
 
 Each patched symbol (harness/patches.py: PATCHES) must exist with the parameters the patch was
-written for; each other private name the harness imports (PRIVATE below) must be bound in its
-module. One line per check; exit 1 if any fails.
+written for; each other private name the harness imports (found in harness/'s sources) or reaches
+(ATTRIBUTES below) must be bound in its module. One line per check; exit 1 if any fails.
 """
 
 from __future__ import annotations
@@ -20,22 +20,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.patches import PATCHES  # noqa: E402
 
-# "module:name" of every private (underscored) module or name the harness imports, outside
-# the patches: grep -rn "torch\\._\\|\\._[a-z]" harness finds them.
-PRIVATE = (
-    "torch._subclasses.fake_tensor:FakeTensorMode",
-    "torch._subclasses.fake_tensor:is_fake",
-    "torch._subclasses.fake_tensor:unset_fake_temporarily",
-    "torch.utils._pytree:tree_leaves",
-    "torch.utils._python_dispatch:TorchDispatchMode",
-    "torch.utils._triton:has_triton",
-    "torch._inductor:list_mode_options",
-    "torch._inductor.config:",
-    "torch.testing._internal.distributed.fake_pg:FakeStore",
+# Private names the harness reaches as attributes rather than imports ("module:name"); every
+# `from <a private module> import …` in harness/ is found by `private_imports`.
+ATTRIBUTES = (
     "torch.cuda.memory:_record_memory_history",
     "torch.cuda.memory:_snapshot",
     "torch.distributed.fsdp._fully_shard._fsdp_param:FSDPParam",
 )
+
+
+HARNESS = Path(__file__).resolve().parent.parent / "harness"
+
+
+def private_imports(root: Path = HARNESS) -> set[str]:
+    """"module:name" of each name harness/ imports from a private (underscored) module of
+    torch or transformers."""
+    found = set()
+    for source in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level and \
+                    node.module.split(".")[0] in ("torch", "transformers") and \
+                    any(part.startswith("_") for part in node.module.split(".")):
+                found.update(f"{node.module}:{alias.name}" for alias in node.names)
+    return found
 
 
 def _source(wheels: dict[str, zipfile.ZipFile], module: str) -> str | None:
@@ -125,14 +132,15 @@ def check(wheel_paths: list[str]) -> list[tuple[bool, str]]:
                                 "" if found == tuple(expected) else
                                 f" — the patch {patch.name} was written for "
                                 f"({', '.join(expected)})")))
-    for item in PRIVATE:
+    for item in sorted(private_imports()) + list(ATTRIBUTES):
         module, _, name = item.partition(":")
         src = _source(wheels, module)
         if src is None:
             if module.split(".")[0] in wheels:
                 results.append((False, f"{module}: no such module"))
             continue
-        ok = not name or _find(ast.parse(src), name) is not None
+        ok = not name or _find(ast.parse(src), name) is not None or \
+            _source(wheels, f"{module}.{name}") is not None  # a submodule
         results.append((ok, f"{module}:{name}" + ("" if ok else ": not found")))
     return [(ok, f"[{'ok' if ok else 'MISSING'}] {line}") for ok, line in results] + \
         [(True, "checked: " + ", ".join(f"{d} {v}" for d, v in versions.items()))]

@@ -62,7 +62,7 @@ def test_the_reason_line_is_the_exception_not_a_caret_or_frame_line():
     assert reason_line("  ^^^^\nValueError: bad r\n") == "ValueError: bad r"
     assert reason_line("worker timed out after 60 s and was killed\n...tail") == \
         "worker timed out after 60 s and was killed"
-    assert reason_line("torch.OutOfMemoryError: CUDA out of memory. Tried") .startswith(
+    assert reason_line("torch.OutOfMemoryError: CUDA out of memory. Tried").startswith(
         "torch.OutOfMemoryError")
     assert reason_line(None) == "no reason recorded"
 
