@@ -81,6 +81,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
     _check_target(args)
+    gpu = getattr(args, "gpu", None)  # verbs that run through this one may not have --gpu
+    if gpu is not None:
+        if args.device in ("cpu", "cuda"):
+            raise BadInput(f"--gpu: names the card a simulation simulates, not for --device "
+                           f"{args.device}")
+        try:
+            _gpus.card(gpu)
+        except _gpus.UnknownGpu as e:
+            raise BadInput(f"--gpu: {e}") from None
     if _forks(args.device):
         start_fork_server()  # its imports overlap the scenario's validation
     scenario = load_scenario(args.scenario)
@@ -92,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _progress(f"{scenario.name}: {len(variants)} variant(s) on {device} → {run_dir}")
     options = RunOptions(device, steps=args.steps, budget_bytes=budget, timeout_s=args.timeout,
                          full_depth=args.full_depth, target=args.target or "cuda",
-                         snapshot=args.snapshot)
+                         snapshot=args.snapshot, gpu=gpu)
     outcome = run_scenario(scenario, variants, options, run_dir=run_dir, run_id=run_id,
                            progress=_progress)
     _plot(run_dir)
@@ -355,7 +364,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # Simulated peaks are compared with the budget; real runs meet it as an OOM.
     options = RunOptions(device, budget_bytes=None if device == "simulate" else budget,
                          timeout_s=args.timeout, full_depth=args.full_depth,
-                         target=args.target or "cuda")
+                         target=args.target or "cuda", gpu=args.gpu)
     results = []
     for variant in variants:
         def probe(value: int, variant=variant) -> dict:
@@ -509,9 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(run, "--steps")
     _flag(run, "--full-depth", help="simulate: every decoder layer, not 3 assembled into the "
                                     "full depth (slower; the same figures)")
-    _flag(run, "--target", help="simulate: model what CUDA kernels allocate beside their outputs "
-                                "(cuda, the default) or only what the CPU kernels do (cpu: like "
-                                "with like against a --device cpu run)")
+    _flag(run, "--target", help="simulate: cuda (the default) on the fake CUDA device, every "
+                                "library on its CUDA branch, plus what CUDA kernels allocate "
+                                "beside their outputs; cpu: fake CPU tensors, only what the CPU "
+                                "kernels do (like with like against a --device cpu run)")
+    run.add_argument("--gpu", metavar="NAME",
+                     help="simulate, CUDA target: the card the fake CUDA device is — its name, "
+                          "compute capability and multiprocessors, which kernels and libraries "
+                          "choose by (a preset, harness ls gpus; default h200)")
     run.add_argument("--snapshot", action="store_true",
                      help="also write each variant's memory snapshot (<variant>.snapshot.pickle, "
                           "PyTorch's format: drag it onto pytorch.org/memory_viz); on CUDA the "

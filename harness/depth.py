@@ -33,13 +33,14 @@ def layers_to_extrapolate(scenario, source) -> int | None:
 
 
 def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
-                  target: str = "cuda", snapshot_path: Path | None = None) -> Measured:
+                  target: str = "cuda", snapshot_path: Path | None = None,
+                  card=None) -> Measured:
     """The `layers`-deep step from two shallow simulations, as `train.measure` would give it;
     its first note says how it was obtained. Raises NotExtrapolated."""
     from harness.probes import make_probe
     from harness.probes.simulate import EXTRAPOLATE_FROM, extrapolate, repeak
 
-    probes = {depth: make_probe(torch_device, None, simulate=True, target=target)
+    probes = {depth: make_probe(torch_device, None, simulate=True, target=target, card=card)
               for depth in EXTRAPOLATE_FROM}
     deep = probes[EXTRAPOLATE_FROM[1]]
     deep.label_layers, deep.assemble_to = True, layers

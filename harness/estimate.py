@@ -199,15 +199,16 @@ def parameters(sh: Shapes, st: Stack) -> list[Tensor]:
     return out
 
 
-def optimizer_state(trainable: list[Tensor], optimizer: str) -> tuple[int, int, int]:
+def optimizer_state(trainable: list[Tensor], optimizer: str,
+                    target: str = "cuda") -> tuple[int, int, int]:
     """(state bytes on the device, paged state bytes, step temporaries) for the trainable
-    tensors, as the optimizer declares them (optimizers.py: `estimate`)."""
+    tensors, as the optimizer declares them (optimizers.py: `estimate`), for `target`."""
     from harness.optimizers import OPTIMIZERS
 
     spec = OPTIMIZERS[optimizer]
     if spec.estimate is None:
         raise NotModelled(f"optimizer {optimizer}: {spec.not_estimated}")
-    return spec.estimate(trainable)
+    return spec.estimate(trainable, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +311,16 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
                           "sliding-window mask is not modelled")
     T = batch_size * seq_len
     e, h, i, V, L = st.weight_bytes, sh.hidden, sh.intermediate, sh.vocab, sh.layers
+    if target == "cuda" and st.attention == "sdpa" and e == 4 and sh.kv_heads != sh.heads:
+        # fp32 attention with grouped key/value heads has no fused CUDA kernel (flash is half
+        # precision only, and only flash takes grouped heads): SDPA runs its math path, which
+        # keeps what eager attention keeps (as the simulation's fake CUDA device runs it).
+        st = dataclasses.replace(st, attention="eager")
     tensors = parameters(sh, st)
     trainable = [t for t in tensors if t.trainable]
     P = sum(t.nbytes for t in tensors)
     G = sum(t.nbytes for t in trainable)
-    S_opt, paged, opt_temp = optimizer_state(trainable, st.optimizer)
+    S_opt, paged, opt_temp = optimizer_state(trainable, st.optimizer, target)
     # clip_grad_norm_: one norm per gradient, their stack and the total.
     clip = ROUND * (len(trainable) + 2)
 

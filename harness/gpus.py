@@ -49,6 +49,10 @@ class Gpu:
     cuda_source: str | None = None
     context_bytes: int = CONTEXT_BYTES  # the CUDA context: measured once a GPU run has
     context_source: str = "default"  #   been made on this card (measured_presets)
+    # What a simulation on the fake CUDA device tells the libraries (NVIDIA's specifications);
+    # None where it is not a CUDA card (ROCm) or not a preset: SIMULATED's are used.
+    capability: tuple[int, int] | None = None
+    multiprocessors: int | None = None
 
     @property
     def driver_reserve_bytes(self) -> int:
@@ -71,29 +75,56 @@ def _mib(n: int) -> int:
 # Totals as nvidia-smi prints them (MiB). Sources: issue threads and posts quoting the tool.
 PRESETS: dict[str, Gpu] = {g.name: g for g in (
     Gpu("rtx3090", "NVIDIA GeForce RTX 3090", _mib(24576),
-        "nvidia-smi 24576MiB (noonghunna/club-3090#1128)"),
+        "nvidia-smi 24576MiB (noonghunna/club-3090#1128)",
+        capability=(8, 6), multiprocessors=82),
     Gpu("rtx4090", "NVIDIA GeForce RTX 4090", _mib(24564),
         "nvidia-smi 24564MiB (RLinf/RLinf#255)",
-        int(23.64 * GIB), "PyTorch: 'a total capacity of 23.64 GiB' (ali-vilab/VGen#104)"),
+        int(23.64 * GIB), "PyTorch: 'a total capacity of 23.64 GiB' (ali-vilab/VGen#104)",
+        capability=(8, 9), multiprocessors=128),
     Gpu("rtx5090", "NVIDIA GeForce RTX 5090", _mib(32607),
-        "nvidia-smi 32607MiB (noonghunna/club-3090#1261)"),
-    Gpu("a10g", "NVIDIA A10G", _mib(23028), "nvidia-smi 23028MiB (NVIDIA/DCGM#232)"),
-    Gpu("l4", "NVIDIA L4", _mib(23034), "nvidia-smi 23034MiB (modal-labs/modal-client#2797)"),
-    Gpu("l40s", "NVIDIA L40S", _mib(46068), "nvidia-smi 46068MiB (modal-labs/modal-client#2797)"),
+        "nvidia-smi 32607MiB (noonghunna/club-3090#1261)",
+        capability=(12, 0), multiprocessors=170),
+    Gpu("a10g", "NVIDIA A10G", _mib(23028), "nvidia-smi 23028MiB (NVIDIA/DCGM#232)",
+        capability=(8, 6), multiprocessors=80),
+    Gpu("l4", "NVIDIA L4", _mib(23034), "nvidia-smi 23034MiB (modal-labs/modal-client#2797)",
+        capability=(8, 9), multiprocessors=58),
+    Gpu("l40s", "NVIDIA L40S", _mib(46068), "nvidia-smi 46068MiB (modal-labs/modal-client#2797)",
+        capability=(8, 9), multiprocessors=142),
     Gpu("a100-40", "NVIDIA A100-SXM4-40GB", _mib(40960),
         "nvidia-smi 40960MiB (modal-labs/modal-client#2797)",
-        int(39.50 * GIB), "PyTorch: 'a total capacity of 39.50 GiB' (TianheWu/CoSeR#10)"),
+        int(39.50 * GIB), "PyTorch: 'a total capacity of 39.50 GiB' (TianheWu/CoSeR#10)",
+        capability=(8, 0), multiprocessors=108),
     Gpu("a100-80", "NVIDIA A100-SXM4-80GB", _mib(81920),
-        "nvidia-smi 81920MiB (modal-labs/modal-client#2797, NVIDIA/mig-parted#31)"),
+        "nvidia-smi 81920MiB (modal-labs/modal-client#2797, NVIDIA/mig-parted#31)",
+        capability=(8, 0), multiprocessors=108),
     Gpu("h100-80", "NVIDIA H100 80GB HBM3", _mib(81559),
-        "nvidia-smi 81559MiB (modal-labs/modal-client#2797)"),
+        "nvidia-smi 81559MiB (modal-labs/modal-client#2797)",
+        capability=(9, 0), multiprocessors=132),
     Gpu("h200", "NVIDIA H200", _mib(143771),
-        "nvidia-smi 143771MiB (thundergolfer.com/blog/nvidia-gpu-memory-capacity)"),
-    Gpu("b200", "NVIDIA B200", _mib(183359), "nvidia-smi 183359MiB (NVIDIA/TensorRT-LLM#10278)"),
+        "nvidia-smi 143771MiB (thundergolfer.com/blog/nvidia-gpu-memory-capacity)",
+        capability=(9, 0), multiprocessors=132),
+    Gpu("b200", "NVIDIA B200", _mib(183359), "nvidia-smi 183359MiB (NVIDIA/TensorRT-LLM#10278)",
+        capability=(10, 0), multiprocessors=148),
     Gpu("mi300x", "AMD Instinct MI300X", 8 * 25767706624,
         "8 × 25767706624 B, one CPX partition's VRAM in ROCm's topology "
         "(ROCm/legacy-rocm-build#4750)"),
 )}
+
+
+SIMULATED = "h200"  # the card a simulation's libraries are told of, unless one is named
+
+
+def simulated_card(gpu: Gpu | None = None):
+    """What the fake CUDA device says it is (fake_cuda.Card): `gpu`'s name, compute capability
+    and multiprocessors, SIMULATED's for what `gpu` does not say (a size, a ROCm card)."""
+    from harness.fake_cuda import Card
+
+    default = PRESETS[SIMULATED]
+    gpu = gpu or default
+    known = gpu.capability is not None and gpu.multiprocessors is not None
+    source = gpu if known else default
+    return Card(gpu.label if known else default.label, source.capability,
+                source.multiprocessors, gpu.total_bytes)
 
 
 class UnknownGpu(ValueError):

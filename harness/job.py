@@ -43,6 +43,7 @@ class RunOptions:
     full_depth: bool = False  # simulate every decoder layer, no extrapolation
     target: str = "cuda"  # a simulation's target: CUDA kernels' scratch modelled or not
     snapshot: bool = False  # write each variant's memory_viz snapshot beside its record
+    gpu: str | None = None  # the card a CUDA-target simulation simulates (gpus.card); None: SIMULATED
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Job:
     target: str = "cuda"
     full_depth: bool = False
     snapshot: Path | None = None  # where the memory snapshot goes, or None for none
+    gpu: str | None = None  # see RunOptions
 
     @property
     def method(self) -> str:
@@ -74,7 +76,7 @@ class Job:
         return cls(scenario=dataclasses.replace(scenario, variants=(variant,)), variant=variant,
                    index=index, device=options.device, run_id=run_id, result=result, budget_bytes=options.budget_bytes,
                    target=options.target, full_depth=options.full_depth,
-                   snapshot=snapshot if options.snapshot else None)
+                   snapshot=snapshot if options.snapshot else None, gpu=options.gpu)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,10 +28,10 @@ class OptimizerSpec:
     make: Callable[[list, Any], torch.optim.Optimizer]  # (params, TrainSpec) → optimizer
     doc: str
     not_simulated: str | None = None  # why its step cannot run on fake tensors
-    # The estimate's trainable tensors (estimate.Tensor: numel, nbytes) → (state bytes on the
-    # device, paged state bytes, step temporaries), as the library lays its state out. None:
-    # not modelled, for the reason in `not_estimated`.
-    estimate: Callable[[list], tuple[int, int, int]] | None = None
+    # The estimate's trainable tensors (estimate.Tensor: numel, nbytes) and target → (state
+    # bytes on the device, paged state bytes, step temporaries), as the library lays its state
+    # out. None: not modelled, for the reason in `not_estimated`.
+    estimate: Callable[[list, str], tuple[int, int, int]] | None = None
     not_estimated: str | None = None
 
     def __post_init__(self):
@@ -40,17 +40,20 @@ class OptimizerSpec:
 
 
 def _adamw_state(foreach: bool):
-    def estimate(trainable):
+    def estimate(trainable, target="cuda"):
         from harness.estimate import ROUND
 
-        state = sum(2 * t.nbytes + ROUND for t in trainable)  # two moments and a step scalar
+        # Two moments and a step count; the count is a CPU scalar on CUDA unless the kernel is
+        # fused (or capturable): no device bytes there.
+        step = ROUND if target != "cuda" or not foreach else 0
+        state = sum(2 * t.nbytes + step for t in trainable)
         # foreach AdamW: torch._foreach_sqrt(exp_avg_sqs) is one moment-sized temporary.
         return state, 0, sum(t.nbytes for t in trainable) if foreach else 0
 
     return estimate
 
 
-def _bnb_32bit_state(trainable):
+def _bnb_32bit_state(trainable, target="cuda"):
     from harness.estimate import _r as rounded
 
     # bitsandbytes: two fp32 moments per element whatever the weight dtype, step in place.
@@ -58,7 +61,7 @@ def _bnb_32bit_state(trainable):
 
 
 def _bnb_8bit_state(paged: bool):
-    def estimate(trainable):
+    def estimate(trainable, target="cuda"):
         from harness.estimate import _r as rounded
 
         # bitsandbytes: 8-bit moments with an fp32 absmax per 256-element block; tensors under
@@ -126,7 +129,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adamw_fused", _adamw_fused, "torch AdamW, fused kernel: the same state, "
                   "without foreach's per-step temporaries", estimate=_adamw_state(foreach=False)),
     OptimizerSpec("sgd", _sgd, "torch SGD without momentum: no state at all",
-                  estimate=lambda trainable: (0, 0, 0)),
+                  estimate=lambda trainable, target="cuda": (0, 0, 0)),
     OptimizerSpec("adafactor", _adafactor, "transformers Adafactor: factored second moment "
                   "(row + column vectors per matrix), no first moment: state ≈ O(rows + cols)",
                   not_estimated="Adafactor's factored state needs each tensor's shape"),

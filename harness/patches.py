@@ -43,6 +43,31 @@ ALLOC_STORAGE = _FSDP + "_fsdp_param:alloc_storage"
 FREE_STORAGE = _FSDP + "_fsdp_param:free_storage"
 GROUP_ALLOC_STORAGE = _FSDP + "_fsdp_param_group:alloc_storage"  # its own import of the above
 INIT_UNSHARDED = _FSDP + "_fsdp_param:FSDPParam.init_unsharded_param"
+SDPA = "torch.nn.functional:scaled_dot_product_attention"
+TRITON_LAUNCH = "triton.runtime.jit:KernelInterface.__getitem__"
+# torch.cuda's Python side, answered as the simulated card would (cuda_answers)
+FAKE_CUDA: dict[str, tuple[str, ...]] = {f"torch.cuda:{name}": params for name, params in (
+    ("is_available", ()), ("device_count", ()), ("current_device", ()), ("is_initialized", ()),
+    ("_lazy_init", ()), ("get_device_capability", ("device",)),
+    ("get_device_properties", ("device",)), ("get_device_name", ("device",)),
+    ("synchronize", ("device",)), ("set_device", ("device",)),
+    ("is_bf16_supported", ("including_emulation",)), ("device", ("device",)),
+    ("get_rng_state", ("device",)), ("set_rng_state", ("new_state", "device")),
+    ("manual_seed", ("seed",)), ("manual_seed_all", ("seed",)), ("_exchange_device", ("device",)),
+    ("_maybe_exchange_device", ("device",)))}
+# Inductor's generated code, run on fake tensors (compiled_code_traced)
+_GUARDS = "torch._C:_dynamo.guards."
+EMPTY_STRIDED = {device: f"{_GUARDS}_empty_strided_{device}" for device in ("cpu", "cuda")}
+REINTERPRET = f"{_GUARDS}_reinterpret_tensor"
+_ASYNC = "torch._inductor.async_compile:AsyncCompile."
+CPP_KERNEL, TRITON_KERNEL = f"{_ASYNC}cpp_pybinding", f"{_ASYNC}triton"
+_INTERFACE = "torch._dynamo.device_interface:CudaInterface."
+CUDA_INTERFACE: dict[str, tuple[str, ...]] = {_INTERFACE + name: params for name, params in (
+    ("get_device_properties", ("device",)), ("current_device", ()), ("device_count", ()),
+    ("set_device", ("device",)), ("synchronize", ("device",)),
+    ("exchange_device", ("device",)), ("maybe_exchange_device", ("device",)),
+    ("is_bf16_supported", ("including_emulation",)))}
+AVOID_DEVICE_INIT = "torch._subclasses.fake_tensor:FakeTensorMode.avoid_device_init"
 
 PATCHES: tuple[Patch, ...] = (
     Patch("unpacked_batches", {FIND_PACKED: ("position_ids",)}, {"transformers": "5.24.0"},
@@ -59,6 +84,25 @@ PATCHES: tuple[Patch, ...] = (
           {"torch": "2.13.0"},
           "FSDP2 frees and re-allocates gathered parameters by resizing their storage in "
           "place, which no op shows the tracker; and it names each gather's buffers"),
+    Patch("cuda_attention",
+          {SDPA: ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                  "enable_gqa")}, {"torch": "2.13.0"},
+          "a CPU build's SDPA has no kernel choice for CUDA: on fake CUDA tensors it would take "
+          "the math path, which a GPU takes only where no fused kernel applies"),
+    Patch("triton_launches_skipped", {TRITON_LAUNCH: ("self", "grid")}, {"triton": "3.9.0"},
+          "a Triton kernel launch on fake tensors would compile for, and run on, a GPU that is "
+          "not there; the kernels write into tensors Python allocated, so none is needed"),
+    Patch("compiled_code_traced",
+          {EMPTY_STRIDED["cpu"]: (), EMPTY_STRIDED["cuda"]: (), REINTERPRET: (),
+           CPP_KERNEL: ("self", "argtypes", "source_code"),
+           TRITON_KERNEL: ("self", "kernel_name", "source_code", "device_str"),
+           **CUDA_INTERFACE, AVOID_DEVICE_INIT: ("self",)}, {"torch": "2.13.0"},
+          "Inductor's generated wrapper makes its buffers with C++ functions no dispatch mode "
+          "sees, and runs compiled kernels that cannot run on fake tensors; Dynamo binds "
+          "torch.cuda's answers at import, and its own fake modes would initialise the device"),
+    Patch("cuda_answers", FAKE_CUDA, {"torch": "2.13.0"},
+          "a CPU build's torch.cuda says there is no GPU; libraries ask it before taking their "
+          "CUDA branches, and a simulation on fake CUDA tensors must be answered as a GPU"),
 )
 _PATCH_OF = {target: patch for patch in PATCHES for target in patch.targets}
 
@@ -101,9 +145,19 @@ def resolve(target: str) -> tuple[Any, str, Any]:
 
 
 def parameters(fn: Any) -> tuple[str, ...]:
-    """fn's parameter names as a Patch lists them ("*args", "**kwargs" for variadic ones)."""
+    """fn's parameter names as a Patch lists them ("*args", "**kwargs" for variadic ones); a
+    builtin without a signature: as its docstring's first line writes them."""
     stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
-    return tuple(stars.get(p.kind, "") + p.name for p in inspect.signature(fn).parameters.values())
+    if isinstance(fn, property):
+        fn = fn.fget
+    try:
+        found = inspect.signature(fn).parameters.values()
+    except ValueError:
+        head = (fn.__doc__ or "").strip().split("->")[0]
+        inside = head[head.find("(") + 1:head.rfind(")")]
+        return tuple(p.split("=")[0].strip() for p in inside.split(",") if p.strip()
+                     and p.strip() != "*")
+    return tuple(stars.get(p.kind, "") + p.name for p in found)
 
 
 def check_targets(patches: Iterable[Patch] = PATCHES) -> list[str]:
@@ -189,3 +243,195 @@ def fsdp2_storage_traced(tracker) -> Iterator[None]:
     with _replaced({ALLOC_STORAGE: alloc_storage, FREE_STORAGE: free_storage,
                     GROUP_ALLOC_STORAGE: alloc_storage, INIT_UNSHARDED: init_unsharded_param}):
         yield
+
+
+def cuda_attention(capability: tuple[int, int],
+                   chosen: dict[str, int] | None = None) -> contextlib.AbstractContextManager[None]:
+    """SDPA on fake CUDA tensors as CUDA runs it (on any thread: checkpointing recomputes in
+    autograd's), each call's kernel counted in `chosen`. A CPU build's kernel choice has no CUDA
+    entry and would always take the math path (a full [B, H, S, S] score matrix); this imitates
+    CUDA's choice, not its selection logic: flash attention for fp16/bf16 without a mask on
+    compute capability ≥ 8.0 (head size ≤ 256; it takes grouped key/value heads); else the
+    memory-efficient kernel (a mask as its bias), except for grouped key/value heads, which only
+    flash takes (pytorch/pytorch#139586): those fall back to the math path, as on a GPU.
+    Everything else goes to SDPA itself."""
+    _, _, original = resolve(SDPA)
+    aten = torch.ops.aten
+    chosen = {} if chosen is None else chosen
+
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                     is_causal=False, scale=None, enable_gqa=False):
+        if not (is_fake(query) and query.device.type == "cuda"):
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                            enable_gqa=enable_gqa)
+        if capability >= (8, 0) and query.dtype in (torch.float16, torch.bfloat16) and \
+                attn_mask is None and query.size(-1) <= 256:
+            kernel, out = "flash", aten._scaled_dot_product_flash_attention(
+                query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+        elif key.size(-3) != query.size(-3):
+            kernel, out = "math", original(query, key, value, attn_mask, dropout_p, is_causal,
+                                           scale=scale, enable_gqa=enable_gqa)
+        else:
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(
+                    ~attn_mask, float("-inf"))
+            kernel, out = "memory-efficient", aten._scaled_dot_product_efficient_attention(
+                query, key, value, attn_mask, query.requires_grad, dropout_p, is_causal,
+                scale=scale)[0]
+        chosen[kernel] = chosen.get(kernel, 0) + 1
+        return out
+
+    return _replaced({SDPA: scaled_dot_product_attention})
+
+
+class _OneDevice:
+    """torch.cuda.device(i): there is one device and nothing to switch."""
+
+    def __init__(self, device=None):
+        self.idx = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cuda_answers(card) -> contextlib.AbstractContextManager[None]:
+    """torch.cuda's Python side answering as `card` (a fake_cuda.Card) would, while the fake
+    CUDA device is on (fake_cuda.device): one device, its name, compute capability,
+    multiprocessors and memory; nothing to synchronise or seed (every tensor on it is fake)."""
+    from types import SimpleNamespace
+
+    major, minor = card.capability
+    props = SimpleNamespace(  # the fields of torch.cuda's _CudaDeviceProperties libraries read
+        name=card.name, major=major, minor=minor, multi_processor_count=card.multiprocessors,
+        total_memory=card.total_bytes, is_integrated=False, is_multi_gpu_board=False,
+        gcnArchName="NVIDIA", warp_size=32, regs_per_multiprocessor=65536,
+        max_threads_per_multi_processor=1536 if (major, minor) in ((8, 6), (8, 9)) else 2048,
+        L2_cache_size=50 * 2**20, uuid="00000000-0000-0000-0000-000000000000")
+    answers = {
+        "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+        "is_initialized": lambda: True, "_lazy_init": lambda: None,
+        "get_device_capability": lambda device=None: card.capability,
+        "get_device_properties": lambda device=None: props,
+        "get_device_name": lambda device=None: card.name,
+        "synchronize": lambda device=None: None, "set_device": lambda device: None,
+        "is_bf16_supported": lambda including_emulation=True: card.capability >= (8, 0),
+        "device": _OneDevice,
+        "get_rng_state": lambda device="cuda": torch.zeros(16, dtype=torch.uint8),
+        "set_rng_state": lambda new_state, device="cuda": None,
+        "manual_seed": lambda seed: None, "manual_seed_all": lambda seed: None,
+        "_exchange_device": lambda device: 0, "_maybe_exchange_device": lambda device: 0,
+    }
+    return _replaced({target: answers[target.rpartition(":")[2]] for target in FAKE_CUDA})
+
+
+class _NoKernel:
+    """A compiled kernel that is never run: the tensors it would write into are fake."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def run(self, *args, **kwargs):
+        return None
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+@contextlib.contextmanager
+def compiled_code_traced(card=None) -> Iterator[None]:
+    """torch.compile (Inductor) on fake tensors, its generated code seen as it runs: the
+    wrapper's buffers (`empty_strided_cpu/cuda`, `reinterpret_tensor`, bound at the module's
+    load from C++ functions no dispatch mode sees) made through the dispatcher, so the tracker
+    sees each allocation and, at `del buf`, each free; every compiled kernel a no-op (neither
+    built nor run: C++ for CPU, Triton for CUDA), extern kernels (matmuls) run as fake ops.
+    With `card` (the fake CUDA device), Inductor generates Triton code for that card: its
+    device interface and a Triton driver answer as the card, Dynamo's own fake modes do not
+    initialise the device, and joint-graph constant folding — which runs real ops on the
+    device — is off (a difference from a GPU's compile, noted in the record)."""
+    import torch._inductor.config as inductor_config
+
+    def empty_strided(device):
+        return lambda size, stride, dtype: torch.empty_strided(size, stride, dtype=dtype,
+                                                               device=device)
+
+    def reinterpret_tensor(tensor, size, stride, offset=0):
+        return torch.as_strided(tensor, size, stride, tensor.storage_offset() + offset)
+
+    replacements = {EMPTY_STRIDED["cpu"]: empty_strided("cpu"),
+                    EMPTY_STRIDED["cuda"]: empty_strided("cuda"),
+                    REINTERPRET: reinterpret_tensor,
+                    CPP_KERNEL: lambda self, argtypes, source_code: _NoKernel(),
+                    TRITON_KERNEL: lambda self, kernel_name, source_code, device_str="cuda":
+                    _NoKernel()}
+    with contextlib.ExitStack() as stack:
+        if card is not None:
+            answers = {"get_device_properties": lambda device=None:
+                       torch.cuda.get_device_properties(device),
+                       "current_device": lambda: 0, "device_count": lambda: 1,
+                       "set_device": lambda device: None, "synchronize": lambda device=None: None,
+                       "exchange_device": lambda device: 0,
+                       "maybe_exchange_device": lambda device: 0,
+                       "is_bf16_supported": lambda including_emulation=False:
+                       card.capability >= (8, 0)}
+            replacements.update({t: staticmethod(answers[t.rpartition(".")[2]])
+                                 for t in CUDA_INTERFACE})
+            replacements[AVOID_DEVICE_INIT] = property(lambda self: True)
+            stack.enter_context(inductor_config.patch(joint_graph_constant_folding=False))
+            stack.enter_context(_triton_target(card))
+            if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU build has none
+                torch._C._cuda_getCurrentRawStream = lambda device: 0
+                stack.callback(delattr, torch._C, "_cuda_getCurrentRawStream")
+        stack.enter_context(_replaced(replacements))
+        yield
+
+
+@contextlib.contextmanager
+def _triton_target(card) -> Iterator[None]:
+    """Triton's active driver answering as `card` would (Inductor asks it which GPU to
+    generate code for); the machine's own driver back afterwards."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime.driver import driver
+    except ImportError:  # no Triton: Inductor says it cannot generate CUDA code
+        yield
+        return
+
+    class Card:
+        def get_current_target(self):
+            return GPUTarget("cuda", card.capability[0] * 10 + card.capability[1], 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cuda", 0)
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def is_active(self):
+            return True
+
+    previous = driver._active
+    driver.set_active(Card())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def triton_launches_skipped() -> contextlib.AbstractContextManager[None]:
+    """Every `kernel[grid](...)` launch — JIT, autotuned and heuristics kernels alike — does
+    nothing: what a simulation needs of a Triton kernel is the tensors the Python around it
+    allocates (its outputs, its scratch), which it writes into and never allocates itself."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+    return _replaced({TRITON_LAUNCH: __getitem__})

@@ -191,12 +191,18 @@ def start_fork_server() -> None:
     same libraries. Called by the CLI for devices whose workers fork; harmless if none does."""
     from multiprocessing import forkserver
 
+    from harness import fake_cuda
+
+    fake_cuda.build()  # cached; the server loads it before torch (worker.py), or says why not
     multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
     forkserver.ensure_running()
 
 
 def _start_worker(argv: list[str], log: Path, *, fork: bool) -> _Worker:
     if fork:
+        from harness import fake_cuda
+
+        fake_cuda.build()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(_PRELOAD)
         from harness.worker import forked_main

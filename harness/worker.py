@@ -20,8 +20,12 @@ from pathlib import Path
 
 import psutil
 
-from harness.job import Job
-from harness.record import Memory, Record, Timing, collect_env, new_record, write_record
+from harness import fake_cuda
+
+fake_cuda.preload()  # before torch is imported, or torch never sees the fake CUDA device
+
+from harness.job import Job  # noqa: E402
+from harness.record import Memory, Record, Timing, collect_env, new_record, write_record  # noqa: E402
 
 
 def _cuda_missing_reason() -> str | None:
@@ -81,11 +85,28 @@ def run_variant(job: Job) -> str:
     if parallel is not None and simulate:
         return _simulate_ranks(job, record, started)
     try:
-        _run_measured(job, record, torch.device("cpu" if simulate else job.device), started)
+        _run_measured(job, record, simulated_device(job)[0] if simulate else
+                      torch.device(job.device), started)
     finally:
         parallel_training.leave()  # if this is a rank
     write_record(job.result, record)
     return record.status
+
+
+def simulated_device(job: Job):
+    """(device, card, why not CUDA) of a simulation: the fake CUDA device as the job's card
+    (fake_cuda.py) for a CUDA target where this process has it; fake CPU tensors for a CPU
+    target, or — saying why — where it does not."""
+    import torch
+
+    from harness import gpus
+
+    if job.target != "cuda":
+        return torch.device("cpu"), None, None
+    why = fake_cuda.unavailable()
+    if why is not None:
+        return torch.device("cpu"), None, why
+    return torch.device("cuda", 0), gpus.simulated_card(gpus.card(job.gpu or gpus.SIMULATED)), None
 
 
 def _preflight(job: Job) -> str | None:
@@ -99,13 +120,20 @@ def _preflight(job: Job) -> str | None:
     from harness.techniques import simulation_reason, unsupported_reason
 
     variant, simulate = job.variant, job.device == "simulate"
-    kind = torch.device("cuda" if job.device.startswith("cuda") else "cpu")  # simulated: cpu
+    kind = torch.device("cuda" if job.device.startswith("cuda") else "cpu")
+    # What a technique's simulation is asked about: the fake CUDA device, fake CPU tensors for
+    # a CPU target, or None — fake CPU tensors standing in for a CUDA target (no fake device).
+    simulated_on = None
+    if simulate:
+        where, _, why_not = simulated_device(job)
+        simulated_on = None if why_not else where
     checks = (
         lambda: _cuda_missing_reason() if kind.type == "cuda" else None,
         lambda: attention_reason(job.scenario.model.attn_implementation, job.device),
         lambda: parallel_training.unsupported_reason(
             variant.parallel, variant.techniques, kind, simulate) if variant.parallel else None,
-        lambda: simulation_reason(variant.techniques, OPTIMIZERS[variant.train.optimizer])
+        lambda: simulation_reason(variant.techniques, OPTIMIZERS[variant.train.optimizer],
+                                  simulated_on)
         if simulate else unsupported_reason(variant.techniques, kind),
         lambda: _too_big_for_ram(job.scenario, variant, psutil.virtual_memory().available)
         if kind.type == "cpu" and not simulate else None,
@@ -157,6 +185,11 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
 
     source = resolve_config(scenario.model, scenario.path)
     train, sim_note = variant.train, None
+    card = None
+    if simulate:
+        torch_device, card, why_not = simulated_device(job)
+        record.notes.append(f"simulated on fake CPU tensors, with CUDA kernels' scratch added "
+                            f"by hand: no fake CUDA device ({why_not})" if why_not else None)
     if simulate and train.warmup_steps + train.steps > 2:
         # The first step creates the optimizer state, the second runs with it; on fake tensors
         # every later step repeats the second byte for byte.
@@ -173,7 +206,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     if layers is not None:
         try:
             deep = simulate_deep(scenario, source, variant, train, torch_device, layers, target,
-                                 snapshot_path)
+                                 snapshot_path, card)
         except NotExtrapolated:  # a shallow run failed: every layer runs, and says it of all
             pass
     if deep is not None:
@@ -183,7 +216,8 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         from harness.probes import make_probe
         from harness.probes.snapshot import write
 
-        probe = make_probe(torch_device, budget_bytes, simulate=simulate, target=target)
+        probe = make_probe(torch_device, budget_bytes, simulate=simulate, target=target,
+                           card=card)
         probe.keep_snapshot = snapshot_path is not None
         outcome, memory, result, notes = measure(scenario, source, variant, train, torch_device,
                                                  budget_bytes, simulate, target, probe)
@@ -193,7 +227,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         else None
     record.status, record.error = outcome["status"], outcome["error"]
     positions = beyond_positions(source, variant.train.seq_len, scenario.model.trust_remote_code)
-    record.notes = [n for n in (positions, sim_note) if n] + notes
+    record.notes = [n for n in (*record.notes, positions, sim_note) if n] + notes
     record.memory = Memory.of(memory)  # one process: no rank, ranks or imbalance
     record.model.quantized_params = result.quantized_params
     record.model.params_total = result.params_total or None

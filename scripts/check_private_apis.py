@@ -46,14 +46,20 @@ def private_imports(root: Path = HARNESS) -> set[str]:
 
 
 def _source(wheels: dict[str, zipfile.ZipFile], module: str) -> str | None:
+    found = _located(wheels, module)
+    return found[0] if found else None
+
+
+def _located(wheels: dict[str, zipfile.ZipFile], module: str) -> tuple[str, bool] | None:
+    """(source, whether it is a package's __init__) of a module in the wheels."""
     top = module.split(".")[0]
     wheel = wheels.get(top)
     if wheel is None:
         return None
     base = module.replace(".", "/")
-    for name in (f"{base}.py", f"{base}/__init__.py"):
+    for name, package in ((f"{base}.py", False), (f"{base}/__init__.py", True)):
         try:
-            return wheel.read(name).decode()
+            return wheel.read(name).decode(), package
         except KeyError:
             continue
     return None
@@ -68,6 +74,31 @@ def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str, ...]:
     if a.kwarg:
         names.append("**" + a.kwarg.arg)
     return tuple(names)
+
+
+def _signature(node) -> tuple[str, ...] | None:
+    """Parameter names, as patches.parameters gives them, of a def, a class (its __init__,
+    without self), or a builtin bound with its docstring (`name = _add_docstr(builtin, "name(a,
+    b=1) -> T ...")`, as torch.nn.functional binds its C functions); None for anything else."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return _params(node)
+    if isinstance(node, ast.ClassDef):
+        init = next((n for n in node.body if isinstance(n, ast.FunctionDef)
+                     and n.name == "__init__"), None)
+        return _params(init)[1:] if init else ()
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+            getattr(node.value.func, "id", None) == "_add_docstr" and len(node.value.args) > 1:
+        # the docstring, or its first literal where it is formatted or concatenated
+        name = node.targets[0].id if isinstance(node.targets[0], ast.Name) else ""
+        text = next((n.value for n in ast.walk(node.value.args[1])
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                     and n.value.strip().startswith(f"{name}(")), None)
+        if text is not None:
+            head = text.strip().split("->")[0]
+            inside = head[head.find("(") + 1:head.rfind(")")]
+            return tuple(p.split("=")[0].strip() for p in inside.split(",")
+                         if p.strip() and p.strip() != "*")
+    return None
 
 
 def _find(tree: ast.Module, qualname: str):
@@ -86,18 +117,20 @@ def _find(tree: ast.Module, qualname: str):
             elif isinstance(node, (ast.Assign, ast.AnnAssign)) and any(
                     isinstance(t, ast.Name) and t.id == part
                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
-                found = found or node
+                found = node  # a later binding wins, as when the module runs
         if found is None:
             return None
         scope = getattr(found, "body", [])
     return found
 
 
-def _absolute(module: str, node: ast.ImportFrom) -> str:
-    """The module a `from … import` in `module` reads from."""
+def _absolute(module: str, node: ast.ImportFrom, package: bool = False) -> str:
+    """The module a `from … import` in `module` (a package's __init__ if `package`) reads
+    from."""
     if not node.level:
         return node.module or ""
-    base = module.split(".")[:-node.level]  # a module's own package is one level up
+    # a module's own package is one level up; a package's __init__ is its own package
+    base = module.split(".")[:len(module.split(".")) - node.level + package]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -115,18 +148,24 @@ def check(wheel_paths: list[str]) -> list[tuple[bool, str]]:
     for patch in PATCHES:
         for target, expected in patch.targets.items():
             module, _, qualname = target.partition(":")
-            src = _source(wheels, module)
-            if src is None:
+            located = _located(wheels, module)
+            if located is None:
                 continue  # that library's wheel was not given
-            node = _find(ast.parse(src), qualname)
+            src, package = located
+            tree = ast.parse(src)
+            node = _find(tree, qualname)
             if isinstance(node, ast.ImportFrom) and "." not in qualname:  # its own import
-                origin = _absolute(module, node)
+                origin = _absolute(module, node, package)
                 origin_src = _source(wheels, origin)
                 node = _find(ast.parse(origin_src), qualname) if origin_src else None
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for star in (n for n in tree.body if node is None and isinstance(n, ast.ImportFrom)
+                         and any(a.name == "*" for a in n.names)):  # `from .random import *`
+                origin_src = _source(wheels, _absolute(module, star, package))
+                node = node or (_find(ast.parse(origin_src), qualname) if origin_src else None)
+            found = _signature(node)
+            if found is None:
                 results.append((False, f"{target}: not found (patch {patch.name})"))
                 continue
-            found = _params(node)
             results.append((found == tuple(expected),
                             f"{target}({', '.join(found)})" + (
                                 "" if found == tuple(expected) else

@@ -13,9 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
-from hypothesis import settings
+from harness import fake_cuda
+
+# Before anything imports torch: simulations run in this process see the fake CUDA device.
+fake_cuda.build()
+fake_cuda.preload()
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # CI must not turn red on a random draw: there the property tests replay a fixed sequence.
 settings.register_profile("ci", derandomize=True, database=None)

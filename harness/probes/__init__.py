@@ -193,15 +193,15 @@ def _explained(breakdown: dict[str, int] | None, peak: int) -> dict[str, int] | 
 
 
 def make_probe(device: torch.device, budget_bytes: int | None = None, *,
-               simulate: bool = False, target: str = "cuda") -> Probe:
+               simulate: bool = False, target: str = "cuda", card=None) -> Probe:
+    if simulate:  # on fake CPU tensors, or on the fake CUDA device as `card` (fake_cuda.py)
+        from harness.probes.simulate import SimulateProbe
+
+        return SimulateProbe(device, budget_bytes, target, card)
     if device.type == "cuda":
         from harness.probes.cuda import CudaProbe
 
         return CudaProbe(device, budget_bytes)
-    if simulate:
-        from harness.probes.simulate import SimulateProbe
-
-        return SimulateProbe(device, budget_bytes, target)
     if device.type == "cpu":
         from harness.probes.cpu import CpuProbe
 

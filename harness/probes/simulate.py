@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -27,7 +28,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_te
 from torch.utils._pytree import tree_leaves
 
 from harness.estimate import cublas_workspace_bytes, flash_backward_scratch
-from harness.patches import SteppingScaler, unpacked_batches
+from harness.patches import (
+    SteppingScaler,
+    compiled_code_traced,
+    cuda_attention,
+    unpacked_batches,
+)
 from harness.probes import Kind, Probe
 from harness.probes.allocator import replay
 from harness.probes.layers import (
@@ -39,6 +45,7 @@ from harness.probes.layers import (
     own_layers,
 )
 from harness.probes.timeline import Phase, analyse, build_blocks, peak_within
+from harness.probes.tracker import NOT_ANSWERED
 
 
 class SimulateProbe(Probe):
@@ -46,12 +53,19 @@ class SimulateProbe(Probe):
     traces_allocations = True  # the tracker's storage births and deaths are the trace
 
     def __init__(self, device: torch.device, budget_bytes: int | None = None,
-                 target: str = "cuda"):
+                 target: str = "cuda", card=None):
         super().__init__(device, budget_bytes)
         self.target = target  # cuda: add what CUDA kernels allocate that CPU ones do not
         self.extra["target"] = target
+        # On the fake CUDA device (fake_cuda.py): the simulated card the libraries are told of.
+        self.card = card
+        if device.type == "cuda" and card is None:
+            raise ValueError("a simulation on the fake CUDA device needs its card")
         if target == "cuda":
             self.tracker.scratch = self._cuda_scratch
+        if device.type == "cuda":
+            self.tracker.values = liger_values
+            self.tracker.device_type = "cuda"
         # cuBLAS handles' workspaces (CUDA target): one for the loop's thread, one for autograd's
         # backward thread; made at each one's first matmul, kept for the run.
         self._workspaces: dict[str, torch.Tensor] = {}
@@ -66,13 +80,24 @@ class SimulateProbe(Probe):
         self._assembled_at: tuple | NotAssembled | None = None
         self._model = None
         self._hooks: list = []
+        self.attention: dict[str, int] | None = None  # fake CUDA: SDPA calls by kernel
 
     def _start_device(self) -> None:
-        self._fake = FakeTensorMode(allow_non_fake_inputs=True)
+        self._device_modes = contextlib.ExitStack()
+        if self.device.type == "cuda":
+            from harness import fake_cuda
+
+            self._device_modes.enter_context(fake_cuda.device(self.card))
+        self._fake = _FakeMode(allow_non_fake_inputs=True)
         self._copies: list[torch.Tensor] = []
-        self._fake.__enter__()
-        self._unpacked = unpacked_batches()
-        self._unpacked.__enter__()
+        self._device_modes.enter_context(self._fake)
+        self._device_modes.enter_context(unpacked_batches())
+        self._device_modes.enter_context(compiled_code_traced(self.card))
+        if self.device.type == "cuda":
+            _lift_on_backward_thread(self.device)
+            self.attention = {}
+            self._device_modes.enter_context(cuda_attention(self.card.capability,
+                                                            self.attention))
 
     def sight(self, kind, tensors) -> None:
         # A real tensor (the packed 4-bit weights, see _materialize) enters ops as the fake
@@ -113,7 +138,7 @@ class SimulateProbe(Probe):
         packed = _materialize(ctx.model, device)
         if layers is not None and len(layers) == DEPTH:
             own_layers(self.tracker, ctx.model, layers)  # before the packed weights' stand-ins go
-        _materialize_packed(packed, device)
+        self._copies += _materialize_packed(packed, device, self._fake)
         ctx.device = device
         self._model = ctx.model
         return ctx
@@ -135,7 +160,8 @@ class SimulateProbe(Probe):
 
     def _workspace(self, thread: str) -> None:
         if thread not in self._workspaces:
-            self._workspaces[thread] = torch.empty(cublas_workspace_bytes(), dtype=torch.uint8)
+            self._workspaces[thread] = torch.empty(cublas_workspace_bytes(), dtype=torch.uint8,
+                                                   device=self.device)
             self.sight(Kind.BUFFER, self._workspaces[thread])
 
     def _cuda_scratch(self, func, args) -> list[int]:
@@ -155,8 +181,13 @@ class SimulateProbe(Probe):
                                    lambda t: t if is_fake(t) else self._fake.from_tensor(t))
 
     def _memory(self) -> dict[str, Any]:
-        self._unpacked.__exit__(None, None, None)
-        self._fake.__exit__(None, None, None)
+        self._device_modes.close()
+        if self.card is not None:
+            self.extra["simulated_gpu"] = {
+                "name": self.card.name, "capability": ".".join(map(str, self.card.capability)),
+                "multiprocessors": self.card.multiprocessors,
+                # the SDPA kernels it ran (patches.cuda_attention), whatever the depth
+                "attention_kernels": sorted(self.attention) or None}
         for handle in self._hooks:
             handle.remove()
         if self.tracker.labels is not None:
@@ -214,11 +245,16 @@ _BLAS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.
          torch.ops.aten.addr, torch.ops.aten._addmm_activation}
 
 
+_FLASH_BACKWARD = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+                   torch.ops.aten._scaled_dot_product_flash_attention_backward.default)
+
+
 def cuda_scratch(func, args) -> list[int]:
-    """Bytes the CUDA kernel of `func` allocates beside its outputs, where the CPU kernel the
+    """Bytes the CUDA kernel of `func` allocates beside its outputs, where the fake kernel the
     simulation runs allocates none: flash attention's backward (see
-    estimate.flash_backward_scratch), for the fp16/bf16 attention CUDA runs it for."""
-    if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+    estimate.flash_backward_scratch), for the fp16/bf16 attention CUDA runs it for — the CPU
+    kernel's op on fake CPU tensors, CUDA's own on the fake CUDA device."""
+    if func not in _FLASH_BACKWARD:
         return []
     query, key = args[1], args[2]  # [B, H, S, D], [B, H_kv, S_k, D]
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -226,6 +262,25 @@ def cuda_scratch(func, args) -> list[int]:
     b, heads, s, d = query.shape
     return flash_backward_scratch(b, heads, key.shape[1], s, key.shape[2], d,
                                   query.element_size())
+
+
+_VALUE_READS = {torch.ops.aten._local_scalar_dense.default: 1, torch.ops.aten.equal.default: True}
+
+
+def liger_values(func, args):
+    """The values Liger's Python reads of fake tensors, which have none: fused linear
+    cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor) and
+    an `equal` test; neither sizes an allocation. Reads from anyone else's code fail as ever."""
+    answer = _VALUE_READS.get(func, NOT_ANSWERED)
+    if answer is NOT_ANSWERED or not is_fake(args[0]):
+        return NOT_ANSWERED
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("liger_kernel."):
+            return answer if func is torch.ops.aten.equal.default else \
+                type(answer)(1) if not args[0].is_floating_point() else 1.0
+        frame = frame.f_back
+    return NOT_ANSWERED
 
 
 EXTRAPOLATE_FROM = (2, 3)  # decoder layers simulated when a deep model's are all alike
@@ -316,15 +371,33 @@ def _materialize(model, device: torch.device) -> dict:
     return packed
 
 
-def _materialize_packed(packed: dict, device: torch.device) -> None:
-    """The packed 4-bit weights (see _materialize): unwritten real storage in their layout."""
+def _materialize_packed(packed: dict, device: torch.device, fake: FakeTensorMode) -> list:
+    """The packed 4-bit weights (see _materialize): unwritten real CPU storage in their layout.
+    On the fake CUDA device, where no real tensor can be, the fake mode is told beforehand
+    that each of those real tensors is a fake CUDA tensor: ops meet them there. Returns those
+    fake tensors, to be kept alive (the fake mode's memo holds them weakly)."""
+    real = []
     with unset_fake_temporarily():
         for module, weight in packed.items():
             module.weight = type(weight)(
-                torch.empty_like(weight, device=device), requires_grad=False,
-                quant_state=_untouched(weight.quant_state, device), blocksize=weight.blocksize,
-                compress_statistics=weight.compress_statistics, quant_type=weight.quant_type,
-                quant_storage=weight.quant_storage, module=module, bnb_quantized=True)
+                torch.empty_like(weight, device="cpu"), requires_grad=False,
+                quant_state=_untouched(weight.quant_state, "cpu", real),
+                blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
+                quant_type=weight.quant_type, quant_storage=weight.quant_storage, module=module,
+                bnb_quantized=True)
+            real.append(module.weight)
+    if device.type == "cpu":
+        return []
+    # Made from meta, through no op: the tracker first counts each where an op first meets
+    # it, inside its layer, as it counts a fake CPU copy (layers.py labels by that).
+    stand_ins = []
+    converter = fake.fake_tensor_converter
+    for t in real:
+        with unset_fake_temporarily():
+            meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        stand_ins.append(converter.from_meta_and_device(fake, meta, device))
+        converter.set_tensor_memo(t, stand_ins[-1])
+    return stand_ins
 
 
 def _shared_parameters(model) -> dict[tuple, list[tuple]]:
@@ -342,8 +415,9 @@ def _shared_parameters(model) -> dict[tuple, list[tuple]]:
     return shared
 
 
-def _untouched(state, device):
-    """A copy of a bitsandbytes QuantState whose tensors are unwritten storage on `device`."""
+def _untouched(state, device, made: list):
+    """A copy of a bitsandbytes QuantState whose tensors are unwritten storage on `device`
+    (each also appended to `made`)."""
     if state is None:
         return None
     state = copy.copy(state)
@@ -351,5 +425,25 @@ def _untouched(state, device):
         value = getattr(state, name, None)
         if isinstance(value, torch.Tensor):
             setattr(state, name, torch.empty_like(value, device=device))
-    state.state2 = _untouched(getattr(state, "state2", None), device)
+            made.append(getattr(state, name))
+    state.state2 = _untouched(getattr(state, "state2", None), device, made)
     return state
+
+
+def _lift_on_backward_thread(device: torch.device) -> None:
+    """Backward of CUDA tensors runs on autograd's thread for that device, where the fake mode's
+    thread-local "make new tensors on CPU, then move them" (`_FakeMode`) is off: a
+    `torch.tensor(..., device="cuda")` there (Liger's backward makes one) would ask the CPU
+    build for CUDA memory. One tiny backward, before any tracking, turns it on there."""
+    leaf = torch.empty((), device=device, requires_grad=True)
+    leaf.register_hook(lambda grad: torch._C._set_only_lift_cpu_tensors(True))
+    (leaf * 1).backward()
+
+
+class _FakeMode(FakeTensorMode):
+    """Fake tensors that never initialise a device, also where torch.cuda says one exists (the
+    fake CUDA device): `torch.tensor(..., device="cuda")` is made on CPU and moved, as fake."""
+
+    @property
+    def avoid_device_init(self) -> bool:
+        return True

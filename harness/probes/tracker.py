@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from harness.probes.timeline import Kind, round_block
 
 _NOBODY = object()  # a tensor no layer or parameter made (see Tracker._inherit)
+NOT_ANSWERED = object()  # see Tracker.values
 
 
 class BudgetExceeded(torch.OutOfMemoryError):
@@ -56,6 +57,9 @@ class Tracker(TorchDispatchMode):
         # their inputs' layer, element by element for foreach ops: the step's temporaries for
         # layer i's parameters belong to layer i; so do those an op makes from no tensor of
         # anyone's (scalars) while a per-parameter loop is at one of layer i's (`_current`).
+        # Counted only on this device type (a simulation on the fake CUDA device: a CPU tensor
+        # there, such as a batch before its copy to the device, holds no device memory).
+        self.device_type: str | None = None
         self.labels: list[int | None] | None = None
         self.owners: dict[int, int | None] = {}
         self.layer: int | None = None
@@ -74,7 +78,8 @@ class Tracker(TorchDispatchMode):
         for t in tree_leaves(tensors):
             t = getattr(t, "_local_tensor", t)  # a DTensor's storage is its rank's shard's
             if isinstance(t, torch.Tensor) and t.device.type != "meta" and (
-                    self.allocations is None or is_fake(t)):  # simulated: only fake is device
+                    self.allocations is None or is_fake(t)) and (  # simulated: only fake is
+                    self.device_type is None or t.device.type == self.device_type):  # device
                 storage = t.untyped_storage()
                 key = self._count(storage, now)
                 if self.allocations is None:
@@ -192,11 +197,19 @@ class Tracker(TorchDispatchMode):
     # func, args → byte sizes of scratch buffers the op would allocate around its kernel on the
     # device being modelled (a simulation's CUDA target); held while the op runs.
     scratch = None
+    # func, args → the value a read of a fake tensor's value (which it does not have) returns,
+    # or NOT_ANSWERED to let the read fail as it would; None: none answered.
+    values = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.values is not None:
+            value = self.values(func, args)
+            if value is not NOT_ANSWERED:
+                return value
         sizes = self.scratch(func, args) if self.scratch is not None else ()
         # Inside this method the mode is off: these go to the fake mode below, as fake tensors.
-        held = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+        held = [torch.empty(n, dtype=torch.uint8, device=self.device_type or "cpu")
+                for n in sizes]
         self.sight(Kind.TENSOR, held)
         first_new = len(self.allocations) + 1 if self.allocations is not None else 0
         out = func(*args, **(kwargs or {}))

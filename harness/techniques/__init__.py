@@ -116,8 +116,9 @@ class Technique:
     check_stack: Callable[[dict[str, dict]], str | None] | None = None
     needs_warmup: bool = False  # its first step is not representative (compilation)
     # Why it cannot run on fake tensors (simulation), or None where it can; a function of the
-    # resolved arguments where only some of them cannot (QLoRA with DoRA).
-    not_simulated: str | Callable[[dict], str | None] | None = None
+    # resolved arguments and the simulated device (None or cpu: fake CPU tensors; cuda: the fake
+    # CUDA device, fake_cuda.py) where only some can (QLoRA with DoRA; Liger only on CUDA).
+    not_simulated: str | Callable[[dict, torch.device], str | None] | None = None
     # Its part of the closed-form estimate (harness/estimate.py): (stack fields, resolved args)
     # → updates the stack fields in place, or raises estimate.NotModelled for arguments the
     # arithmetic does not cover. None: not modelled, for the reason in `not_estimated`.
@@ -144,7 +145,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
               load: Callable[..., None] | None = None, requires: tuple[str, ...] = (),
               check_stack: Callable[[dict[str, dict]], str | None] | None = None,
               needs_warmup: bool = False,
-              not_simulated: str | Callable[[dict], str | None] | None = None,
+              not_simulated: str | Callable[[dict, torch.device], str | None] | None = None,
               estimate: Callable[[dict, dict], None] | None = None,
               not_estimated: str | None = None,
               parallel_unsupported: Mapping[str, str] | None = None,
@@ -223,17 +224,18 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
     return None
 
 
-def not_simulated(tech: Technique, use: TechniqueUse) -> str | None:
-    """Why this use of the technique (its arguments) cannot run on fake tensors, or None."""
+def not_simulated(tech: Technique, use: TechniqueUse, device=None) -> str | None:
+    """Why this use of the technique (its arguments) cannot run on fake tensors of `device`
+    (fake CPU tensors when None), or None."""
     why = tech.not_simulated
-    return why(dict(use.args)) if callable(why) else why
+    return why(dict(use.args), device) if callable(why) else why
 
 
-def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer) -> str | None:
-    """Why this stack and `optimizer` (an optimizers.OptimizerSpec) cannot be simulated, or
-    None."""
+def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer, device=None) -> str | None:
+    """Why this stack and `optimizer` (an optimizers.OptimizerSpec) cannot be simulated on
+    `device` (fake CPU tensors when None), or None."""
     for tech, use in ordered(uses):
-        why = not_simulated(tech, use)
+        why = not_simulated(tech, use, device)
         if why:
             return f"{tech.name} cannot be simulated: {why}"
     why = optimizer.not_simulated

@@ -74,9 +74,24 @@ def _inductor_missing(device) -> str | None:
     return None
 
 
+def _not_simulated(args: dict, device) -> str | None:
+    """Inductor's own code generation runs on fake tensors (patches.compiled_code_traced):
+    C++ for CPU tensors (a CPU target), Triton for the fake CUDA device; the kernels are never
+    built nor run. What only running on a GPU decides is not simulated."""
+    if device is None and args["backend"] == "inductor":
+        return ("Inductor generates Triton code for CUDA, which needs the fake CUDA device, and "
+                "this simulation is on fake CPU tensors (see the record's notes)")
+    if args["mode"] in ("reduce-overhead", "max-autotune"):
+        return (f"mode {args['mode']!r}: " + (
+            "CUDA graphs keep a private memory pool, not modelled" if args["mode"] ==
+            "reduce-overhead" else "it benchmarks kernels on the GPU to choose them"))
+    if args["mode"] != "default":
+        return f"mode {args['mode']!r} is not simulated (only the default mode is)"
+    return None
+
+
 @technique("compile", stage=Stage.MODEL, args=_resolve, check_stack=_check_stack,
-           needs_warmup=True,
-           not_simulated="the memory of generated kernels is known only by running them",
+           needs_warmup=True, not_simulated=_not_simulated,
            not_estimated="what compiled kernels allocate is known only by running them")
 def compile(ctx: BuildContext, backend: str, mode: str, scope: str, fullgraph: bool,
             dynamic: bool) -> None:

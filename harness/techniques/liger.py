@@ -41,9 +41,24 @@ def _supported(device) -> str | None:
     return None
 
 
+def _not_simulated(args: dict, device) -> str | None:
+    """Simulated on the fake CUDA device only: Liger's kernels are Triton's, for CUDA."""
+    if device is None or device.type != "cuda":
+        return ("liger-kernel's Triton kernels run only on CUDA, and this simulation is on fake "
+                "CPU tensors (--target cpu, or no fake CUDA device: see the record's notes)")
+    return _supported(device)
+
+
+def _label(args: dict) -> str:
+    """`liger`, or with the switches that differ from Liger's defaults: `liger(-fused_linear_
+    cross_entropy)`."""
+    changed = [("+" if args[k] else "-") + k for k in _SWITCHES if k in args
+               and args[k] != _SWITCHES[k]]
+    return f"liger({', '.join(changed)})" if changed else "liger"
+
+
 @technique("liger", stage=Stage.MODEL, args=_resolve, supported=_supported,
-           check_stack=_check_stack,
-           not_simulated="liger-kernel's Triton kernels run only on a GPU, not on fake tensors",
+           check_stack=_check_stack, not_simulated=_not_simulated, label=_label,
            not_estimated="Liger's fused kernels are not modelled")
 def liger(ctx: BuildContext, **switches) -> None:
     """Fused kernels: fused linear cross-entropy never materialises the [tokens, vocab] logits

@@ -94,7 +94,7 @@ def _check_compute(stack: dict[str, dict]) -> str | None:
     return None
 
 
-def _not_simulated(args: dict) -> str | None:
+def _not_simulated(args: dict, device) -> str | None:
     """QDoRA: DoRA's weight norm dequantizes each 4-bit weight through a deep copy of
     bitsandbytes' Params4bit, which cannot be copied on the meta device a simulation builds on
     (RuntimeError from `set_data`); a real run, CPU or CUDA, trains it."""

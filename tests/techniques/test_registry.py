@@ -72,7 +72,10 @@ def test_optimizers_declare_their_estimate_as_techniques_do():
         optimizer_state([], "adafactor")
     weights = [Tensor(numel=8192, nbytes=32768, trainable=True)]
     foreach, paged = optimizer_state(weights, "adamw"), optimizer_state(weights, "paged_adamw_8bit")
-    assert foreach == (2 * 32768 + 512, 0, 32768)  # two moments + step; one moment's temporary
+    assert foreach == (2 * 32768, 0, 32768)  # two moments (the step count: a CPU scalar on
+    # CUDA); one moment's temporary
+    assert optimizer_state(weights, "adamw", "cpu")[0] == 2 * 32768 + 512  # on CPU it counts
+    assert optimizer_state(weights, "adamw_fused")[0] == 2 * 32768 + 512  # fused: on the device
     assert paged[0] == 0 and paged[1] > 0  # paged state is not on the device
 
 
