@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps: must be ≥ 1, got {args.steps}")
     _check_target(args)
-    gpu = getattr(args, "gpu", None)  # verbs that run through this one may not have --gpu
+    gpu = args.gpu
     if gpu is not None:
         if args.device in ("cpu", "cuda"):
             raise BadInput(f"--gpu: names the card a simulation simulates, not for --device "

@@ -79,6 +79,16 @@ def _torch_dir() -> Path | None:
         spec.submodule_search_locations else None
 
 
+def _build_reason() -> str | None:
+    """Why the installed torch cannot take the fake CUDA device, or None."""
+    torch_dir = _torch_dir()
+    if torch_dir is None:
+        return "torch is not installed"
+    if (torch_dir / "lib" / "libtorch_cuda.so").exists():
+        return "this torch is a CUDA build: its own CUDA hooks cannot be replaced"
+    return None
+
+
 def cache_dir() -> Path:
     root = os.environ.get("HARNESS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "harness")
@@ -98,11 +108,9 @@ def _compiler() -> str | None:
 
 def build() -> str | None:
     """Build the library unless it is cached; None when it is there, else why it cannot be."""
-    torch_dir = _torch_dir()
-    if torch_dir is None:
-        return "torch is not installed"
-    if (torch_dir / "lib" / "libtorch_cuda.so").exists():
-        return "this torch is a CUDA build: its own CUDA hooks cannot be replaced"
+    why = _build_reason()
+    if why is not None:
+        return why
     path = library_path()
     if path.exists():
         return None
@@ -113,6 +121,7 @@ def build() -> str | None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         src, out = Path(tmp) / "fake_cuda.cpp", Path(tmp) / path.name
         src.write_text(SOURCE)
+        torch_dir = _torch_dir()
         lib = torch_dir / "lib"
         proc = subprocess.run(
             [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-w",
@@ -134,9 +143,8 @@ def preload() -> None:
     if "torch" in sys.modules:
         _why_not = "torch was imported before the fake CUDA device was loaded"
         return
-    torch_dir = _torch_dir()
-    if torch_dir is None or (torch_dir / "lib" / "libtorch_cuda.so").exists():
-        _why_not = "this torch is a CUDA build: its own CUDA hooks cannot be replaced"
+    _why_not = _build_reason()
+    if _why_not is not None:
         return
     path = library_path()
     if not path.exists():

@@ -95,14 +95,15 @@ PATCHES: tuple[Patch, ...] = (
     Patch("compiled_code_traced",
           {EMPTY_STRIDED["cpu"]: (), EMPTY_STRIDED["cuda"]: (), REINTERPRET: (),
            CPP_KERNEL: ("self", "argtypes", "source_code"),
-           TRITON_KERNEL: ("self", "kernel_name", "source_code", "device_str"),
-           **CUDA_INTERFACE, AVOID_DEVICE_INIT: ("self",)}, {"torch": "2.13.0"},
+           TRITON_KERNEL: ("self", "kernel_name", "source_code", "device_str")},
+          {"torch": "2.13.0"},
           "Inductor's generated wrapper makes its buffers with C++ functions no dispatch mode "
-          "sees, and runs compiled kernels that cannot run on fake tensors; Dynamo binds "
-          "torch.cuda's answers at import, and its own fake modes would initialise the device"),
-    Patch("cuda_answers", FAKE_CUDA, {"torch": "2.13.0"},
+          "sees, and runs compiled kernels that cannot run on fake tensors"),
+    Patch("cuda_answers", {**FAKE_CUDA, **CUDA_INTERFACE, AVOID_DEVICE_INIT: ("self",)},
+          {"torch": "2.13.0"},
           "a CPU build's torch.cuda says there is no GPU; libraries ask it before taking their "
-          "CUDA branches, and a simulation on fake CUDA tensors must be answered as a GPU"),
+          "CUDA branches (Dynamo binds its answers at import), and a simulation on fake CUDA "
+          "tensors must be answered as a GPU — by every fake mode, not only the probe's"),
 )
 _PATCH_OF = {target: patch for patch in PATCHES for target in patch.targets}
 
@@ -324,7 +325,16 @@ def cuda_answers(card) -> contextlib.AbstractContextManager[None]:
         "manual_seed": lambda seed: None, "manual_seed_all": lambda seed: None,
         "_exchange_device": lambda device: 0, "_maybe_exchange_device": lambda device: 0,
     }
-    return _replaced({target: answers[target.rpartition(":")[2]] for target in FAKE_CUDA})
+    replacements = {target: answers[target.rpartition(":")[2]] for target in FAKE_CUDA}
+    # Dynamo's CUDA interface holds torch.cuda's functions as bound at import: the same
+    # answers (its exchange_device is torch.cuda's _exchange_device).
+    replacements.update({target: staticmethod(answers[name if name in answers else f"_{name}"])
+                         for target in CUDA_INTERFACE
+                         for name in [target.rpartition(".")[2]]})
+    # A fake mode makes a new CUDA tensor on CPU and moves it, rather than ask the device for
+    # memory, only while torch.cuda says there is no GPU: on this device, there never is.
+    replacements[AVOID_DEVICE_INIT] = property(lambda self: True)
+    return _replaced(replacements)
 
 
 class _NoKernel:
@@ -347,10 +357,10 @@ def compiled_code_traced(card=None) -> Iterator[None]:
     load from C++ functions no dispatch mode sees) made through the dispatcher, so the tracker
     sees each allocation and, at `del buf`, each free; every compiled kernel a no-op (neither
     built nor run: C++ for CPU, Triton for CUDA), extern kernels (matmuls) run as fake ops.
-    With `card` (the fake CUDA device), Inductor generates Triton code for that card: its
-    device interface and a Triton driver answer as the card, Dynamo's own fake modes do not
-    initialise the device, and joint-graph constant folding — which runs real ops on the
-    device — is off (a difference from a GPU's compile, noted in the record)."""
+    With `card` (the fake CUDA device, whose torch.cuda answers are cuda_answers'), Inductor
+    generates Triton code for that card: Triton's driver answers as the card, and joint-graph
+    constant folding — which runs real ops on the device — is off (a difference from a GPU's
+    compile)."""
     import torch._inductor.config as inductor_config
 
     def empty_strided(device):
@@ -368,17 +378,6 @@ def compiled_code_traced(card=None) -> Iterator[None]:
                     _NoKernel()}
     with contextlib.ExitStack() as stack:
         if card is not None:
-            answers = {"get_device_properties": lambda device=None:
-                       torch.cuda.get_device_properties(device),
-                       "current_device": lambda: 0, "device_count": lambda: 1,
-                       "set_device": lambda device: None, "synchronize": lambda device=None: None,
-                       "exchange_device": lambda device: 0,
-                       "maybe_exchange_device": lambda device: 0,
-                       "is_bf16_supported": lambda including_emulation=False:
-                       card.capability >= (8, 0)}
-            replacements.update({t: staticmethod(answers[t.rpartition(".")[2]])
-                                 for t in CUDA_INTERFACE})
-            replacements[AVOID_DEVICE_INIT] = property(lambda self: True)
             stack.enter_context(inductor_config.patch(joint_graph_constant_folding=False))
             stack.enter_context(_triton_target(card))
             if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU build has none

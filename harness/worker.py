@@ -85,8 +85,7 @@ def run_variant(job: Job) -> str:
     if parallel is not None and simulate:
         return _simulate_ranks(job, record, started)
     try:
-        _run_measured(job, record, simulated_device(job)[0] if simulate else
-                      torch.device(job.device), started)
+        _run_measured(job, record, None if simulate else torch.device(job.device), started)
     finally:
         parallel_training.leave()  # if this is a rank
     write_record(job.result, record)
@@ -103,6 +102,11 @@ def simulated_device(job: Job):
 
     if job.target != "cuda":
         return torch.device("cpu"), None, None
+    if job.variant.parallel is not None:
+        # The ranks' fake process group (parallel.fake_group) holds CPU tensors, which FSDP2
+        # and DDP would meet beside the model's fake CUDA ones.
+        return torch.device("cpu"), None, ("the ranks of a parallel variant are simulated on "
+                                           "fake CPU tensors, whose fake process group is CPU's")
     why = fake_cuda.unavailable()
     if why is not None:
         return torch.device("cpu"), None, why
@@ -163,19 +167,19 @@ def rank_record_path(result_path: Path, rank: int) -> Path:
 
 
 def _simulate_ranks(job: Job, record: Record, started: float) -> str:
-    import torch
 
     from harness.parallel import simulate_ranks
 
     merged = simulate_ranks(job, record, lambda rank_job, rank_record: _run_measured(
-        rank_job, rank_record, torch.device("cpu"), started))
+        rank_job, rank_record, None, started))
     merged.timing.wall_s = round(time.perf_counter() - started, 3)
     write_record(job.result, merged)
     return merged.status
 
 
 def _run_measured(job: Job, record: Record, torch_device, started: float) -> None:
-    """Build and train the variant under this device's probe; fill `record`'s results."""
+    """Build and train the variant under this device's probe (a simulation's: None, chosen
+    here, simulated_device); fill `record`'s results."""
     from harness.depth import NotExtrapolated, layers_to_extrapolate, simulate_deep
     from harness.models import beyond_positions, resolve_config
     from harness.train import measure, timing
@@ -186,10 +190,11 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     source = resolve_config(scenario.model, scenario.path)
     train, sim_note = variant.train, None
     card = None
-    if simulate:
+    if simulate:  # torch_device is None: the simulated device is decided here
         torch_device, card, why_not = simulated_device(job)
-        record.notes.append(f"simulated on fake CPU tensors, with CUDA kernels' scratch added "
-                            f"by hand: no fake CUDA device ({why_not})" if why_not else None)
+        if why_not:
+            record.notes.append(f"simulated on fake CPU tensors, with CUDA kernels' scratch "
+                                f"added by hand: no fake CUDA device ({why_not})")
     if simulate and train.warmup_steps + train.steps > 2:
         # The first step creates the optimizer state, the second runs with it; on fake tensors
         # every later step repeats the second byte for byte.

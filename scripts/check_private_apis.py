@@ -101,13 +101,35 @@ def _signature(node) -> tuple[str, ...] | None:
     return None
 
 
+def _flat(body: list[ast.stmt]) -> list[ast.stmt]:
+    """Statements of a body, those under an `if` (`if hasattr(torch._C, ...): ... else:
+    def ...`) included, in order."""
+    out = []
+    for node in body:
+        if isinstance(node, ast.If):
+            out += _flat(node.body) + _flat(node.orelse)
+        else:
+            out.append(node)
+    return out
+
+
+def _dotted(node) -> str | None:
+    """`a.b.c` of an attribute chain of names, or None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
 def _find(tree: ast.Module, qualname: str):
     """The def or class of a dotted qualname, or the statement binding a module-level name."""
     scope: list[ast.stmt] = tree.body
     found = None
     for part in qualname.split("."):
         found = None
-        for node in scope:
+        for node in _flat(scope):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and \
                     node.name == part:
                 found = node
@@ -162,6 +184,14 @@ def check(wheel_paths: list[str]) -> list[tuple[bool, str]]:
                          and any(a.name == "*" for a in n.names)):  # `from .random import *`
                 origin_src = _source(wheels, _absolute(module, star, package))
                 node = node or (_find(ast.parse(origin_src), qualname) if origin_src else None)
+            # `name = staticmethod(torch.cuda.fn)`: fn's own signature, where it is defined
+            bound = node.value.args[0] if isinstance(node, ast.Assign) and isinstance(
+                node.value, ast.Call) and getattr(node.value.func, "id", None) == \
+                "staticmethod" and node.value.args else None
+            if _dotted(bound) and "." in _dotted(bound):
+                owner, _, name = _dotted(bound).rpartition(".")
+                owner_src = _source(wheels, owner)
+                node = _find(ast.parse(owner_src), name) if owner_src else None
             found = _signature(node)
             if found is None:
                 results.append((False, f"{target}: not found (patch {patch.name})"))

@@ -131,3 +131,27 @@ def test_a_sequence_beyond_the_models_positions_is_a_warning_not_a_refusal(tmp_p
     source = resolve_config(scenario.model, scenario.path)
     assert "max_position_embeddings (2,048)" in beyond_positions(source, 4096)
     assert beyond_positions(source, 2048) is None
+
+
+def test_a_cuda_target_simulates_on_the_fake_cuda_device_except_a_parallel_variant():
+    """FSDP2's ranks are simulated on a fake process group of CPU tensors, which would meet
+    the model's fake CUDA ones: a parallel variant stays on fake CPU tensors and says why."""
+    from harness import fake_cuda
+    from harness.worker import simulated_device
+
+    if fake_cuda.unavailable() is not None:
+        pytest.skip(f"no fake CUDA device: {fake_cuda.unavailable()}")
+    scenario = load_scenario("fsdp_tiny")
+
+    def on(name: str, target: str = "cuda"):
+        return simulated_device(Job.make(scenario, scenario.variant(name), RunOptions(
+            "simulate", target=target, gpu="a100-80"), run_id="r", result=Path("/nonexistent")))
+
+    device, card, why = on("one-process")
+    assert device.type == "cuda" and why is None
+    assert (card.name, card.capability, card.multiprocessors) == ("NVIDIA A100-SXM4-80GB",
+                                                                  (8, 0), 108)
+    device, card, why = on("fsdp2")
+    assert device.type == "cpu" and card is None and "fake process group" in why
+    device, card, why = on("one-process", "cpu")
+    assert (device.type, card, why) == ("cpu", None, None)

@@ -88,7 +88,7 @@ class SimulateProbe(Probe):
             from harness import fake_cuda
 
             self._device_modes.enter_context(fake_cuda.device(self.card))
-        self._fake = _FakeMode(allow_non_fake_inputs=True)
+        self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._copies: list[torch.Tensor] = []
         self._device_modes.enter_context(self._fake)
         self._device_modes.enter_context(unpacked_batches())
@@ -264,21 +264,21 @@ def cuda_scratch(func, args) -> list[int]:
                                   query.element_size())
 
 
-_VALUE_READS = {torch.ops.aten._local_scalar_dense.default: 1, torch.ops.aten.equal.default: True}
+_VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
 
 
 def liger_values(func, args):
     """The values Liger's Python reads of fake tensors, which have none: fused linear
     cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor) and
     an `equal` test; neither sizes an allocation. Reads from anyone else's code fail as ever."""
-    answer = _VALUE_READS.get(func, NOT_ANSWERED)
-    if answer is NOT_ANSWERED or not is_fake(args[0]):
+    if func not in _VALUE_READS or not is_fake(args[0]):
         return NOT_ANSWERED
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("liger_kernel."):
-            return answer if func is torch.ops.aten.equal.default else \
-                type(answer)(1) if not args[0].is_floating_point() else 1.0
+            if func is torch.ops.aten.equal.default:
+                return True
+            return 1.0 if args[0].is_floating_point() else 1
         frame = frame.f_back
     return NOT_ANSWERED
 
@@ -432,18 +432,9 @@ def _untouched(state, device, made: list):
 
 def _lift_on_backward_thread(device: torch.device) -> None:
     """Backward of CUDA tensors runs on autograd's thread for that device, where the fake mode's
-    thread-local "make new tensors on CPU, then move them" (`_FakeMode`) is off: a
+    thread-local "make new tensors on CPU, then move them" (patches.cuda_answers) is off: a
     `torch.tensor(..., device="cuda")` there (Liger's backward makes one) would ask the CPU
     build for CUDA memory. One tiny backward, before any tracking, turns it on there."""
     leaf = torch.empty((), device=device, requires_grad=True)
     leaf.register_hook(lambda grad: torch._C._set_only_lift_cpu_tensors(True))
     (leaf * 1).backward()
-
-
-class _FakeMode(FakeTensorMode):
-    """Fake tensors that never initialise a device, also where torch.cuda says one exists (the
-    fake CUDA device): `torch.tensor(..., device="cuda")` is made on CPU and moved, as fake."""
-
-    @property
-    def avoid_device_init(self) -> bool:
-        return True

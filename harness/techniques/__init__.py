@@ -116,8 +116,9 @@ class Technique:
     check_stack: Callable[[dict[str, dict]], str | None] | None = None
     needs_warmup: bool = False  # its first step is not representative (compilation)
     # Why it cannot run on fake tensors (simulation), or None where it can; a function of the
-    # resolved arguments and the simulated device (None or cpu: fake CPU tensors; cuda: the fake
-    # CUDA device, fake_cuda.py) where only some can (QLoRA with DoRA; Liger only on CUDA).
+    # resolved arguments and the simulated device (cuda: the fake CUDA device, fake_cuda.py;
+    # cpu: fake CPU tensors for a CPU target; None: fake CPU tensors standing in for a CUDA
+    # target, no fake device) where only some can (QLoRA with DoRA; Liger only on CUDA).
     not_simulated: str | Callable[[dict, torch.device], str | None] | None = None
     # Its part of the closed-form estimate (harness/estimate.py): (stack fields, resolved args)
     # → updates the stack fields in place, or raises estimate.NotModelled for arguments the
@@ -226,7 +227,7 @@ def unsupported_reason(uses: tuple[TechniqueUse, ...], device) -> str | None:
 
 def not_simulated(tech: Technique, use: TechniqueUse, device=None) -> str | None:
     """Why this use of the technique (its arguments) cannot run on fake tensors of `device`
-    (fake CPU tensors when None), or None."""
+    (None: fake CPU tensors standing in for a CUDA target; see Technique.not_simulated)."""
     why = tech.not_simulated
     return why(dict(use.args), device) if callable(why) else why
 

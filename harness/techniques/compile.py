@@ -76,18 +76,15 @@ def _inductor_missing(device) -> str | None:
 
 def _not_simulated(args: dict, device) -> str | None:
     """Inductor's own code generation runs on fake tensors (patches.compiled_code_traced):
-    C++ for CPU tensors (a CPU target), Triton for the fake CUDA device; the kernels are never
-    built nor run. What only running on a GPU decides is not simulated."""
+    C++ for CPU tensors, Triton for the fake CUDA device; the kernels are never built nor run.
+    Not offered until its figure agrees with a real compiled run: on a tiny Llama (bf16,
+    2 × 256) on CPU it is 4.0 % low in forward and 3.1 % in backward, where eager agrees to
+    the byte."""
     if device is None and args["backend"] == "inductor":
         return ("Inductor generates Triton code for CUDA, which needs the fake CUDA device, and "
                 "this simulation is on fake CPU tensors (see the record's notes)")
-    if args["mode"] in ("reduce-overhead", "max-autotune"):
-        return (f"mode {args['mode']!r}: " + (
-            "CUDA graphs keep a private memory pool, not modelled" if args["mode"] ==
-            "reduce-overhead" else "it benchmarks kernels on the GPU to choose them"))
-    if args["mode"] != "default":
-        return f"mode {args['mode']!r} is not simulated (only the default mode is)"
-    return None
+    return ("the generated code runs on fake tensors, but its peaks are not yet within 2 % of "
+            "a real compiled run (3-4 % low on CPU); measure it")
 
 
 @technique("compile", stage=Stage.MODEL, args=_resolve, check_stack=_check_stack,

@@ -21,9 +21,9 @@ H200 = gpus.simulated_card(gpus.card("h200"))
 
 
 def _fake():
-    from harness.probes.simulate import _FakeMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    return _FakeMode(allow_non_fake_inputs=True)
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def test_switched_off_it_changes_nothing_and_on_it_is_the_simulated_card():
