@@ -203,10 +203,14 @@ def unpacked_batches() -> contextlib.AbstractContextManager[None]:
     (`(mask[:, -1] == 0).all()`), a question about values that fake tensors cannot answer, so it
     assumes they may be and builds a full [B, 1, S, S] mask — which also turns SDPA's `is_causal`
     path off. The harness's batches are one sequence per row by construction, and a real run
-    answers "not packed" and passes no mask: answer the same for fake position ids."""
+    answers "not packed" and passes no mask: answer the same for fake position ids. Under
+    torch.compile the question is traced, not answered (Dynamo's tensors have no values on a GPU
+    either): the original runs, and asking `is_fake` there would break the graph."""
     _, _, original = resolve(FIND_PACKED)
 
     def find_packed_sequence_indices(position_ids):
+        if torch.compiler.is_compiling():
+            return original(position_ids)
         return None if is_fake(position_ids) else original(position_ids)
 
     return _replaced({FIND_PACKED: find_packed_sequence_indices})
@@ -262,7 +266,10 @@ def cuda_attention(capability: tuple[int, int],
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                      is_causal=False, scale=None, enable_gqa=False):
-        if not (is_fake(query) and query.device.type == "cuda"):
+        # Under torch.compile Dynamo traces this function (is_fake would break its graph): in
+        # a simulation every CUDA tensor it meets is fake.
+        fake = torch.compiler.is_compiling() or is_fake(query)
+        if not (fake and query.device.type == "cuda"):
             return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                             enable_gqa=enable_gqa)
         if capability >= (8, 0) and query.dtype in (torch.float16, torch.bfloat16) and \

@@ -239,11 +239,18 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:
         use["args"].update(result.resolved.get(use["name"], {}))
-    # Fake ops take no device time: a simulated step time would be the simulator's own.
-    record.timing = Timing(**(timing(result, train) if not simulate else
-                              {"step_time_s_median": None, "tokens_per_s": None,
-                               "warmup_s": None}),
+    # Fake ops take no device time: a simulated step time would be the simulator's own. A
+    # compiled variant's warm-up is Inductor's compile, which is real work here too.
+    compiled = next((u["args"] for u in record.variant.techniques if u["name"] == "compile"),
+                    None)
+    simulated_timing = {"step_time_s_median": None, "tokens_per_s": None, "warmup_s":
+                        timing(result, train)["warmup_s"] if compiled is not None else None}
+    record.timing = Timing(**(timing(result, train) if not simulate else simulated_timing),
                            wall_s=round(time.perf_counter() - started, 3))
+    if simulate and compiled is not None and record.status == "ok":
+        from harness.techniques.compile import simulated_notes
+
+        record.notes += simulated_notes(compiled, torch_device)
 
 
 def main(argv: list[str] | None = None) -> int:

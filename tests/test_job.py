@@ -86,8 +86,11 @@ def test_a_cpu_run_is_refused_by_the_ram_it_would_need_not_by_this_machine(tmp_p
 def test_preflight_gives_the_first_reason_a_job_cannot_run(tmp_path):
     from harness.worker import _preflight
 
-    path = write_scenario(tmp_path, "s", [{"name": "ok"}, {"name": "liger",
-                                                           "techniques": ["bf16", "liger"]}])
+    path = write_scenario(tmp_path, "s", [
+        {"name": "ok"}, {"name": "liger", "techniques": ["bf16", "liger"]},
+        {"name": "compiled", "techniques": ["bf16", "compile"]},
+        {"name": "qlora-compiled", "techniques": [{"qlora": {"r": 8}}, "compile"]},
+        {"name": "overhead", "techniques": ["bf16", {"compile": {"mode": "reduce-overhead"}}]}])
     scenario = load_scenario(path)
 
     def reason(name: str, device: str, target: str = "cuda") -> str | None:
@@ -99,6 +102,13 @@ def test_preflight_gives_the_first_reason_a_job_cannot_run(tmp_path):
     assert reason("liger", "simulate") is None
     assert reason("liger", "simulate", "cpu").startswith("liger cannot be simulated")
     assert reason("liger", "cpu").startswith("liger: ")
+    # Inductor's own code generation, for either target; not with bitsandbytes' 4-bit weights
+    # on the fake CUDA device, nor CUDA graphs' private pool.
+    assert reason("compiled", "simulate") is None
+    assert reason("compiled", "simulate", "cpu") is None
+    assert reason("qlora-compiled", "simulate", "cpu") is None
+    assert "with qlora on the fake CUDA device" in reason("qlora-compiled", "simulate")
+    assert "CUDA graphs" in reason("overhead", "simulate")
 
 
 
