@@ -12,7 +12,7 @@ from harness.scenario import point_label
 from tests.conftest import REPO, harness, last_json, records, write_scenario
 
 PNG = b"\x89PNG\r\n\x1a\n"
-COMMITTED = REPO / "results" / "sweep_mistral" / "20261201T084143679Z-d635fbc"
+COMMITTED = REPO / "results" / "sweep_mistral" / "20261203T131012443Z-7710944"
 
 
 @pytest.fixture(scope="module", params=["committed", pytest.param("simulated",

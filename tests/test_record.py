@@ -85,7 +85,9 @@ def test_a_record_off_the_schema_is_refused_naming_the_key(change, says, tmp_pat
 def test_a_memory_part_is_built_from_its_fields_and_keeps_a_probe_s_extras():
     _, record = _record()
     memory = Memory.of({**record["memory"], "a_probe_figure": 12})
-    assert memory.extras == {"a_probe_figure": 12}
+    # The simulated card is the simulation probe's own extra.
+    assert memory.extras == {"a_probe_figure": 12,
+                             "simulated_gpu": record["memory"]["simulated_gpu"]}
     assert memory.breakdown_bytes == record["memory"]["breakdown_bytes"]
     with pytest.raises(RecordError, match="phases"):
         Memory.of({k: v for k, v in record["memory"].items() if k != "phases"})

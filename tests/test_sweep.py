@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO, harness, last_json, records, write_scenario
 
-COMMITTED = REPO / "results" / "sweep_mistral" / "20261201T084143679Z-d635fbc"
+COMMITTED = REPO / "results" / "sweep_mistral" / "20261203T131012443Z-7710944"
 
 VARIANTS = [{"name": "bf16", "techniques": ["bf16"]},
             # Its own seq_len is overridden by the sweep's.
