@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from harness.probes.timeline import Kind
 
@@ -68,6 +68,7 @@ CUDA_INTERFACE: dict[str, tuple[str, ...]] = {_INTERFACE + name: params for name
     ("exchange_device", ("device",)), ("maybe_exchange_device", ("device",)),
     ("is_bf16_supported", ("including_emulation",)))}
 AVOID_DEVICE_INIT = "torch._subclasses.fake_tensor:FakeTensorMode.avoid_device_init"
+FROM_REAL = "torch._subclasses.fake_tensor:FakeTensorConverter.from_real_tensor"
 
 PATCHES: tuple[Patch, ...] = (
     Patch("unpacked_batches", {FIND_PACKED: ("position_ids",)}, {"transformers": "5.24.0"},
@@ -99,6 +100,12 @@ PATCHES: tuple[Patch, ...] = (
           {"torch": "2.13.0"},
           "Inductor's generated wrapper makes its buffers with C++ functions no dispatch mode "
           "sees, and runs compiled kernels that cannot run on fake tensors"),
+    Patch("real_tensors_lifted",
+          {FROM_REAL: ("self", "fake_mode", "t", "make_constant", "shape_env", "source",
+                       "symbolic_context", "trace")},
+          {"torch": "2.13.0"},
+          "bitsandbytes' packed 4-bit weights are host tensors standing for fake CUDA ones; "
+          "Dynamo's own fake mode, under torch.compile, would fake them on the CPU"),
     Patch("cuda_answers", {**FAKE_CUDA, **CUDA_INTERFACE, AVOID_DEVICE_INIT: ("self",)},
           {"torch": "2.13.0"},
           "a CPU build's torch.cuda says there is no GPU; libraries ask it before taking their "
@@ -286,7 +293,8 @@ def cuda_attention(capability: tuple[int, int],
             kernel, out = "memory-efficient", aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_mask, query.requires_grad, dropout_p, is_causal,
                 scale=scale)[0]
-        chosen[kernel] = chosen.get(kernel, 0) + 1
+        if not torch.compiler.is_compiling():  # a side effect Dynamo would break the graph on
+            chosen[kernel] = chosen.get(kernel, 0) + 1
         return out
 
     return _replaced({SDPA: scaled_dot_product_attention})
@@ -303,6 +311,30 @@ class _OneDevice:
 
     def __exit__(self, *exc):
         return False
+
+
+def real_tensors_lifted(lifted: dict) -> contextlib.AbstractContextManager[None]:
+    """Every fake mode — the probe's and Dynamo's own, under torch.compile — fakes each real
+    tensor in `lifted` (id → (tensor, device)) as a fake tensor on that device, made from meta
+    through no op, as the probe's mode was told beforehand (probes/simulate.py)."""
+    _, _, original = resolve(FROM_REAL)
+
+    def from_real_tensor(self, fake_mode, t, *args, **kwargs):
+        entry = lifted.get(id(t))
+        if entry is None or entry[0] is not t:
+            return original(self, fake_mode, t, *args, **kwargs)
+        memo = self._get_memo(t)
+        if memo is not None and memo.fake_mode is fake_mode:
+            return memo
+        with unset_fake_temporarily():
+            meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        out = self.from_meta_and_device(fake_mode, meta, entry[1])
+        self.set_tensor_memo(t, out)
+        kept.append(out)  # the memo holds it weakly
+        return out
+
+    kept: list = []
+    return _replaced({FROM_REAL: from_real_tensor})
 
 
 def cuda_answers(card) -> contextlib.AbstractContextManager[None]:
@@ -368,6 +400,7 @@ def compiled_code_traced(card=None) -> Iterator[None]:
     generates Triton code for that card: Triton's driver answers as the card, and joint-graph
     constant folding — which runs real ops on the device — is off (a difference from a GPU's
     compile)."""
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     def empty_strided(device):
@@ -386,6 +419,10 @@ def compiled_code_traced(card=None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if card is not None:
             stack.enter_context(inductor_config.patch(joint_graph_constant_folding=False))
+            # A checkpointed region's random ops (dropout) replay their CUDA generator's state
+            # in backward; a CPU build has no CUDA generator. Saving the state as a tensor
+            # instead (a few bytes, in host memory) is the partitioner's other path.
+            stack.enter_context(functorch_config.patch(graphsafe_rng_functionalization=False))
             stack.enter_context(_triton_target(card))
             if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU build has none
                 torch._C._cuda_getCurrentRawStream = lambda device: 0

@@ -32,6 +32,7 @@ from harness.patches import (
     SteppingScaler,
     compiled_code_traced,
     cuda_attention,
+    real_tensors_lifted,
     unpacked_batches,
 )
 from harness.probes import Kind, Probe
@@ -90,11 +91,13 @@ class SimulateProbe(Probe):
             self._device_modes.enter_context(fake_cuda.device(self.card))
         self._fake = FakeTensorMode(allow_non_fake_inputs=True)
         self._copies: list[torch.Tensor] = []
+        self._lifted: dict[int, tuple] = {}  # packed 4-bit host tensors → their fake device
         self._device_modes.enter_context(self._fake)
         self._device_modes.enter_context(unpacked_batches())
         self._device_modes.enter_context(compiled_code_traced(self.card))
         if self.device.type == "cuda":
             _lift_on_backward_thread(self.device)
+            self._device_modes.enter_context(real_tensors_lifted(self._lifted))
             self.attention = {}
             self._device_modes.enter_context(cuda_attention(self.card.capability,
                                                             self.attention))
@@ -138,7 +141,7 @@ class SimulateProbe(Probe):
         packed = _materialize(ctx.model, device)
         if layers is not None and len(layers) == DEPTH:
             own_layers(self.tracker, ctx.model, layers)  # before the packed weights' stand-ins go
-        self._copies += _materialize_packed(packed, device, self._fake)
+        self._copies += _materialize_packed(packed, device, self._fake, self._lifted)
         ctx.device = device
         self._model = ctx.model
         return ctx
@@ -371,7 +374,8 @@ def _materialize(model, device: torch.device) -> dict:
     return packed
 
 
-def _materialize_packed(packed: dict, device: torch.device, fake: FakeTensorMode) -> list:
+def _materialize_packed(packed: dict, device: torch.device, fake: FakeTensorMode,
+                        lifted: dict) -> list:
     """The packed 4-bit weights (see _materialize): unwritten real CPU storage in their layout.
     On the fake CUDA device, where no real tensor can be, the fake mode is told beforehand
     that each of those real tensors is a fake CUDA tensor: ops meet them there. Returns those
@@ -397,6 +401,7 @@ def _materialize_packed(packed: dict, device: torch.device, fake: FakeTensorMode
             meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
         stand_ins.append(converter.from_meta_and_device(fake, meta, device))
         converter.set_tensor_memo(t, stand_ins[-1])
+        lifted[id(t)] = (t, device)  # and so is any other fake mode (Dynamo's)
     return stand_ins
 
 

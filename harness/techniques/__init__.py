@@ -239,12 +239,6 @@ def simulation_reason(uses: tuple[TechniqueUse, ...], optimizer, device=None) ->
         why = not_simulated(tech, use, device)
         if why:
             return f"{tech.name} cannot be simulated: {why}"
-    names = {use.name for use in uses}
-    if {"compile", "qlora"} <= names and getattr(device, "type", device) == "cuda":
-        return ("compile cannot be simulated with qlora on the fake CUDA device: bitsandbytes' "
-                "packed 4-bit weights are host tensors the simulation lifts to the device as "
-                "ops meet them, Dynamo fakes them itself on the CPU, and the traced step mixes "
-                "devices")
     why = optimizer.not_simulated
     return f"optimizer {optimizer.name} cannot be simulated: {why}" if why else None
 

@@ -97,6 +97,10 @@ def simulated_notes(args: dict, device) -> list[str]:
     notes = [f"compiled by {args['backend']} on fake tensors: the generated wrapper's buffers "
              f"are traced, its kernels never run; Dynamo made {graphs} graph(s) with {breaks} "
              "graph break(s); warmup_s is the compile on this machine"]
+    if graphs == 0:
+        notes.append("Dynamo compiled nothing (every frame fell back to eager at a graph break, "
+                     "e.g. a torch.compiler.disable'd library call inside a checkpointed layer): "
+                     "the figure is the eager step's, as a GPU run of this stack would be")
     if device.type == "cuda" and args["backend"] == "inductor":
         notes.append("Inductor on the fake CUDA device: Triton kernels generated for the "
                      "simulated GPU, autotuning off (one config per kernel, no benchmark "

@@ -5,6 +5,7 @@ not either — apart from the CUDA-only terms each test names."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -242,3 +243,31 @@ def test_liger_and_compile_lower_a_big_vocabulary_peak_by_at_least_the_fp32_logi
     assert any("Triton kernels generated" in n for n in compiled["notes"])
     assert (records["bf16"]["memory"]["peak_allocated_bytes"]
             - compiled["memory"]["peak_allocated_bytes"]) >= logits
+
+
+@pytest.mark.slow
+def test_compile_over_4bit_weights_is_traced_whole_on_the_fake_cuda_device(tmp_path):
+    """bitsandbytes' packed weights are host tensors the simulation lifts to fake CUDA; Dynamo's
+    own fake mode lifts them the same way (patches.real_tensors_lifted), where it once faked
+    them on the CPU and the compiled step failed with a device mismatch. QLoRA + checkpointing
+    + compile on a tiny Mistral (2 layers): compiled, not eager, and no more than the eager
+    step keeps."""
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-mistral.json").read_text())
+    (tmp_path / "two.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    path = write_scenario(tmp_path, "q4", [
+        {"name": "qlora-gc", "techniques": [{"qlora": {"r": 8}}, "gradient_checkpointing"]},
+        {"name": "qlora-gc-compile", "techniques": [{"qlora": {"r": 8}},
+                                                    "gradient_checkpointing", "compile"]},
+    ], model={"config": "./two.json"}, train={"batch_size": 2, "seq_len": 256, "steps": 1,
+                                                "warmup_steps": 1})
+    harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / "out"))
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("*.json")
+               if p.stem in ("qlora-gc", "qlora-gc-compile")}
+    compiled = records["qlora-gc-compile"]
+    assert compiled["status"] == "ok", compiled["error"]
+    note = next(n for n in compiled["notes"] if "Dynamo made" in n)
+    assert int(re.search(r"Dynamo made (\d+) graph", note)[1]) >= 1, note  # compiled, not eager
+    assert compiled["memory"]["quantized_weight_bytes"] == \
+        records["qlora-gc"]["memory"]["quantized_weight_bytes"]
+    assert compiled["memory"]["peak_allocated_bytes"] <= \
+        records["qlora-gc"]["memory"]["peak_allocated_bytes"]
