@@ -323,8 +323,8 @@ def real_tensors_lifted(lifted: dict) -> contextlib.AbstractContextManager[None]
         entry = lifted.get(id(t))
         if entry is None or entry[0] is not t:
             return original(self, fake_mode, t, *args, **kwargs)
-        memo = self._get_memo(t)
-        if memo is not None and memo.fake_mode is fake_mode:
+        memo = self._get_memo(t)  # each fake mode has its own converter, and memo
+        if memo is not None:
             return memo
         with unset_fake_temporarily():
             meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")

@@ -167,7 +167,6 @@ def rank_record_path(result_path: Path, rank: int) -> Path:
 
 
 def _simulate_ranks(job: Job, record: Record, started: float) -> str:
-
     from harness.parallel import simulate_ranks
 
     merged = simulate_ranks(job, record, lambda rank_job, rank_record: _run_measured(
@@ -239,18 +238,20 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:
         use["args"].update(result.resolved.get(use["name"], {}))
-    # Fake ops take no device time: a simulated step time would be the simulator's own. A
-    # compiled variant's warm-up is Inductor's compile, which is real work here too.
-    compiled = next((u["args"] for u in record.variant.techniques if u["name"] == "compile"),
-                    None)
-    simulated_timing = {"step_time_s_median": None, "tokens_per_s": None, "warmup_s":
-                        timing(result, train)["warmup_s"] if compiled is not None else None}
-    record.timing = Timing(**(timing(result, train) if not simulate else simulated_timing),
-                           wall_s=round(time.perf_counter() - started, 3))
-    if simulate and compiled is not None and record.status == "ok":
-        from harness.techniques.compile import simulated_notes
+    measured = timing(result, train)
+    if simulate:
+        from harness.techniques import REGISTRY
 
-        record.notes += simulated_notes(compiled, torch_device)
+        applied = [(REGISTRY[u["name"]], u["args"]) for u in record.variant.techniques]
+        # Fake ops take no device time: a simulated step time would be the simulator's own.
+        # A warm-up that needs its own step (compilation) is real work here too.
+        warm = any(tech.needs_warmup for tech, _ in applied)
+        measured = {"step_time_s_median": None, "tokens_per_s": None,
+                    "warmup_s": measured["warmup_s"] if warm else None}
+        if record.status == "ok":
+            record.notes += [note for tech, args in applied if tech.simulated_notes
+                             for note in tech.simulated_notes(args, torch_device)]
+    record.timing = Timing(**measured, wall_s=round(time.perf_counter() - started, 3))
 
 
 def main(argv: list[str] | None = None) -> int:

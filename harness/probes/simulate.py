@@ -141,7 +141,7 @@ class SimulateProbe(Probe):
         packed = _materialize(ctx.model, device)
         if layers is not None and len(layers) == DEPTH:
             own_layers(self.tracker, ctx.model, layers)  # before the packed weights' stand-ins go
-        self._copies += _materialize_packed(packed, device, self._fake, self._lifted)
+        _materialize_packed(packed, device, self._lifted)
         ctx.device = device
         self._model = ctx.model
         return ctx
@@ -374,12 +374,12 @@ def _materialize(model, device: torch.device) -> dict:
     return packed
 
 
-def _materialize_packed(packed: dict, device: torch.device, fake: FakeTensorMode,
-                        lifted: dict) -> list:
+def _materialize_packed(packed: dict, device: torch.device, lifted: dict) -> None:
     """The packed 4-bit weights (see _materialize): unwritten real CPU storage in their layout.
-    On the fake CUDA device, where no real tensor can be, the fake mode is told beforehand
-    that each of those real tensors is a fake CUDA tensor: ops meet them there. Returns those
-    fake tensors, to be kept alive (the fake mode's memo holds them weakly)."""
+    On the fake CUDA device, where no real tensor can be, each is entered in `lifted`: every
+    fake mode that meets one (the probe's, and Dynamo's own under torch.compile) fakes it as
+    a CUDA tensor made from meta, through no op (patches.real_tensors_lifted), so the tracker
+    first counts it where an op first meets it, inside its layer (layers.py labels by that)."""
     real = []
     with unset_fake_temporarily():
         for module, weight in packed.items():
@@ -390,19 +390,8 @@ def _materialize_packed(packed: dict, device: torch.device, fake: FakeTensorMode
                 quant_type=weight.quant_type, quant_storage=weight.quant_storage, module=module,
                 bnb_quantized=True)
             real.append(module.weight)
-    if device.type == "cpu":
-        return []
-    # Made from meta, through no op: the tracker first counts each where an op first meets
-    # it, inside its layer, as it counts a fake CPU copy (layers.py labels by that).
-    stand_ins = []
-    converter = fake.fake_tensor_converter
-    for t in real:
-        with unset_fake_temporarily():
-            meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-        stand_ins.append(converter.from_meta_and_device(fake, meta, device))
-        converter.set_tensor_memo(t, stand_ins[-1])
-        lifted[id(t)] = (t, device)  # and so is any other fake mode (Dynamo's)
-    return stand_ins
+    if device.type == "cuda":
+        lifted.update((id(t), (t, device)) for t in real)
 
 
 def _shared_parameters(model) -> dict[tuple, list[tuple]]:

@@ -120,6 +120,9 @@ class Technique:
     # cpu: fake CPU tensors for a CPU target; None: fake CPU tensors standing in for a CUDA
     # target, no fake device) where only some can (QLoRA with DoRA; Liger only on CUDA).
     not_simulated: str | Callable[[dict, torch.device], str | None] | None = None
+    # (resolved args, simulated device) → what a simulated figure of it rests on, for the
+    # record's notes, read after the run (compile: Dynamo's graphs and breaks).
+    simulated_notes: Callable[[dict, torch.device], list[str]] | None = None
     # Its part of the closed-form estimate (harness/estimate.py): (stack fields, resolved args)
     # → updates the stack fields in place, or raises estimate.NotModelled for arguments the
     # arithmetic does not cover. None: not modelled, for the reason in `not_estimated`.
@@ -147,6 +150,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
               check_stack: Callable[[dict[str, dict]], str | None] | None = None,
               needs_warmup: bool = False,
               not_simulated: str | Callable[[dict, torch.device], str | None] | None = None,
+              simulated_notes: Callable[[dict, torch.device], list[str]] | None = None,
               estimate: Callable[[dict, dict], None] | None = None,
               not_estimated: str | None = None,
               parallel_unsupported: Mapping[str, str] | None = None,
@@ -166,7 +170,8 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
             resolve_args=args or _no_args,
             supported=supported or (lambda device: None), check_model=check_model,
             load=load, requires=tuple(requires), check_stack=check_stack,
-            needs_warmup=needs_warmup, not_simulated=not_simulated, estimate=estimate,
+            needs_warmup=needs_warmup, not_simulated=not_simulated,
+            simulated_notes=simulated_notes, estimate=estimate,
             not_estimated=not_estimated, parallel_unsupported=dict(parallel_unsupported or {}),
             label=label or (lambda args: name),
         )

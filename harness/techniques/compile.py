@@ -88,7 +88,7 @@ def _not_simulated(args: dict, device) -> str | None:
     return None
 
 
-def simulated_notes(args: dict, device) -> list[str]:
+def _simulated_notes(args: dict, device) -> list[str]:
     """What a simulated compile figure assumes, for the record's notes."""
     from torch._dynamo.utils import counters
 
@@ -109,7 +109,7 @@ def simulated_notes(args: dict, device) -> list[str]:
 
 
 @technique("compile", stage=Stage.MODEL, args=_resolve, check_stack=_check_stack,
-           needs_warmup=True, not_simulated=_not_simulated,
+           needs_warmup=True, not_simulated=_not_simulated, simulated_notes=_simulated_notes,
            not_estimated="what compiled kernels allocate is known only by running them")
 def compile(ctx: BuildContext, backend: str, mode: str, scope: str, fullgraph: bool,
             dynamic: bool) -> None:
