@@ -96,7 +96,8 @@ def _simulated_notes(args: dict, device) -> list[str]:
     breaks = sum(counters["graph_break"].values())
     notes = [f"compiled by {args['backend']} on fake tensors: the generated wrapper's buffers "
              f"are traced, its kernels never run; Dynamo made {graphs} graph(s) with {breaks} "
-             "graph break(s); warmup_s is the compile on this machine"]
+             "graph break(s); warmup_s is the warm-up step's wall time here, Inductor's compile "
+             "of the layers simulated included"]
     if graphs == 0:
         notes.append("Dynamo compiled nothing (every frame fell back to eager at a graph break, "
                      "e.g. a torch.compiler.disable'd library call inside a checkpointed layer): "
