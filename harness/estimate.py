@@ -304,8 +304,9 @@ def cublas_workspace_bytes() -> int:
 
 
 def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps: int,
-             steps: int, target: str = "cuda") -> Estimate:
-    """Phase peaks and breakdowns of a training step, in closed form."""
+             steps: int, target: str = "cuda", accumulation: int = 1) -> Estimate:
+    """Phase peaks and breakdowns of a training step, in closed form. With `accumulation`
+    micro-batches per step, the later ones' forward and backward run with every grad held."""
     if sh.sliding_window is not None and seq_len > sh.sliding_window:
         raise NotModelled(f"seq_len {seq_len} > sliding_window {sh.sliding_window}: the "
                           "sliding-window mask is not modelled")
@@ -428,11 +429,14 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
 
     def step_phases(state: int) -> dict[str, dict]:
         before = 2 * blas if state else 0  # after a first step both workspaces exist
-        backward = max((phase(P, g, state, a, o + 2 * blas) for a, o, g in candidates.values()),
+        held = accumulation > 1  # a later micro-batch's grads: all of them, added in place
+        backward = max((phase(P, max(g, G) if held else g, state, a, o + 2 * blas)
+                        for a, o, g in candidates.values()),
                        key=lambda p: p["peak_allocated_bytes"])
         # Forward starts with the previous step's grads, until zero_grad(set_to_none=True).
         forward = max(phase(P, G if state else 0, state, 0, before),
-                      phase(P, 0, state, A, fwd_transient + max(before, blas)),
+                      phase(P, G if held else 0, state, A,
+                            fwd_transient + (2 * blas if held else max(before, blas))),
                       key=lambda p: p["peak_allocated_bytes"])
         return {
             "forward": forward,
@@ -497,7 +501,7 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
         shapes = read_shapes(source.location)
         stack = read_stack(variant.techniques, train, scenario.model.attn_implementation)
         result = estimate(shapes, stack, train.batch_size, train.seq_len, train.warmup_steps,
-                          train.steps, target)
+                          train.steps, target, train.gradient_accumulation_steps)
     except NotModelled as e:
         record.status, record.error = "unsupported", f"not estimated: {e}"
         return record

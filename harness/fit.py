@@ -10,7 +10,8 @@ leaves less than the headroom is marked tight. The search starts
 at the scenario's value, doubles (or halves) until the answer is bracketed, then bisects; each
 probe is a record of its own (`<variant>@batch_size=8.json`, a sweep point), so the bracket's
 two ends can be read like any run. It assumes memory grows with the value, which it does for
-batch size and sequence length.
+batch size and sequence length. Varying the batch size keeps the scenario's gradient
+accumulation: the answer is a micro-batch, and the table says the effective batch it makes.
 """
 
 from __future__ import annotations
@@ -120,17 +121,38 @@ def table(fits_: list[Fit], key: str, budget: int,
              "its peak | probes |",
              "|:--|--:|--:|--:|--:|--:|:--|"]
     for f in fits_:
-        lines.append(f"| {f.variant} | {f.largest if f.largest is not None else 'none'} | "
+        lines.append(f"| {f.variant} | {_value(f, key)} | "
                      f"{peak(f.largest_record)} | {left(f.largest_record)} | "
                      f"{f.first_failing if f.first_failing is not None else '— (fits at --max)'} | "
                      f"{peak(f.failing_record)} | {' '.join(map(str, f.probes))} |")
     return "\n".join(lines) + "\n"
 
 
+def _accumulation(f: Fit) -> int:
+    record = f.largest_record or f.failing_record or {}
+    return (record.get("train") or {}).get("gradient_accumulation_steps") or 1
+
+
+def _effective(f: Fit, key: str) -> int | None:
+    """The largest batch size's sequences per optimizer step (the accumulation is kept)."""
+    return f.largest * _accumulation(f) if key == "batch_size" and f.largest else None
+
+
+def _value(f: Fit, key: str) -> str:
+    if f.largest is None:
+        return "none"
+    accumulation = _accumulation(f)
+    if key == "batch_size" and accumulation > 1:
+        return f"{f.largest} × {accumulation} (effective {f.largest * accumulation})"
+    return str(f.largest)
+
+
 def summary(fits_: list[Fit], key: str, budget: int, run_dir: Path) -> dict[str, Any]:
     def row(f: Fit) -> dict[str, Any]:
         need = need_bytes(f.largest_record) if f.largest_record else None
         return {"largest": f.largest, "largest_need_bytes": need,
+                "gradient_accumulation_steps": _accumulation(f),
+                "largest_effective_batch_size": _effective(f, key),
                 "largest_left_bytes": budget - need if need is not None else None,
                 "first_failing": f.first_failing,
                 "first_failing_status": f.failing_record["status"] if f.failing_record else None,

@@ -227,6 +227,27 @@ def materialize(model: torch.nn.Module, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
+def gradient_sync(forward: torch.nn.Module, model: torch.nn.Module, enabled: bool):
+    """A micro-batch's backward with (the last of a step's) or without the gradient reduction,
+    as accelerate's `no_sync` runs accumulation: DDP keeps the local grads unreduced; FSDP2
+    keeps each unsharded gradient, reduce-scattered only at the last micro-batch. Nothing for
+    a model in one process."""
+    if enabled:
+        yield
+    elif _is_ddp(forward):
+        with forward.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@contextlib.contextmanager
 def named_buffers(model: torch.nn.Module, tracker):
     """While `model` trains, name what its collectives use, `other` in the breakdown.
 

@@ -90,6 +90,8 @@ class Memory:
     #   unattributed} at the overall peak
     peak_phase: str | None = None
     peak_step: int | None = None
+    peak_micro_batch: int | None = None  # with gradient accumulation: the micro-batch (from
+    #   0) whose forward or backward set the peak; null without accumulation or elsewhere
     breakdown_note: str | None = None
     end_of_step_bytes: dict | None = None  # the same categories after the last optimizer
     #   step: what persists between steps
@@ -229,7 +231,8 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
             train_overrides=dict(variant.train_overrides), index=index),
         model=ModelPart(scenario.model.config, scenario.model.weights,
                         scenario.model.attn_implementation),
-        train={k: getattr(variant.train, k) for k in variant.train.__dataclass_fields__},
+        train={**{k: getattr(variant.train, k) for k in variant.train.__dataclass_fields__},
+               "effective_batch_size": variant.train.effective_batch_size},
         parallel=variant.parallel.as_dict() if variant.parallel else None,
         device=device, method=method, status="error", error=None,
         memory=Memory(None, None, {}, [], None),

@@ -65,6 +65,9 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "params_trainable": record["model"]["params_trainable"],
         **{k: train.get(k) for k in ("batch_size", "seq_len", "optimizer", "lr", "steps",
                                       "warmup_steps", "seed")},
+        "gradient_accumulation_steps": train.get("gradient_accumulation_steps", 1),
+        "effective_batch_size": train.get("effective_batch_size", train.get("batch_size")),
+        "batch": batch_label(train),
         "peak_allocated_bytes": memory.get("peak_allocated_bytes"),
         "peak_reserved_bytes": memory.get("peak_reserved_bytes"),
         "peak_phase": memory.get("peak_phase"),
@@ -84,6 +87,12 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "path": str(path),
     }
     return row
+
+
+def batch_label(train: dict[str, Any]) -> str:
+    """`4`, or with accumulation micro-batch × micro-batches per step: `4 × 8`."""
+    accumulation = train.get("gradient_accumulation_steps") or 1
+    return f"{train.get('batch_size')}" + (f" × {accumulation}" if accumulation > 1 else "")
 
 
 def parallel_label(parallel: dict[str, Any] | None) -> str | None:
@@ -169,10 +178,22 @@ def header_line(frame: pd.DataFrame) -> str:
     swept = "sweep_point" in frame and frame["sweep_point"].notna().any()
     shape = ("swept: see each row" if swept else
              f"batch {first['batch_size']} × seq {first['seq_len']}")
+    if not swept and _batch_column(frame):
+        shape = f"seq {first['seq_len']} · batch: see each row"
     return (f"{first['scenario']} · model {first['model_config']} · {shape} · "
             f"{first['optimizer']} lr {first['lr']:g} · "
             f"{first['steps']} steps (+{first['warmup_steps']} warm-up) · device {first['device']} · "
             f"{first['method']} · run {first['run_id']}")
+
+
+def _batch_column(table: pd.DataFrame) -> bool:
+    """Whether the tables show each row's batch: some row accumulates gradients, or (no sweep
+    point saying so) the rows' batches differ, as where variants set their own."""
+    if "batch" not in table:
+        return False
+    swept = "sweep_point" in table and table["sweep_point"].notna().any()
+    return bool((table["gradient_accumulation_steps"] > 1).any()) or \
+        (not swept and table["batch"].nunique() > 1)
 
 
 def _unit(table: pd.DataFrame) -> tuple[str, int]:
@@ -214,6 +235,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
     one row per variant; `--wide` and summary.md/summary.csv have every column."""
     unit, scale = _unit(table)
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
+    batches = _batch_column(table)
     rows = []
     for _, r in table.iterrows():
         ok = r["status"] == "ok"
@@ -223,6 +245,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
         rows.append({
             "variant": r["variant"],
             **({"point": r["sweep_point"] or "—"} if swept else {}),
+            **({"batch": r["batch"]} if batches else {}),
             "status": r["status"],
             "peak": _short(r["peak_allocated_bytes"] if shown else pd.NA, scale),
             "reserved": _short(r["peak_reserved_bytes"] if shown else pd.NA, scale),
@@ -267,12 +290,14 @@ def markdown(table: pd.DataFrame) -> str:
     unit, scale = _unit(table)
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
     parallel = "parallel" in table and table["parallel"].notna().any()
+    batches = _batch_column(table)
     rows = []
     for _, r in table.iterrows():
         shown = r["status"] in ("ok", "oom")  # an error's partial figures are not a result
         rows.append({
             "variant": r["variant"],
             **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
+            **({"batch": r["batch"]} if batches else {}),
             "techniques": r["techniques"],
             **({"parallel": r["parallel"] if isinstance(r["parallel"], str) else "—",
                 "imbalance": _pct(r["imbalance"] * 100 if pd.notna(r["imbalance"]) else pd.NA)}
@@ -301,7 +326,8 @@ def markdown(table: pd.DataFrame) -> str:
             f"{fits}{ranks}\n\n" + body + "\n" + _notes(table))
 
 
-CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "seq_len", "techniques", "parallel",
+CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "gradient_accumulation_steps",
+               "effective_batch_size", "seq_len", "techniques", "parallel",
                "world_size", "max_rank", "imbalance", "status",
                "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",
                "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],

@@ -78,7 +78,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    batch_size: int = setting(1, minimum=1)
+    batch_size: int = setting(1, minimum=1)  # per micro-batch
+    # Micro-batches of batch_size per optimizer step, their gradients summed (Trainer's key).
+    gradient_accumulation_steps: int = setting(1, minimum=1)
     seq_len: int = setting(512, minimum=2)  # one token has no next-token target
     optimizer: str = setting("adamw", choices=lambda: list(OPTIMIZERS))
     lr: float = setting(1.0e-4, above=0)
@@ -87,6 +89,11 @@ class TrainSpec:
     steps: int = setting(3, minimum=1)  # measured steps
     warmup_steps: int = setting(1, minimum=0)  # run first; excluded from step time, in peaks
     seed: int = setting(0, minimum=0, below=2 ** 64)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Sequences per optimizer step: the micro-batch times the accumulation."""
+        return self.batch_size * self.gradient_accumulation_steps
 
 
 STRATEGIES = ("ddp", "fsdp2")

@@ -6,6 +6,11 @@ Phases, the same on every device:
   backward   loss.backward()
   optimizer  clip_grad_norm_, optimizer.step()  (AdamW state is created at the first step)
 
+With `gradient_accumulation_steps` G > 1 a step's forward and backward run G times, one per
+micro-batch (`Phase.micro`), before its one optimizer step; the grads stay live from the first
+micro-batch's backward to that step, and the loss is scaled as Trainer scales it (the model's
+loss by the step's label count, `num_items_in_batch`; another loss divided by G).
+
 Fixed-shape synthetic batches, labels = inputs. Warm-up steps run first: they count for the
 peaks (the first optimizer step creates its state), not for step time.
 """
@@ -42,11 +47,18 @@ class TrainResult:
     quantized_params: int | None = None  # how many original weights those hold
 
 
-def make_batch(train: TrainSpec, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(train.seed)
+def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
+               micro: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(train.seed + micro)
     ids = torch.randint(0, vocab_size, (train.batch_size, train.seq_len), generator=generator)
     ids = ids.to(device)
     return {"input_ids": ids, "labels": ids}
+
+
+def label_count(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The tokens a step's loss averages over, its micro-batches together (each sequence's
+    first token predicts nothing), as Trainer's `num_items_in_batch`: on the batches' device."""
+    return sum((b["labels"][:, 1:] != -100).sum() for b in batches)
 
 
 def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
@@ -106,11 +118,15 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         forward = ctx.forward_module or model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(train.optimizer, params, train)
-        batch = make_batch(train, model.config.vocab_size, device)
+        # A step's micro-batches are on the device together, as Trainer fetches them.
+        accumulation = train.gradient_accumulation_steps
+        batches = [make_batch(train, model.config.vocab_size, device, micro)
+                   for micro in range(accumulation)]
+        items = label_count(batches) if accumulation > 1 else None
         quantized = quantized_weights(model)
         probe.sight(Kind.PARAM, list(model.parameters()) + quantized)
         probe.sight(Kind.BUFFER, list(model.buffers()))
-        probe.sight(Kind.INPUT, batch)
+        probe.sight(Kind.INPUT, [batches, items])
     result.params_total = sum(_unpacked_numel(p) for p in model.parameters())
     if quantized:
         ids = {id(t) for t in quantized}
@@ -128,22 +144,31 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     try:
         for step in range(train.warmup_steps + train.steps):
             started = time.perf_counter()
-            with probe.phase("forward", step):
-                optimizer.zero_grad(set_to_none=True)
-                with autocast, probe.tracker.saved_tensors():
-                    if ctx.loss_fn is None:
-                        outputs = forward(**batch, use_cache=False)
-                        loss = outputs.loss
-                        probe.sight(Kind.OUTPUT, [loss, outputs.logits])
-                        # Keep only the loss, as a training loop does: the logits go unless saved.
-                        del outputs
-                    else:
-                        loss = ctx.loss_fn(model, batch)
-                        probe.sight(Kind.OUTPUT, loss)
-            with probe.phase("backward", step):
-                (scaler.scale(loss) if scaler else loss).backward()
-                # FSDP2 sets each sharded grad after its reduce-scatter, no accumulation hook.
-                probe.sight(Kind.GRAD, [p.grad for p in params if p.grad is not None])
+            for micro, batch in enumerate(batches):
+                last = micro == accumulation - 1
+                with probe.phase("forward", step, micro):
+                    if micro == 0:
+                        optimizer.zero_grad(set_to_none=True)
+                    with autocast, probe.tracker.saved_tensors():
+                        if ctx.loss_fn is None:
+                            extra = {} if items is None else {"num_items_in_batch": items}
+                            outputs = forward(**batch, use_cache=False, **extra)
+                            loss = outputs.loss
+                            probe.sight(Kind.OUTPUT, [loss, outputs.logits])
+                            # Keep only the loss, as a training loop does: the logits go
+                            # unless saved.
+                            del outputs
+                        else:
+                            loss = ctx.loss_fn(model, batch)
+                            if accumulation > 1:
+                                loss = loss / accumulation
+                            probe.sight(Kind.OUTPUT, loss)
+                with probe.phase("backward", step, micro), \
+                        parallel_training.gradient_sync(forward, model, last):
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    # FSDP2 sets each sharded grad after its reduce-scatter, no accumulation
+                    # hook.
+                    probe.sight(Kind.GRAD, [p.grad for p in params if p.grad is not None])
             with probe.phase("optimizer", step):
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -157,7 +182,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 probe.sight_optimizer(optimizer)
                 if step == 0:  # again: FSDP2 re-allocates an uneven (padded) shard at its
                     probe.sight(Kind.PARAM, list(model.parameters()))  # first forward
-            del loss
+            del loss  # (the last micro-batch's, kept to here as Trainer keeps its value)
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else
              result.warmup_times_s).append(elapsed)
@@ -181,7 +206,8 @@ def timing(result: TrainResult, train: TrainSpec) -> dict[str, float | None]:
         return {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": warmup}
     median = statistics.median(result.step_times_s)
     return {"step_time_s_median": median,
-            "tokens_per_s": train.batch_size * train.seq_len / median if median > 0 else None,
+            "tokens_per_s": train.effective_batch_size * train.seq_len / median
+            if median > 0 else None,
             "warmup_s": warmup}
 
 

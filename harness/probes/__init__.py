@@ -73,17 +73,18 @@ class Probe(ABC):
         return self._memory()
 
     @contextlib.contextmanager
-    def phase(self, name: str, step: int | None = None):
+    def phase(self, name: str, step: int | None = None, micro: int | None = None):
+        """`micro`: the micro-batch of a step's forward or backward (gradient accumulation)."""
         assert name in PHASES, name
         self._enter_phase()
         start = time.time_ns()
-        self.current = Phase(name, step, start, start)
+        self.current = Phase(name, step, start, start, micro)
         try:
             yield
         finally:
             self._exit_phase()
             end = time.time_ns()
-            self.phases.append(Phase(name, step, start, end))
+            self.phases.append(Phase(name, step, start, end, micro))
             self._phase_closed(self.phases[-1])
             self.current = None
 
@@ -173,6 +174,9 @@ class Probe(ABC):
             "peak_reserved_bytes": None if None in reserved or not reserved else max(reserved),
             "peak_phase": peak_phase.name if peak_phase else None,
             "peak_step": peak_phase.step if peak_phase else None,
+            # With accumulation: the micro-batch whose forward or backward set the peak.
+            "peak_micro_batch": peak_phase.micro if peak_phase and any(
+                (p.micro or 0) > 0 for p, _ in phase_stats) else None,
             "phases": {name: phases.get(name) for name in PHASES},
             "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],
             "breakdown_bytes": breakdown,

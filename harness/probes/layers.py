@@ -21,6 +21,7 @@ change with depth (kept hidden states outgrow the previous step's grads).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -204,7 +205,8 @@ def assemble(allocations: Sequence[tuple[int, int, int]], labels: Sequence[int |
             layer = None if run.label is None else 0 if run.label == 0 else layers - 1
             for i in run.events:
                 emit(i, layer, run.label)
-    return out, [Phase(p.name, p.step, *spans[id(p)]) for p in phases], origin
+    return out, [dataclasses.replace(p, start_ns=spans[id(p)][0], end_ns=spans[id(p)][1])
+                 for p in phases], origin
 
 
 def _directions(runs: list[_Run]) -> dict[int, int]:

@@ -147,12 +147,12 @@ class SimulateProbe(Probe):
         return ctx
 
     @contextlib.contextmanager
-    def phase(self, name: str, step: int | None = None):
+    def phase(self, name: str, step: int | None = None, micro: int | None = None):
         # No layer runs across a phase boundary; the optimizer step's temporaries belong to the
         # layer of the parameters they are made from.
         self.tracker.layer, self.tracker.inherit = None, name == "optimizer"
         self.tracker.start_inheriting()
-        with super().phase(name, step):
+        with super().phase(name, step, micro):
             self._phase_name = name
             if name == "forward" and self.target == "cuda":
                 # The loop thread's handle serves the first forward matmul: made here, at the
@@ -311,6 +311,8 @@ def repeak(memory: dict) -> dict:
     name = max(phases, key=lambda k: phases[k]["peak_allocated_bytes"])
     steps = memory["per_step_peak_allocated_bytes"]
     reserved = [v.get("peak_reserved_bytes") for v in phases.values()]
+    if name != memory.get("peak_phase"):  # which micro-batch peaked there is not known
+        memory["peak_micro_batch"] = None
     memory.update(
         peak_allocated_bytes=phases[name]["peak_allocated_bytes"], peak_phase=name,
         peak_step=None if name == "load" or not steps else steps.index(max(steps)),

@@ -54,6 +54,7 @@ class Phase:
     step: int | None  # None for load
     start_ns: int
     end_ns: int
+    micro: int | None = None  # forward/backward: the micro-batch within the step (accumulation)
 
 
 @dataclass
@@ -165,7 +166,7 @@ def breakdown_at(blocks: Sequence[Block], phases: Sequence[Phase], t: int) -> di
     fwd_bwd = {}
     for p in phases:
         if p.name in ("forward", "backward"):
-            fwd_bwd.setdefault(p.step, {})[p.name] = p
+            fwd_bwd.setdefault((p.step, p.micro), {})[p.name] = p
     windows = [(d["forward"].start_ns, d["forward"].end_ns, d["backward"].start_ns)
                for d in fwd_bwd.values() if "forward" in d and "backward" in d]
     out = dict.fromkeys((*CATEGORIES, "unattributed"), 0)
