@@ -19,7 +19,9 @@ or, with transformers' `Trainer` (TRL's `SFTTrainer` too), no change to the loop
 
 The callback's phases: forward from the step's start to the end of the model's forward (the
 loss inside it), backward until the optimizer step, optimizer to the step's end (Trainer zeroes
-the grads there). The probe is the one `harness run` uses on that device (CUDA: the allocator's
+the grads there). With gradient accumulation each micro-batch has its forward and backward
+(Trainer's `on_substep_end` ends one micro-batch, the next one's forward starts there), so
+the next micro-batch's activations are activations, with the held grads beside them. The probe is the one `harness run` uses on that device (CUDA: the allocator's
 figures; CPU: the profiler's allocator events), and it costs the same time.
 """
 
@@ -73,21 +75,22 @@ class Profiler:
             self.probe.sight(Kind.BUFFER, list(self.model.buffers()))
             self._hooks = self.probe.tracker.watch_grads(self.model)
 
-    def phase(self, name: str, step: int | None = None):
-        """A context: `name` is one of load, forward, backward, optimizer."""
-        return self._phase(name, step)
+    def phase(self, name: str, step: int | None = None, micro: int | None = None):
+        """A context: `name` is one of load, forward, backward, optimizer; `micro` the
+        micro-batch of a step's forward or backward, with gradient accumulation."""
+        return self._phase(name, step, micro)
 
     @contextlib.contextmanager
-    def _phase(self, name: str, step: int | None):
-        with self.probe.phase(name, step):
+    def _phase(self, name: str, step: int | None, micro: int | None):
+        with self.probe.phase(name, step, micro):
             yield
             if name == "optimizer" and self.optimizer is not None:
                 self.probe.sight_optimizer(self.optimizer)
 
     # For callbacks, which see a phase's start and end as separate events.
-    def enter(self, name: str, step: int | None) -> None:
+    def enter(self, name: str, step: int | None, micro: int | None = None) -> None:
         self.leave()
-        self._open, self.current = self.phase(name, step), name
+        self._open, self.current = self.phase(name, step, micro), name
         self._open.__enter__()
 
     def leave(self) -> None:
@@ -177,11 +180,12 @@ class MemoryCallback:
                 self.prof: Profiler | None = None
                 self.record_path: Path | None = None
                 self._hook = None
-                self._step = 0
+                self._step = self._micro = 0
 
             def on_train_begin(self, args, state, control, model=None, optimizer=None,
                                **kwargs):
                 train = {"batch_size": args.per_device_train_batch_size,
+                         "gradient_accumulation_steps": args.gradient_accumulation_steps,
                          "optimizer": str(getattr(args.optim, "value", args.optim)),
                          "lr": args.learning_rate,
                          "max_grad_norm": args.max_grad_norm, "seed": args.seed,
@@ -197,11 +201,16 @@ class MemoryCallback:
                 if isinstance(ids, torch.Tensor) and ids.dim() == 2:
                     self.prof.train["seq_len"] = int(ids.shape[1])
                 if torch.is_grad_enabled() and self.prof.current == "forward":
-                    self.prof.enter("backward", self._step)
+                    self.prof.enter("backward", self._step, self._micro)
 
             def on_step_begin(self, args, state, control, **kwargs):
-                self._step = state.global_step
-                self.prof.enter("forward", self._step)
+                self._step, self._micro = state.global_step, 0
+                self.prof.enter("forward", self._step, self._micro)
+
+            def on_substep_end(self, args, state, control, **kwargs):
+                # A micro-batch's backward is done; the next one's forward starts.
+                self._micro += 1
+                self.prof.enter("forward", self._step, self._micro)
 
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
                 self.prof.enter("optimizer", self._step)

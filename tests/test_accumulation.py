@@ -102,7 +102,7 @@ def test_a_bad_accumulation_is_refused_naming_the_key(tmp_path, cli, value):
 
 @pytest.mark.slow  # a run and a fit, each variant a worker process
 def test_records_tables_and_fit_say_micro_batch_accumulation_and_effective_batch(tmp_path):
-    path = write_scenario(tmp_path, "acc", VARIANTS[:3], train={"batch_size": 1, "seq_len": 256},
+    path = write_scenario(tmp_path, "acc", VARIANTS[:2], train={"batch_size": 1, "seq_len": 256},
                           baseline="full-b1")
     proc = run_cli("run", str(path), "--device", "simulate", "--target", "cpu",
                    "--out", str(tmp_path / "out"))
@@ -118,7 +118,7 @@ def test_records_tables_and_fit_say_micro_batch_accumulation_and_effective_batch
 
     scaled = write_scenario(tmp_path, "fit", [VARIANTS[1]], train={"batch_size": 1,
                                                                    "seq_len": 256})
-    proc = run_cli("fit", str(scaled), "--vary", "batch_size", "--gpu-memory", "300MiB",
+    proc = run_cli("fit", str(scaled), "--vary", "batch_size", "--gpu-memory", "300MiB", "--max", "4",
                    "--device", "simulate", "--target", "cpu", "--out", str(tmp_path / "fit"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = last_json(proc.stdout)["variants"]["full-b1x2"]

@@ -106,6 +106,36 @@ def test_the_trainer_callback_record_matches_harness_run(tmp_path, harness_run):
 
 
 @pytest.mark.slow
+def test_the_callback_attributes_accumulated_micro_batches_as_harness_run_does(tmp_path,
+                                                                               harness_run):
+    """With accumulation the second micro-batch's forward is a forward: its saved tensors are
+    activations (as many as one micro-batch's without accumulation), the first one's grads
+    are held beside them, and the record says so."""
+    from transformers import Trainer, TrainingArguments
+
+    model, config = tiny_lora()
+    callback = harness.MemoryCallback("accumulated", out=tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             gradient_accumulation_steps=2, max_steps=2, report_to="none",
+                             save_strategy="no", use_cpu=True, optim="adamw_torch",
+                             learning_rate=1e-4, logging_strategy="no",
+                             remove_unused_columns=False, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=batches(config.vocab_size, 8),
+            callbacks=[callback]).train()
+    record = json.loads(callback.record_path.read_text())
+    assert record["status"] == "ok"
+    assert (record["train"]["batch_size"], record["train"]["gradient_accumulation_steps"],
+            record["train"]["effective_batch_size"]) == (BATCH, 2, 2 * BATCH)
+    mine, theirs = record["memory"], harness_run["memory"]
+    assert mine["peak_phase"] == "backward" and mine["peak_micro_batch"] == 1
+    adapters = record["model"]["params_trainable"] * 2  # bf16 grads
+    assert mine["breakdown_bytes"]["grads"] >= adapters
+    assert mine["breakdown_bytes"]["activations"] == pytest.approx(
+        theirs["breakdown_bytes"]["activations"], rel=0.02)
+    assert mine["breakdown_bytes"]["other"] <= 1.1 * theirs["breakdown_bytes"]["other"]
+
+
+@pytest.mark.slow
 def test_the_callback_profiles_sft_trainer(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig
