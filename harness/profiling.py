@@ -76,7 +76,7 @@ class Profiler:
             self._hooks = self.probe.tracker.watch_grads(self.model)
 
     def phase(self, name: str, step: int | None = None, micro: int | None = None):
-        """A context: `name` is one of load, forward, backward, optimizer; `micro` the
+        """A context: `name` is one of load, forward, backward, optimizer, eval; `micro` the
         micro-batch of a step's forward or backward, with gradient accumulation."""
         return self._phase(name, step, micro)
 
@@ -179,7 +179,7 @@ class MemoryCallback:
                 self.name, self.out = name, out
                 self.prof: Profiler | None = None
                 self.record_path: Path | None = None
-                self._hook = None
+                self._hook = self._eval_hook = None
                 self._step = self._micro = 0
 
             def on_train_begin(self, args, state, control, model=None, optimizer=None,
@@ -194,6 +194,16 @@ class MemoryCallback:
                                      train=train)
                 self.prof.start()
                 self._hook = model.register_forward_hook(self._forward_done, with_kwargs=True)
+                self._eval_hook = model.register_forward_pre_hook(self._forward_starts)
+
+            def _forward_starts(self, module, args):
+                # A forward without grad outside any step: Trainer's evaluation, to on_evaluate.
+                if not torch.is_grad_enabled() and self.prof.current is None:
+                    self.prof.enter("eval", self._step)
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                if self.prof is not None and self.prof.current == "eval":
+                    self.prof.leave()
 
             def _forward_done(self, module, args, kwargs, output):
                 # The model's forward (and its loss) is done: backward comes next.
@@ -225,6 +235,7 @@ class MemoryCallback:
             def on_train_end(self, args, state, control, **kwargs):
                 if self._hook is not None:
                     self._hook.remove()
+                    self._eval_hook.remove()
                 self.prof.train["steps"] = state.global_step
                 self.record_path = self.prof.write(self.prof.stop())
 

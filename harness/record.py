@@ -83,7 +83,7 @@ class Memory:
 
     peak_allocated_bytes: int | None
     peak_reserved_bytes: int | None  # null on CPU; predicted when simulated
-    phases: dict  # {load|forward|backward|optimizer: {peak_allocated_bytes,
+    phases: dict  # {load|forward|backward|optimizer|eval: {peak_allocated_bytes,
     #   peak_reserved_bytes, breakdown_bytes (at that phase's own peak), step, ...}}
     per_step_peak_allocated_bytes: list  # warm-up steps first
     breakdown_bytes: dict | None  # {params, grads, optimizer, activations, other,

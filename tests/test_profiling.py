@@ -136,6 +136,32 @@ def test_the_callback_attributes_accumulated_micro_batches_as_harness_run_does(t
 
 
 @pytest.mark.slow
+def test_an_evaluation_inside_train_is_a_phase_and_can_set_the_peak(tmp_path):
+    """Trainer keeps every eval batch's logits on the device unless told otherwise
+    (eval_accumulation_steps): with a larger eval batch that outgrows the training step."""
+    from transformers import Trainer, TrainingArguments
+
+    model, config = tiny_lora()
+    callback = harness.MemoryCallback("evaluated", out=tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             per_device_eval_batch_size=16, eval_strategy="steps", eval_steps=1,
+                             max_steps=2, report_to="none", save_strategy="no", use_cpu=True,
+                             optim="adamw_torch", learning_rate=1e-4, logging_strategy="no",
+                             remove_unused_columns=False, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=batches(config.vocab_size, 8),
+            eval_dataset=batches(config.vocab_size, 64), callbacks=[callback]).train()
+    memory = json.loads(callback.record_path.read_text())["memory"]
+    evaluated = memory["phases"]["eval"]
+    logits = 64 * SEQ * config.vocab_size * 2  # every eval batch's, bf16
+    assert memory["peak_phase"] == "eval"
+    assert evaluated["breakdown_bytes"]["other"] >= logits
+    assert evaluated["breakdown_bytes"]["grads"] == 0  # zeroed at the step's end
+    training = max(memory["phases"][p]["peak_allocated_bytes"]
+                   for p in ("forward", "backward", "optimizer"))
+    assert max(memory["per_step_peak_allocated_bytes"]) == training  # the steps' own
+
+
+@pytest.mark.slow
 def test_the_callback_profiles_sft_trainer(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig

@@ -33,7 +33,8 @@ from harness.probes.timeline import (
 )
 from harness.probes.tracker import BudgetExceeded, Tracker
 
-PHASES = ("load", "forward", "backward", "optimizer")
+PHASES = ("load", "forward", "backward", "optimizer", "eval")
+STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's: per-step peaks
 
 __all__ = ["PHASES", "BudgetExceeded", "Kind", "Probe", "make_probe"]
 
@@ -157,7 +158,7 @@ class Probe(ABC):
                     slot.setdefault(key, None)
                 else:
                     slot[key] = max(value, slot.get(key) or 0)
-            if phase.step is not None:
+            if phase.step is not None and phase.name in STEP_PHASES:
                 steps[phase.step] = max(steps.get(phase.step, 0), stats["peak_allocated_bytes"])
         peak_phase, peak = None, -1
         for phase, stats in phase_stats:
@@ -177,7 +178,9 @@ class Probe(ABC):
             # With accumulation: the micro-batch whose forward or backward set the peak.
             "peak_micro_batch": peak_phase.micro if peak_phase and any(
                 (p.micro or 0) > 0 for p, _ in phase_stats) else None,
-            "phases": {name: phases.get(name) for name in PHASES},
+            # The step's four always (null where one did not run); eval where it ran.
+            "phases": {name: phases.get(name) for name in PHASES
+                       if name in phases or name in ("load", *STEP_PHASES)},
             "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],
             "breakdown_bytes": breakdown,
             "breakdown_note": breakdown_note,
