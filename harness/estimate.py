@@ -430,7 +430,7 @@ def estimate(sh: Shapes, st: Stack, batch_size: int, seq_len: int, warmup_steps:
     def step_phases(state: int) -> dict[str, dict]:
         before = 2 * blas if state else 0  # after a first step both workspaces exist
         held = accumulation > 1  # a later micro-batch's grads: all of them, added in place
-        backward = max((phase(P, max(g, G) if held else g, state, a, o + 2 * blas)
+        backward = max((phase(P, G if held else g, state, a, o + 2 * blas)
                         for a, o, g in candidates.values()),
                        key=lambda p: p["peak_allocated_bytes"])
         # Forward starts with the previous step's grads, until zero_grad(set_to_none=True).

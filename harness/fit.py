@@ -141,9 +141,8 @@ def _effective(f: Fit, key: str) -> int | None:
 def _value(f: Fit, key: str) -> str:
     if f.largest is None:
         return "none"
-    accumulation = _accumulation(f)
-    if key == "batch_size" and accumulation > 1:
-        return f"{f.largest} × {accumulation} (effective {f.largest * accumulation})"
+    if _accumulation(f) > 1 and key == "batch_size":
+        return f"{f.largest} × {_accumulation(f)} (effective {_effective(f, key)})"
     return str(f.largest)
 
 

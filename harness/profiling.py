@@ -21,8 +21,10 @@ The callback's phases: forward from the step's start to the end of the model's f
 loss inside it), backward until the optimizer step, optimizer to the step's end (Trainer zeroes
 the grads there). With gradient accumulation each micro-batch has its forward and backward
 (Trainer's `on_substep_end` ends one micro-batch, the next one's forward starts there), so
-the next micro-batch's activations are activations, with the held grads beside them. The probe is the one `harness run` uses on that device (CUDA: the allocator's
-figures; CPU: the profiler's allocator events), and it costs the same time.
+the next micro-batch's activations are activations, with the held grads beside them. An
+evaluation inside `train()` is the phase eval: from its first forward without grad outside a
+step to `on_evaluate`. The probe is the one `harness run` uses on that device (CUDA: the
+allocator's figures; CPU: the profiler's allocator events), and it costs the same time.
 """
 
 from __future__ import annotations

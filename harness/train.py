@@ -123,6 +123,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         batches = [make_batch(train, model.config.vocab_size, device, micro)
                    for micro in range(accumulation)]
         items = label_count(batches) if accumulation > 1 else None
+        loss_kwargs = {} if items is None else {"num_items_in_batch": items}
         quantized = quantized_weights(model)
         probe.sight(Kind.PARAM, list(model.parameters()) + quantized)
         probe.sight(Kind.BUFFER, list(model.buffers()))
@@ -151,8 +152,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                         optimizer.zero_grad(set_to_none=True)
                     with autocast, probe.tracker.saved_tensors():
                         if ctx.loss_fn is None:
-                            extra = {} if items is None else {"num_items_in_batch": items}
-                            outputs = forward(**batch, use_cache=False, **extra)
+                            outputs = forward(**batch, use_cache=False, **loss_kwargs)
                             loss = outputs.loss
                             probe.sight(Kind.OUTPUT, [loss, outputs.logits])
                             # Keep only the loss, as a training loop does: the logits go
