@@ -250,8 +250,13 @@ def test_compile_over_4bit_weights_is_traced_whole_on_the_fake_cuda_device(tmp_p
     """bitsandbytes' packed weights are host tensors the simulation lifts to fake CUDA; Dynamo's
     own fake mode lifts them the same way (patches.real_tensors_lifted), where it once faked
     them on the CPU and the compiled step failed with a device mismatch. QLoRA + checkpointing
-    + compile on a tiny Mistral (2 layers): compiled, not eager, and no more than the eager
-    step keeps."""
+    + compile on a tiny Mistral (2 layers): compiled, not eager, with the same 4-bit bytes,
+    and within 2 % of the eager step's peak. Not below it: the `kernels` package's hub-kernel
+    wrapper around each layer's attention breaks the graph there, and each graph's outputs are
+    materialised at its boundary (0.06 % below eager with transformers 5.24, 0.1–1.7 % above
+    with 5.25, which recompiles its deprecation wrapper: 5 graphs where 5.24 made 3). The
+    margin stays below what a compiled graph keeping the two layers' weights as de-quantised
+    bf16 constants would add (3.0 MB, 2.9 %)."""
     config = json.loads((REPO / "scenarios" / "models" / "tiny-mistral.json").read_text())
     (tmp_path / "two.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     path = write_scenario(tmp_path, "q4", [
@@ -270,4 +275,4 @@ def test_compile_over_4bit_weights_is_traced_whole_on_the_fake_cuda_device(tmp_p
     assert compiled["memory"]["quantized_weight_bytes"] == \
         records["qlora-gc"]["memory"]["quantized_weight_bytes"]
     assert compiled["memory"]["peak_allocated_bytes"] <= \
-        records["qlora-gc"]["memory"]["peak_allocated_bytes"]
+        1.02 * records["qlora-gc"]["memory"]["peak_allocated_bytes"]
