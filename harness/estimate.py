@@ -495,6 +495,10 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
     try:
         if source.kind != "file":
             raise NotModelled("the config of a hub id not in the local cache cannot be read")
+        for part in ("eval", "generate"):
+            if getattr(variant, part) is not None:
+                raise NotModelled(f"{part}: the closed form covers the training step only; "
+                                  "simulate it (--device simulate)")
         if variant.parallel is not None:
             raise NotModelled(f"{variant.parallel.label()}: the closed form has no sharding or "
                               "collective buffers; simulate it (--device simulate)")

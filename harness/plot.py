@@ -20,7 +20,8 @@ from harness.gpus import PRESETS
 from harness.report import BREAKDOWN, _unit, load_results_in
 
 COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868",
-           "activations": "#c44e52", "other": "#8172b3", "unattributed": "#937860"}
+           "activations": "#c44e52", "kv_cache": "#da8bc3", "other": "#8172b3",
+           "unattributed": "#937860"}
 
 
 def _pyplot():
@@ -38,11 +39,13 @@ def breakdown_png(frame: pd.DataFrame, path: Path) -> dict[str, dict[str, float]
     ok = frame[frame["status"] == "ok"]
     unit, scale = _unit(frame)
     labels = list(ok["job"])
-    drawn = {label: {k: float(r[f"{k}_bytes"] or 0) for k in BREAKDOWN}
+    # Records from before the KV cache was a category have none (not 0): not drawn.
+    categories = [k for k in BREAKDOWN if ok[f"{k}_bytes"].notna().any()]
+    drawn = {label: {k: float(r[f"{k}_bytes"] or 0) for k in categories}
              for label, (_, r) in zip(labels, ok.iterrows(), strict=True)}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 5))
     bottom = [0.0] * len(labels)
-    for k in BREAKDOWN:
+    for k in categories:
         heights = [drawn[label][k] / scale for label in labels]
         ax.bar(labels, heights, bottom=bottom, color=COLOURS[k], label=k)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "oom", "error", "unsupported")
 METHODS = ("measured-cpu", "measured-cuda", "simulated", "estimated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,8 @@ class Memory:
     paged_optimizer_bytes: int | None = None  # bitsandbytes paged state in CUDA unified
     #   memory, which no allocator figure includes; 0 when none
     quantized_weight_bytes: int | None = None
+    kv_cache_bytes: int | None = None  # generate: the KV cache's tensors at their largest
+    #   (after the last token's forward); null where nothing generated
     tracked_tensor_peak_bytes: int | None = None
     budget_bytes: int | None = None  # --memory-budget / fit's budget
     rank: int | None = None  # parallel: whose figures these are
@@ -154,6 +156,10 @@ class Record:
     #   environment variables figures depend on
     notes: list = field(default_factory=list)  # what the libraries warned about, and how a
     #   figure was obtained (extrapolated, simulated steps)
+    # The job beyond its training steps, as run (scenario.EvalSpec / GenerateSpec with the
+    # training shape filled in); null: none. Their phases are memory.phases.eval / .generate.
+    eval: dict | None = None
+    generate: dict | None = None
 
 
     def as_dict(self) -> dict[str, Any]:
@@ -208,8 +214,17 @@ def _upgrade_1(record: dict) -> dict:
     return {**record, "schema_version": 2}
 
 
+def _upgrade_2(record: dict) -> dict:
+    """Schema 3 says what ran after the training steps (`eval`, `generate`: nothing did
+    before) and names the KV cache (the optional `memory.kv_cache_bytes`, the breakdowns'
+    `kv_cache`, which older breakdowns lack: none was made)."""
+    for key in ("eval", "generate"):
+        record.setdefault(key, None)
+    return {**record, "schema_version": 3}
+
+
 # version → function upgrading a record of that version to the next
-_UPGRADES: dict[int, Any] = {1: _upgrade_1}
+_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2}
 
 
 def new_record(*, run_id: str, scenario, variant, device: str, method: str,
@@ -236,7 +251,9 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
         parallel=variant.parallel.as_dict() if variant.parallel else None,
         device=device, method=method, status="error", error=None,
         memory=Memory(None, None, {}, [], None),
-        timing=Timing(None, None, None, None), env=env)
+        timing=Timing(None, None, None, None), env=env,
+        **{part: spec.resolved(variant.train) if spec else None  # a profiled script: none
+           for part in ("eval", "generate") for spec in [getattr(variant, part, None)]})
 
 
 def write_record(path: Path, record: Record) -> None:

@@ -22,7 +22,7 @@ from harness.techniques import stack_label
 from harness.units import CATEGORIES, GIB, unit_for
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
-PHASE_NAMES = ("load", "forward", "backward", "optimizer", "eval")
+PHASE_NAMES = ("load", "forward", "backward", "optimizer", "eval", "generate")
 
 
 def _record_paths(path: Path) -> list[Path]:
@@ -265,7 +265,14 @@ def narrow_markdown(table: pd.DataFrame) -> str:
 
 
 _SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "activations": "activ",
-          "other": "other"}
+          "kv_cache": "kv", "other": "other"}
+
+
+def _categories(table: pd.DataFrame) -> tuple[str, ...]:
+    """The breakdown's columns: kv_cache only where some row's peak holds a KV cache."""
+    kv = table["kv_cache_bytes"] if "kv_cache_bytes" in table else pd.Series(dtype=float)
+    return BREAKDOWN if (kv.fillna(0) > 0).any() else \
+        tuple(k for k in BREAKDOWN if k != "kv_cache")
 
 
 def _pipe(rows: list[dict[str, str]]) -> str:
@@ -291,6 +298,7 @@ def markdown(table: pd.DataFrame) -> str:
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
     parallel = "parallel" in table and table["parallel"].notna().any()
     batches = _batch_column(table)
+    categories = _categories(table)
     rows = []
     for _, r in table.iterrows():
         shown = r["status"] in ("ok", "oom")  # an error's partial figures are not a result
@@ -307,7 +315,7 @@ def markdown(table: pd.DataFrame) -> str:
             f"reserved {unit}": _size(r["peak_reserved_bytes"] if shown else pd.NA, scale),
             "vs baseline": _pct(r["vs_baseline_pct"]),
             "vs prev": _pct(r["vs_previous_pct"]),
-            **{k: _size(r[f"{k}_bytes"] if shown else pd.NA, scale) for k in BREAKDOWN},
+            **{k: _size(r[f"{k}_bytes"] if shown else pd.NA, scale) for k in categories},
             "trainable": "—" if pd.isna(r["params_trainable"]) else f"{r['params_trainable']:,}",
             "step s": "—" if pd.isna(r["step_time_s_median"]) else f"{r['step_time_s_median']:.3f}",
             "tok/s": "—" if pd.isna(r["tokens_per_s"]) else f"{r['tokens_per_s']:,.0f}",

@@ -12,6 +12,11 @@ A top-level `sweep: {seq_len: [512, 1024], batch_size: [1, 2]}` crosses every va
 every point of the grid (the cartesian product, in the order written): each (variant, point) is
 a `Variant` of its own, named `lora@seq_len=512,batch_size=1`, whose train settings are the
 variant's with the point on top — a run measures and records each one.
+
+The rest of a job after the training steps: `eval: {batch_size, seq_len, batches,
+every_steps, keep_logits}` and `generate: {batch_size, prompt_len, max_new_tokens}` (EvalSpec,
+GenerateSpec). A variant's own `eval:` or `generate:` keys go on top of the scenario's; null:
+that variant has none.
 """
 
 from __future__ import annotations
@@ -96,6 +101,44 @@ class TrainSpec:
         return self.batch_size * self.gradient_accumulation_steps
 
 
+@dataclass(frozen=True)
+class EvalSpec:
+    """`eval:` after the training steps, as `Trainer.evaluate` runs: the model in eval mode, no
+    grad, each batch's forward with its loss (prediction loss only); `keep_logits` keeps each
+    batch's logits and labels on the device, concatenated as Trainer's evaluation loop does for
+    `compute_metrics`. The optimizer state stays live; the grads are gone (Trainer zeroes them
+    after each optimizer step)."""
+
+    batch_size: int | None = setting(None, minimum=1)  # None: the training micro-batch
+    seq_len: int | None = setting(None, minimum=2)  # None: the training seq_len
+    batches: int = setting(2, minimum=1)  # eval batches per evaluation
+    every_steps: int | None = setting(None, minimum=1)  # None: once, after the last step
+    keep_logits: bool = setting(False)
+
+    def resolved(self, train: TrainSpec) -> dict[str, Any]:
+        """The settings with the training shape filled in: what a record says."""
+        return {**dataclasses.asdict(self), "batch_size": self.batch_size or train.batch_size,
+                "seq_len": self.seq_len or train.seq_len}
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """`generate:` after the training steps (and any evaluation): `model.generate` of
+    `max_new_tokens` greedy tokens after a prompt of `prompt_len`, with the KV cache the model
+    uses by default."""
+
+    prompt_len: int = setting(minimum=1)
+    max_new_tokens: int = setting(minimum=1)
+    batch_size: int | None = setting(None, minimum=1)  # None: the training micro-batch
+
+    def resolved(self, train: TrainSpec) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "batch_size": self.batch_size or train.batch_size}
+
+
+# The parts of a job beyond its training steps: top-level keys a variant may override.
+JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec}
+
+
 STRATEGIES = ("ddp", "fsdp2")
 REDUCE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -144,6 +187,8 @@ class Variant:
     sweep_point: tuple[tuple[str, Any], ...] = ()  # (train key, value) pairs, in sweep order
     parallel: ParallelSpec | None = None  # None: one process
     declared: str = ""  # the name as the scenario declares it, without the sweep point
+    eval: EvalSpec | None = None  # None: no evaluation
+    generate: GenerateSpec | None = None  # None: no generation
 
     def __post_init__(self):
         if not self.declared:
@@ -454,6 +499,34 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
         dict(train)
 
 
+def _parse_job_part(path, key: str, raw, base, train: TrainSpec, variant=None):
+    """`eval:` or `generate:` — a mapping of that part's keys, on top of the scenario's own
+    (`base`) for a variant; null: the variant has none."""
+    spec = JOB_PARTS[key]
+    if raw is None:
+        return None
+    given = _require_mapping(path, raw, key, variant)
+    values = _parse_fields(path, spec, given, key, variant)
+    if base is not None:
+        values = {**dataclasses.asdict(base), **values}
+    missing = [f.name for f in dataclasses.fields(spec)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ScenarioError(path, "missing", key=f"{key}.{missing[0]}", variant=variant)
+    part = spec(**values)
+    _check_job_part(path, key, part, train, variant)
+    return part
+
+
+def _check_job_part(path, key: str, part, train: TrainSpec, variant=None) -> None:
+    if key == "eval" and part.every_steps is not None and \
+            part.every_steps > train.warmup_steps + train.steps:
+        raise ScenarioError(path, f"{part.every_steps} is more than the "
+                                  f"{train.warmup_steps + train.steps} steps run (warm-up "
+                                  "included): no evaluation would run", key="eval.every_steps",
+                            variant=variant)
+
+
 def _parse_parallel(path, raw, where: str, variant=None) -> ParallelSpec | None:
     """`parallel: {strategy, world_size, …}`; null: one process."""
     if raw is None:
@@ -504,9 +577,9 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
 
 
 def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
-                   parallel: ParallelSpec | None = None) -> Variant:
+                   parallel: ParallelSpec | None = None, job=None) -> Variant:
     try:
-        return _parse_variant_keys(path, raw, index, base_train, names, parallel)
+        return _parse_variant_keys(path, raw, index, base_train, names, parallel, job or {})
     except ScenarioError as e:  # a variant's own key reads from the top: variants[1].train.lr
         if e.variant is None or e.key is None or e.key.startswith("variants["):
             raise
@@ -515,7 +588,7 @@ def _parse_variant(path, raw, index: int, base_train: TrainSpec, names: set,
 
 
 def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set,
-                        parallel: ParallelSpec | None) -> Variant:
+                        parallel: ParallelSpec | None, job: Mapping) -> Variant:
     key = f"variants[{index}]"
     variant = _require_mapping(path, raw, key)
     name = variant.get("name")
@@ -524,8 +597,8 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
                                   f". _ + - (it names a file), got {name!r}", key=f"{key}.name")
     if name in names:
         raise ScenarioError(path, "duplicate variant name", key=f"{key}.name", variant=name)
-    _unknown_keys(path, variant, ["name", "description", "techniques", "train", "parallel"],
-                  key, name)
+    _unknown_keys(path, variant, ["name", "description", "techniques", "train", "parallel",
+                                  *JOB_PARTS], key, name)
     description = variant.get("description", "")
     if description:
         _check_type(path, f"{key}.description", description, "str", name)
@@ -546,8 +619,16 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
     _check_warmup(path, uses, train, "train.warmup_steps", name)
     if "parallel" in variant:  # the variant's own replaces the scenario's; null: one process
         parallel = _parse_parallel(path, variant["parallel"], "parallel", name)
+    parts = {}
+    for part, base in ((k, job.get(k)) for k in JOB_PARTS):
+        if part in variant:  # the variant's keys on top of the scenario's; null: none
+            parts[part] = _parse_job_part(path, part, variant[part], base, train, name)
+        else:
+            parts[part] = base
+            if base is not None:  # the variant's own steps may contradict the scenario's
+                _check_job_part(path, part, base, train, name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
-                   description=description, parallel=parallel)
+                   description=description, parallel=parallel, **parts)
 
 
 def _check_warmup(path, uses, train: TrainSpec, key: str, variant: str) -> None:
@@ -641,7 +722,7 @@ def _cached_meta_model(model: ModelSpec, source):
 def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
     _unknown_keys(path, top, ["name", "description", "model", "train", "parallel", "baseline",
-                              "variants", "sweep"], "scenario")
+                              "variants", "sweep", *JOB_PARTS], "scenario")
     for key in ("name", "model", "variants"):
         if key not in top:
             raise ScenarioError(path, "missing", key=key)
@@ -660,13 +741,16 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     train, _ = _parse_train(path, {} if top.get("train") is None else top["train"], TrainSpec(),
                             "train")
     parallel = _parse_parallel(path, top.get("parallel"), "parallel")
+    # Checked against each variant's own steps there.
+    job = {part: _parse_job_part(path, part, top.get(part), None,
+                                 dataclasses.replace(train, steps=2 ** 31)) for part in JOB_PARTS}
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
         raise ScenarioError(path, "must be a non-empty list of variants", key="variants")
     variants: list[Variant] = []
     names: set[str] = set()
     for i, rv in enumerate(raw_variants):
-        v = _parse_variant(path, rv, i, train, names, parallel)
+        v = _parse_variant(path, rv, i, train, names, parallel, job)
         names.add(v.name)
         variants.append(v)
     _check_against_model(path, model, variants)
@@ -716,5 +800,7 @@ def _at_point(path, variant: Variant, point) -> Variant:
     """The variant at one sweep point: the point's train values on top of the variant's."""
     train = dataclasses.replace(variant.train, **dict(point))
     _check_warmup(path, variant.techniques, train, "sweep.warmup_steps", variant.name)
+    if variant.eval is not None:
+        _check_job_part(path, "eval", variant.eval, train, variant.name)
     return dataclasses.replace(variant, name=f"{variant.declared}@{point_label(point)}",
                                train=train, sweep_point=tuple(point))

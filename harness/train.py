@@ -31,7 +31,7 @@ from harness import parallel as parallel_training
 from harness.models import ConfigSource, build_model, quantized_weights
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
-from harness.scenario import ModelSpec, ParallelSpec, TrainSpec
+from harness.scenario import EvalSpec, GenerateSpec, ModelSpec, ParallelSpec, TrainSpec
 from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
 
 
@@ -48,9 +48,11 @@ class TrainResult:
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
-               micro: int = 0) -> dict[str, torch.Tensor]:
+               micro: int = 0, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Random tokens of (batch_size, seq_len) — or `shape` — labels = inputs."""
     generator = torch.Generator().manual_seed(train.seed + micro)
-    ids = torch.randint(0, vocab_size, (train.batch_size, train.seq_len), generator=generator)
+    ids = torch.randint(0, vocab_size, shape or (train.batch_size, train.seq_len),
+                        generator=generator)
     ids = ids.to(device)
     return {"input_ids": ids, "labels": ids}
 
@@ -108,9 +110,12 @@ def build_failure(spec: ModelSpec, source: ConfigSource,
 
 def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               uses: tuple[TechniqueUse, ...], train: TrainSpec, device: torch.device,
-              result: TrainResult, parallel: ParallelSpec | None = None) -> None:
-    """Build, then run warm-up + measured steps under `probe`. Fills `result` as it goes, so
-    an OOM midway still leaves what was known (params, finished step times)."""
+              result: TrainResult, parallel: ParallelSpec | None = None,
+              evaluation: EvalSpec | None = None,
+              generation: GenerateSpec | None = None) -> None:
+    """Build, then run warm-up + measured steps under `probe`, evaluating after the steps
+    `evaluation` says and generating after the last. Fills `result` as it goes, so an OOM
+    midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
         ctx = probe.build(lambda where: build(spec, source, uses, where, parallel), device)
@@ -186,12 +191,83 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else
              result.warmup_times_s).append(elapsed)
+            last_step = step == train.warmup_steps + train.steps - 1
+            if evaluation is not None and (
+                    (step + 1) % evaluation.every_steps == 0 if evaluation.every_steps
+                    else last_step):
+                optimizer.zero_grad(set_to_none=True)  # as Trainer does after each step
+                evaluate(probe, forward, model, evaluation, train, device, autocast, step)
+        if generation is not None:
+            optimizer.zero_grad(set_to_none=True)
+            generate(probe, model, generation, train, device, autocast, step)
     finally:
         gathers.__exit__(None, None, None)
         # Outside the measured steps; the state exists once the first step has run.
         result.paged_optimizer_bytes = paged_state_bytes(optimizer)
         for handle in grad_hooks:
             handle.remove()
+
+
+def evaluate(probe: Probe, forward, model, spec: EvalSpec, train: TrainSpec,
+             device: torch.device, autocast, step: int) -> None:
+    """One evaluation, as Trainer's evaluation loop runs it: eval mode, no grad, each batch
+    fetched to the device, the model's loss detached; with `keep_logits` the logits and labels
+    concatenated over the batches on the device (transformers' own EvalLoopContainer)."""
+    from transformers.trainer_pt_utils import EvalLoopContainer
+
+    shape = (spec.batch_size or train.batch_size, spec.seq_len or train.seq_len)
+    logits = EvalLoopContainer(do_nested_concat=True, padding_index=-100)
+    labels = EvalLoopContainer(do_nested_concat=True, padding_index=-100)
+    with probe.phase("eval", step):
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast:
+                for index in range(spec.batches):
+                    batch = make_batch(train, model.config.vocab_size, device, shape=shape,
+                                       micro=10_000 + index)  # not a training batch's seed
+                    probe.sight(Kind.INPUT, batch)
+                    outputs = forward(**batch, use_cache=False)
+                    loss = outputs.loss.detach()
+                    probe.sight(Kind.OUTPUT, [loss, outputs.logits])
+                    if spec.keep_logits:
+                        logits.add(outputs.logits.detach())
+                        labels.add(batch["labels"])
+                        probe.sight(Kind.OUTPUT, [logits.tensors, labels.tensors])
+                    del outputs, loss, batch
+        finally:
+            model.train(training)
+        del logits, labels
+
+
+def generate(probe: Probe, model, spec: GenerateSpec, train: TrainSpec, device: torch.device,
+             autocast, step: int) -> None:
+    """`model.generate`: greedy, exactly `max_new_tokens` after a prompt of `prompt_len`
+    (no early stop at an end-of-sequence token: random weights would stop anywhere), with the
+    model's default KV cache, whose tensors are named as they are made (`Kind.KV_CACHE`)."""
+    batch = spec.batch_size or train.batch_size
+    prompt = make_batch(train, model.config.vocab_size, device, shape=(batch, spec.prompt_len),
+                        micro=20_000)["input_ids"]
+    # The causal LM generate() calls (under PEFT's wrapper): its output carries the cache
+    # (`cache` from transformers 5.25, `past_key_values` before).
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hook = inner.register_forward_hook(lambda m, args, out: probe.sight_cache(
+        next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None), None)))
+    with probe.phase("generate", step):
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast:
+                probe.sight(Kind.INPUT, prompt)
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                     max_new_tokens=spec.max_new_tokens,
+                                     min_new_tokens=spec.max_new_tokens, do_sample=False,
+                                     use_cache=True, pad_token_id=0)
+                probe.sight(Kind.OUTPUT, out)
+                del out
+        finally:
+            model.train(training)
+            hook.remove()
 
 
 def _unpacked_numel(param) -> int:
@@ -234,7 +310,7 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
         probe.start()
         try:
             run_steps(probe, scenario.model, source, variant.techniques, train, device, result,
-                      variant.parallel)
+                      variant.parallel, variant.eval, variant.generate)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:

@@ -26,7 +26,8 @@ GIB = 2**30
 
 # What a breakdown's bytes are (a record's `breakdown_bytes` keys, besides "unattributed"): here,
 # beside the sizes, so that reading records never imports the probes (and torch with them).
-CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+# kv_cache: generation's key/value cache (0 where nothing generates).
+CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "other")
 
 
 def parse_size(text: str | int) -> int:

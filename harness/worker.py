@@ -202,6 +202,13 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         sim_note = (f"simulated {train.warmup_steps + train.steps} of "
                     f"{variant.train.warmup_steps + variant.train.steps} steps: on fake tensors "
                     "every step after the second repeats it exactly")
+        if variant.eval is not None and variant.eval.every_steps is not None:
+            # Every evaluation from the second step on holds the same (the state is there).
+            variant = dataclasses.replace(variant, eval=dataclasses.replace(
+                variant.eval, every_steps=None))
+            sim_note += (f"; evaluated once, after the last of them (every_steps "
+                         f"{job.variant.eval.every_steps}: each evaluation after the first "
+                         "step repeats it)")
     # FSDP2 gathers a layer's parameters from the previous layer's hooks (and prefetches in
     # backward): not the one-layer-at-a-time pattern assembly repeats, so every layer runs.
     layers = layers_to_extrapolate(scenario, source) if simulate and not job.full_depth \

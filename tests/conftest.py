@@ -43,7 +43,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def write_scenario(folder: Path, name: str, variants: list[dict], *, train: dict | None = None,
-                   model: dict | None = None, baseline: str | None = None) -> Path:
+                   model: dict | None = None, baseline: str | None = None,
+                   **top) -> Path:
+    """A scenario file; `top`: further top-level keys (eval, generate, sweep, …)."""
     body = {
         "name": name,
         "description": "test scenario",
@@ -54,6 +56,7 @@ def write_scenario(folder: Path, name: str, variants: list[dict], *, train: dict
     }
     if baseline:
         body["baseline"] = baseline
+    body.update(top)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path

@@ -33,7 +33,7 @@ from harness.probes.timeline import (
 )
 from harness.probes.tracker import BudgetExceeded, Tracker
 
-PHASES = ("load", "forward", "backward", "optimizer", "eval")
+PHASES = ("load", "forward", "backward", "optimizer", "eval", "generate")
 STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's: per-step peaks
 
 __all__ = ["PHASES", "BudgetExceeded", "Kind", "Probe", "make_probe"]
@@ -107,6 +107,17 @@ class Probe(ABC):
                 seen.add(storage.data_ptr())
                 self._seeded.append((now, storage.data_ptr(), storage.nbytes()))
 
+    def sight_cache(self, cache) -> None:
+        """Name a KV cache's tensors (transformers' Cache: each layer's keys and values)."""
+        if cache is None:
+            return
+        tensors = [t for layer in getattr(cache, "layers", ())
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor)]
+        self.sight(Kind.KV_CACHE, tensors)
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        self.extra["kv_cache_bytes"] = max(held, self.extra.get("kv_cache_bytes") or 0)
+
     def sight_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Name the optimizer's state (it exists once a step has run)."""
         from harness.optimizers import state_tensors
@@ -178,7 +189,7 @@ class Probe(ABC):
             # With accumulation: the micro-batch whose forward or backward set the peak.
             "peak_micro_batch": peak_phase.micro if peak_phase and any(
                 (p.micro or 0) > 0 for p, _ in phase_stats) else None,
-            # The step's four always (null where one did not run); eval where it ran.
+            # The step's four always (null where one did not run); eval, generate where run.
             "phases": {name: phases.get(name) for name in PHASES
                        if name in phases or name in ("load", *STEP_PHASES)},
             "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import sys
 import warnings
@@ -64,8 +65,8 @@ class SimulateProbe(Probe):
             raise ValueError("a simulation on the fake CUDA device needs its card")
         if target == "cuda":
             self.tracker.scratch = self._cuda_scratch
+        self.tracker.values = functools.partial(library_values, liger=device.type == "cuda")
         if device.type == "cuda":
-            self.tracker.values = liger_values
             self.tracker.device_type = "cuda"
         # cuBLAS handles' workspaces (CUDA target): one for the loop's thread, one for autograd's
         # backward thread; made at each one's first matmul, kept for the run.
@@ -270,19 +271,44 @@ def cuda_scratch(func, args) -> list[int]:
 _VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
 
 
-def liger_values(func, args):
-    """The values Liger's Python reads of fake tensors, which have none: fused linear
-    cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor) and
-    an `equal` test; neither sizes an allocation. Reads from anyone else's code fail as ever."""
+def library_values(func, args, liger: bool = False):
+    """The values the libraries' Python reads of fake tensors, which have none, where the
+    answer is known and sizes no allocation. Liger (`liger`: on the fake CUDA device): fused
+    linear cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor)
+    and an `equal` test. `generate()`: whether the prompt's attention mask is all ones (it is:
+    no padding), whether any prompt token id is negative (none is), the special-token checks
+    that decide only warnings (answered no) and, after each token, whether every sequence is done — when the sequence has
+    reached the loop's own `max_length`, as for a greedy run that never stops early. Reads from
+    anyone else's code fail as ever."""
     if func not in _VALUE_READS or not is_fake(args[0]):
         return NOT_ANSWERED
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("liger_kernel."):
+        module = frame.f_globals.get("__name__", "")
+        if liger and module.startswith("liger_kernel."):
             if func is torch.ops.aten.equal.default:
                 return True
             return 1.0 if args[0].is_floating_point() else 1
+        if module == "transformers.generation.utils":
+            return _generation_value(frame)
         frame = frame.f_back
+    return NOT_ANSWERED
+
+
+def _generation_value(frame):
+    code = frame.f_code.co_name
+    if code == "generate":  # `(attention_mask == 1).all()`
+        return True
+    if code == "_get_logits_processor":  # `(encoder_input_ids < 0).any()`: token ids are not
+        return False
+    if code == "_prepare_special_tokens":  # eos among pad, eos negative: only warnings hang on it
+        return False
+    if "unfinished_sequences" in frame.f_locals and "length" in frame.f_locals:  # StopCheck
+        loop = frame.f_back
+        while loop is not None and "stopping_criteria" not in loop.f_locals:
+            loop = loop.f_back
+        if loop is not None and loop.f_locals["stopping_criteria"].max_length is not None:
+            return frame.f_locals["length"] >= loop.f_locals["stopping_criteria"].max_length
     return NOT_ANSWERED
 
 

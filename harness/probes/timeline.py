@@ -35,22 +35,23 @@ class Kind(enum.IntEnum):
     BUFFER = 2  # module buffers (rotary tables, ...)
     OUTPUT = 3  # model outputs: the loss, logits
     SAVED = 4  # packed by autograd for backward
+    KV_CACHE = 5  # generation's key/value cache, each layer's keys and values
     # What a collective reads or writes (parallel training): FSDP2's gathered parameters — also
     # when autograd saves them — and reduce-scatter buffers, DDP's buckets.
-    COMM = 5
-    OPTIMIZER = 6
-    GRAD = 7
-    PARAM = 8
+    COMM = 6
+    OPTIMIZER = 7
+    GRAD = 8
+    PARAM = 9
 
 
 _CATEGORY = {Kind.TENSOR: "other", Kind.INPUT: "other", Kind.BUFFER: "other", Kind.OUTPUT: "other",
-             Kind.SAVED: "activations", Kind.COMM: "other", Kind.OPTIMIZER: "optimizer", Kind.GRAD: "grads",
+             Kind.SAVED: "activations", Kind.KV_CACHE: "kv_cache", Kind.COMM: "other", Kind.OPTIMIZER: "optimizer", Kind.GRAD: "grads",
              Kind.PARAM: "params"}
 
 
 @dataclass(frozen=True)
 class Phase:
-    name: str  # load | forward | backward | optimizer
+    name: str  # load | forward | backward | optimizer | eval | generate
     step: int | None  # None for load
     start_ns: int
     end_ns: int

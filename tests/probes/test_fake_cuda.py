@@ -157,10 +157,12 @@ def test_fake_cuda_eager_agrees_with_fake_cpu_where_the_branches_agree(tmp_path)
 def _live_peak(fn) -> tuple[int, Counter]:
     """(peak of live bytes, allocation sizes) while `fn` runs, the values Liger reads of fake
     tensors answered as the simulation answers them."""
-    from harness.probes.simulate import liger_values
+    import functools
+
+    from harness.probes.simulate import library_values
 
     tracker = Tracker(trace_allocations=True)
-    tracker.values = liger_values
+    tracker.values = functools.partial(library_values, liger=True)
     with tracker:
         fn()
     live = peak = 0

@@ -47,9 +47,11 @@ def test_phase_peaks_and_breakdown_at_the_peak():
     assert analysis.peak_phase.name == "backward"
     assert analysis.peak_bytes == 4096 + 2048 + 8192 + 512 + 16384
     assert analysis.breakdown == {"params": 4096, "grads": 512, "optimizer": 0,
-                                  "activations": 2048 + 8192, "other": 0, "unattributed": 16384}
+                                  "activations": 2048 + 8192, "kv_cache": 0, "other": 0,
+                                  "unattributed": 16384}
     assert analysis.end_of_step == {"params": 4096, "grads": 512, "optimizer": 8192,
-                                    "activations": 0, "other": 0, "unattributed": 0}
+                                    "activations": 0, "kv_cache": 0, "other": 0,
+                                    "unattributed": 0}
 
 
 def test_reused_address_gets_the_kind_of_the_block_live_at_the_sighting():
