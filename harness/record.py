@@ -252,8 +252,13 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
         device=device, method=method, status="error", error=None,
         memory=Memory(None, None, {}, [], None),
         timing=Timing(None, None, None, None), env=env,
-        **{part: spec.resolved(variant.train) if spec else None  # a profiled script: none
-           for part in ("eval", "generate") for spec in [getattr(variant, part, None)]})
+        eval=_resolved(variant, "eval"), generate=_resolved(variant, "generate"))
+
+
+def _resolved(variant, part: str) -> dict | None:
+    """The variant's eval or generate settings as run; none for a profiled script's."""
+    spec = getattr(variant, part, None)
+    return spec.resolved(variant.train) if spec is not None else None
 
 
 def write_record(path: Path, record: Record) -> None:

@@ -499,7 +499,7 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
         dict(train)
 
 
-def _parse_job_part(path, key: str, raw, base, train: TrainSpec, variant=None):
+def _parse_job_part(path, key: str, raw, base, variant=None):
     """`eval:` or `generate:` — a mapping of that part's keys, on top of the scenario's own
     (`base`) for a variant; null: the variant has none."""
     spec = JOB_PARTS[key]
@@ -513,15 +513,14 @@ def _parse_job_part(path, key: str, raw, base, train: TrainSpec, variant=None):
                if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
         raise ScenarioError(path, "missing", key=f"{key}.{missing[0]}", variant=variant)
-    part = spec(**values)
-    _check_job_part(path, key, part, train, variant)
-    return part
+    return spec(**values)
 
 
-def _check_job_part(path, key: str, part, train: TrainSpec, variant=None) -> None:
-    if key == "eval" and part.every_steps is not None and \
-            part.every_steps > train.warmup_steps + train.steps:
-        raise ScenarioError(path, f"{part.every_steps} is more than the "
+def _check_eval(path, evaluation: EvalSpec | None, train: TrainSpec, variant: str) -> None:
+    """A variant's evaluation against its own steps (sweep point included)."""
+    if evaluation is not None and evaluation.every_steps is not None and \
+            evaluation.every_steps > train.warmup_steps + train.steps:
+        raise ScenarioError(path, f"{evaluation.every_steps} is more than the "
                                   f"{train.warmup_steps + train.steps} steps run (warm-up "
                                   "included): no evaluation would run", key="eval.every_steps",
                             variant=variant)
@@ -619,14 +618,10 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
     _check_warmup(path, uses, train, "train.warmup_steps", name)
     if "parallel" in variant:  # the variant's own replaces the scenario's; null: one process
         parallel = _parse_parallel(path, variant["parallel"], "parallel", name)
-    parts = {}
-    for part, base in ((k, job.get(k)) for k in JOB_PARTS):
-        if part in variant:  # the variant's keys on top of the scenario's; null: none
-            parts[part] = _parse_job_part(path, part, variant[part], base, train, name)
-        else:
-            parts[part] = base
-            if base is not None:  # the variant's own steps may contradict the scenario's
-                _check_job_part(path, part, base, train, name)
+    # The variant's keys on top of the scenario's; null: none.
+    parts = {part: _parse_job_part(path, part, variant[part], job.get(part), name)
+             if part in variant else job.get(part) for part in JOB_PARTS}
+    _check_eval(path, parts["eval"], train, name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
                    description=description, parallel=parallel, **parts)
 
@@ -741,9 +736,7 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     train, _ = _parse_train(path, {} if top.get("train") is None else top["train"], TrainSpec(),
                             "train")
     parallel = _parse_parallel(path, top.get("parallel"), "parallel")
-    # Checked against each variant's own steps there.
-    job = {part: _parse_job_part(path, part, top.get(part), None,
-                                 dataclasses.replace(train, steps=2 ** 31)) for part in JOB_PARTS}
+    job = {part: _parse_job_part(path, part, top.get(part), None) for part in JOB_PARTS}
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
         raise ScenarioError(path, "must be a non-empty list of variants", key="variants")
@@ -800,7 +793,6 @@ def _at_point(path, variant: Variant, point) -> Variant:
     """The variant at one sweep point: the point's train values on top of the variant's."""
     train = dataclasses.replace(variant.train, **dict(point))
     _check_warmup(path, variant.techniques, train, "sweep.warmup_steps", variant.name)
-    if variant.eval is not None:
-        _check_job_part(path, "eval", variant.eval, train, variant.name)
+    _check_eval(path, variant.eval, train, variant.name)
     return dataclasses.replace(variant, name=f"{variant.declared}@{point_label(point)}",
                                train=train, sweep_point=tuple(point))

@@ -215,28 +215,23 @@ def evaluate(probe: Probe, forward, model, spec: EvalSpec, train: TrainSpec,
     concatenated over the batches on the device (transformers' own EvalLoopContainer)."""
     from transformers.trainer_pt_utils import EvalLoopContainer
 
-    shape = (spec.batch_size or train.batch_size, spec.seq_len or train.seq_len)
+    settings = spec.resolved(train)
+    shape = (settings["batch_size"], settings["seq_len"])
     logits = EvalLoopContainer(do_nested_concat=True, padding_index=-100)
     labels = EvalLoopContainer(do_nested_concat=True, padding_index=-100)
-    with probe.phase("eval", step):
-        training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), autocast:
-                for index in range(spec.batches):
-                    batch = make_batch(train, model.config.vocab_size, device, shape=shape,
-                                       micro=10_000 + index)  # not a training batch's seed
-                    probe.sight(Kind.INPUT, batch)
-                    outputs = forward(**batch, use_cache=False)
-                    loss = outputs.loss.detach()
-                    probe.sight(Kind.OUTPUT, [loss, outputs.logits])
-                    if spec.keep_logits:
-                        logits.add(outputs.logits.detach())
-                        labels.add(batch["labels"])
-                        probe.sight(Kind.OUTPUT, [logits.tensors, labels.tensors])
-                    del outputs, loss, batch
-        finally:
-            model.train(training)
+    with probe.phase("eval", step), _inference(model), autocast:
+        for index in range(spec.batches):
+            batch = make_batch(train, model.config.vocab_size, device, shape=shape,
+                               micro=10_000 + index)  # not a training batch's seed
+            probe.sight(Kind.INPUT, batch)
+            outputs = forward(**batch, use_cache=False)
+            loss = outputs.loss.detach()
+            probe.sight(Kind.OUTPUT, [loss, outputs.logits])
+            if spec.keep_logits:
+                logits.add(outputs.logits.detach())
+                labels.add(batch["labels"])
+                probe.sight(Kind.OUTPUT, [logits.tensors, labels.tensors])
+            del outputs, loss, batch
         del logits, labels
 
 
@@ -245,29 +240,36 @@ def generate(probe: Probe, model, spec: GenerateSpec, train: TrainSpec, device: 
     """`model.generate`: greedy, exactly `max_new_tokens` after a prompt of `prompt_len`
     (no early stop at an end-of-sequence token: random weights would stop anywhere), with the
     model's default KV cache, whose tensors are named as they are made (`Kind.KV_CACHE`)."""
-    batch = spec.batch_size or train.batch_size
-    prompt = make_batch(train, model.config.vocab_size, device, shape=(batch, spec.prompt_len),
-                        micro=20_000)["input_ids"]
+    prompt = make_batch(train, model.config.vocab_size, device, micro=20_000,
+                        shape=(spec.resolved(train)["batch_size"], spec.prompt_len))["input_ids"]
     # The causal LM generate() calls (under PEFT's wrapper): its output carries the cache
     # (`cache` from transformers 5.25, `past_key_values` before).
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     hook = inner.register_forward_hook(lambda m, args, out: probe.sight_cache(
         next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None), None)))
-    with probe.phase("generate", step):
-        training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), autocast:
-                probe.sight(Kind.INPUT, prompt)
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                     max_new_tokens=spec.max_new_tokens,
-                                     min_new_tokens=spec.max_new_tokens, do_sample=False,
-                                     use_cache=True, pad_token_id=0)
-                probe.sight(Kind.OUTPUT, out)
-                del out
-        finally:
-            model.train(training)
-            hook.remove()
+    try:
+        with probe.phase("generate", step), _inference(model), autocast:
+            probe.sight(Kind.INPUT, prompt)
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 max_new_tokens=spec.max_new_tokens,
+                                 min_new_tokens=spec.max_new_tokens, do_sample=False,
+                                 use_cache=True, pad_token_id=0)
+            probe.sight(Kind.OUTPUT, out)
+            del out
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def _inference(model):
+    """Eval mode and no grad, as Trainer evaluates and generates; training mode restored."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
 
 
 def _unpacked_numel(param) -> int:

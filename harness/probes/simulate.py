@@ -277,9 +277,9 @@ def library_values(func, args, liger: bool = False):
     linear cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor)
     and an `equal` test. `generate()`: whether the prompt's attention mask is all ones (it is:
     no padding), whether any prompt token id is negative (none is), the special-token checks
-    that decide only warnings (answered no) and, after each token, whether every sequence is done — when the sequence has
-    reached the loop's own `max_length`, as for a greedy run that never stops early. Reads from
-    anyone else's code fail as ever."""
+    that decide only warnings (answered no) and, after each token, whether every sequence is
+    done — once it has reached the loop's own `max_length`, as for a greedy run that never
+    stops early. Reads from anyone else's code fail as ever."""
     if func not in _VALUE_READS or not is_fake(args[0]):
         return NOT_ANSWERED
     frame = sys._getframe(1)

@@ -45,8 +45,8 @@ class Kind(enum.IntEnum):
 
 
 _CATEGORY = {Kind.TENSOR: "other", Kind.INPUT: "other", Kind.BUFFER: "other", Kind.OUTPUT: "other",
-             Kind.SAVED: "activations", Kind.KV_CACHE: "kv_cache", Kind.COMM: "other", Kind.OPTIMIZER: "optimizer", Kind.GRAD: "grads",
-             Kind.PARAM: "params"}
+             Kind.SAVED: "activations", Kind.KV_CACHE: "kv_cache", Kind.COMM: "other",
+             Kind.OPTIMIZER: "optimizer", Kind.GRAD: "grads", Kind.PARAM: "params"}
 
 
 @dataclass(frozen=True)
