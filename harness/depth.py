@@ -77,7 +77,8 @@ def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
         note = (f"simulated with {deep_depth} of the {layers} identical decoder layers, the "
                 f"{layers}-layer step assembled from them layer by layer (allocation trace, "
                 f"peaks, breakdown, reserved memory) and checked against {shallow_depth} layers")
-    for key in ("params_total", "params_trainable", "quantized_params", "quantized_weight_bytes"):
+    for key in ("params_total", "params_trainable", "quantized_params", "quantized_weight_bytes",
+                "saves"):  # a save's written bytes too
         setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))
     return Measured(outcome, memory, result, [note, *notes])
 

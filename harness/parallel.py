@@ -103,6 +103,8 @@ def simulate_ranks(job, record: Record, run: Callable[[Any, Record], None]) -> R
                   job.variant.techniques, torch.device("meta")).model  # its shapes, unsharded
     kinds = representative_ranks(model, spec.world_size)
     del model
+    if any(s.kind == "full" and s.cpu_offload for s in job.variant.save or ()):
+        kinds = _alone(kinds, 0)  # only rank 0 gathers the offloaded state dict
     records = {}
     for rank, alike in kinds.items():
         ranked = copy.deepcopy(record)
@@ -152,6 +154,16 @@ def representative_ranks(model: torch.nn.Module, world_size: int) -> dict[int, l
             rows.append(max(0, min(chunk, d - rank * chunk)))
         groups.setdefault(tuple(rows), []).append(rank)
     return {ranks[0]: ranks for ranks in groups.values()}
+
+
+def _alone(kinds: dict[int, list[int]], rank: int) -> dict[int, list[int]]:
+    """`kinds` (representative_ranks) with `rank` a kind of its own."""
+    out: dict[int, list[int]] = {}
+    for alike in kinds.values():
+        others = [r for r in alike if r != rank]
+        if others:
+            out[others[0]] = others
+    return dict(sorted({**out, rank: [rank]}.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +288,32 @@ def named_buffers(model: torch.nn.Module, tracker):
         yield
 
 
+def save_refused(model: torch.nn.Module, kind: str) -> str | None:
+    """Why a parallel job's `kind` save is not built yet, or None."""
+    if is_sharded(model) and kind != "full":
+        return f"{kind} under FSDP2 (a PEFT state dict of sharded adapters) is not built yet"
+    return None
+
+
+def save_pretrained(model: torch.nn.Module, folder: str, cpu_offload: bool = True) -> None:
+    """`model.save_pretrained(folder)` as a parallel job saves: rank 0 writes. Under FSDP2
+    the full state dict is gathered first (`get_model_state_dict`, full_state_dict): with
+    `cpu_offload` each tensor moves to rank 0's CPU as it is gathered and the other ranks get
+    none; without, every rank holds the whole model on its device at once."""
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    state = None
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=cpu_offload))
+    if main:
+        model.save_pretrained(folder, state_dict=state)
+    del state
+
+
 def _is_ddp(model: torch.nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -302,7 +340,10 @@ def rank_entry(rank: int, record: Record) -> dict[str, Any]:
             "error": record.error.splitlines()[0][:300] if record.error else None,
             **{key: getattr(memory, key) for key in (
                 "peak_allocated_bytes", "peak_reserved_bytes", "peak_phase", "breakdown_bytes",
-                "end_of_step_bytes")}}
+                "end_of_step_bytes")},
+            # Each phase's peak on this rank (a save gathers on some ranks only).
+            "phase_peaks_bytes": {name: (phase or {}).get("peak_allocated_bytes")
+                                  for name, phase in (memory.phases or {}).items()}}
 
 
 def imbalance(ranks: list[dict[str, Any]]) -> float | None:
@@ -332,6 +373,9 @@ def merge(records: dict[int, Record], world_size: int) -> Record:
     merged.memory.imbalance = imbalance(ranks)
     if worst.status != "ok":
         merged.status, merged.error = worst.status, f"rank {worst_rank}: {worst.error}"
+    if merged.save and 0 in records and records[0].save:  # rank 0 writes: its files
+        for entry, written in zip(merged.save, records[0].save, strict=True):
+            entry.update({k: written[k] for k in ("files", "written_bytes") if k in written})
     merged.notes = list(dict.fromkeys(n for rank in sorted(records) for n in records[rank].notes))
     missing = world_size - len(records)
     if missing:

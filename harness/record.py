@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUSES = ("ok", "oom", "error", "unsupported")
 METHODS = ("measured-cpu", "measured-cuda", "simulated", "estimated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +160,12 @@ class Record:
     # training shape filled in); null: none. Their phases are memory.phases.eval / .generate.
     eval: dict | None = None
     generate: dict | None = None
+    # `save:` in order, each {kind, device, cpu_offload} as asked and, once it ran, its
+    # peak_allocated_bytes (memory.phases.save: the largest), the files written
+    # (written_bytes: their sizes; simulated: as large as their tensors, sparse), this
+    # process's resident host memory meanwhile (host_rss_peak_bytes, host_rss_growth_bytes:
+    # null when simulated) and seconds; `skipped`: why it did not run. null: nothing saved.
+    save: list | None = None
 
 
     def as_dict(self) -> dict[str, Any]:
@@ -223,8 +229,14 @@ def _upgrade_2(record: dict) -> dict:
     return {**record, "schema_version": 3}
 
 
+def _upgrade_3(record: dict) -> dict:
+    """Schema 4 says what was saved (`save`; nothing was before)."""
+    record.setdefault("save", None)
+    return {**record, "schema_version": 4}
+
+
 # version → function upgrading a record of that version to the next
-_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2}
+_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3}
 
 
 def new_record(*, run_id: str, scenario, variant, device: str, method: str,
@@ -252,7 +264,8 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
         device=device, method=method, status="error", error=None,
         memory=Memory(None, None, {}, [], None),
         timing=Timing(None, None, None, None), env=env,
-        eval=_resolved(variant, "eval"), generate=_resolved(variant, "generate"))
+        eval=_resolved(variant, "eval"), generate=_resolved(variant, "generate"),
+        save=[s.as_dict() for s in variant.save] if getattr(variant, "save", None) else None)
 
 
 def _resolved(variant, part: str) -> dict | None:

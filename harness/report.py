@@ -22,7 +22,7 @@ from harness.techniques import stack_label
 from harness.units import CATEGORIES, GIB, unit_for
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
-PHASE_NAMES = ("load", "forward", "backward", "optimizer", "eval", "generate")
+PHASE_NAMES = ("load", "forward", "backward", "optimizer", "eval", "generate", "save")
 
 
 def _record_paths(path: Path) -> list[Path]:

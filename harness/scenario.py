@@ -14,8 +14,9 @@ a `Variant` of its own, named `lora@seq_len=512,batch_size=1`, whose train setti
 variant's with the point on top — a run measures and records each one.
 
 The rest of a job after the training steps: `eval: {batch_size, seq_len, batches,
-every_steps, keep_logits}` and `generate: {batch_size, prompt_len, max_new_tokens}` (EvalSpec,
-GenerateSpec). A variant's own `eval:` or `generate:` keys go on top of the scenario's; null:
+every_steps, keep_logits}`, `generate: {batch_size, prompt_len, max_new_tokens}` and `save:
+[adapters | merged | full, …]` (EvalSpec, GenerateSpec, SaveSpec). A variant's own `eval:` or
+`generate:` keys go on top of the scenario's, its `save:` list replaces the scenario's; null:
 that variant has none.
 """
 
@@ -135,8 +136,31 @@ class GenerateSpec:
         return {**dataclasses.asdict(self), "batch_size": self.batch_size or train.batch_size}
 
 
+SAVE_KINDS = ("adapters", "merged", "full")
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """One entry of `save:` (a list, saved in order, last in the job), into a temporary folder
+    that is removed: `adapters` — the PEFT model's `save_pretrained`; `merged` —
+    `merge_and_unload()` then `save_pretrained` of the merged model (`device: cpu`: moved to
+    the CPU first, where its weights then are merged and saved); `full` — the whole model's
+    state dict, as full fine-tuning saves it (under FSDP2 gathered in full on rank 0, each
+    tensor moved to the CPU as it is gathered where `cpu_offload`, as accelerate gathers)."""
+
+    kind: str = setting(choices=SAVE_KINDS)
+    device: str | None = setting(None, kind="merged", choices=("cpu",))
+    cpu_offload: bool = setting(True, kind="full")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The kind and its own options: what a record says was asked."""
+        return {"kind": self.kind, **{f.name: getattr(self, f.name)
+                                      for f in dataclasses.fields(self)
+                                      if f.metadata.get("kind") == self.kind}}
+
+
 # The parts of a job beyond its training steps: top-level keys a variant may override.
-JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec}
+JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec, "save": SaveSpec}
 
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -189,6 +213,7 @@ class Variant:
     declared: str = ""  # the name as the scenario declares it, without the sweep point
     eval: EvalSpec | None = None  # None: no evaluation
     generate: GenerateSpec | None = None  # None: no generation
+    save: tuple[SaveSpec, ...] | None = None  # None: nothing saved
 
     def __post_init__(self):
         if not self.declared:
@@ -501,10 +526,13 @@ def _parse_train(path, raw, base: TrainSpec, where: str, variant=None) -> tuple[
 
 def _parse_job_part(path, key: str, raw, base, variant=None):
     """`eval:` or `generate:` — a mapping of that part's keys, on top of the scenario's own
-    (`base`) for a variant; null: the variant has none."""
+    (`base`) for a variant; `save:` — a list, which replaces the scenario's; null: the variant
+    has none."""
     spec = JOB_PARTS[key]
     if raw is None:
         return None
+    if key == "save":
+        return _parse_save(path, raw, variant)
     given = _require_mapping(path, raw, key, variant)
     values = _parse_fields(path, spec, given, key, variant)
     if base is not None:
@@ -514,6 +542,55 @@ def _parse_job_part(path, key: str, raw, base, variant=None):
     if missing:
         raise ScenarioError(path, "missing", key=f"{key}.{missing[0]}", variant=variant)
     return spec(**values)
+
+
+def _parse_save(path, raw, variant=None) -> tuple[SaveSpec, ...]:
+    """`save: [adapters, {merged: {device: cpu}}]`; one name alone is a list of one."""
+    entries = [raw] if isinstance(raw, str) else raw
+    if not isinstance(entries, list) or not entries:
+        raise ScenarioError(path, f"must be a list of {', '.join(SAVE_KINDS)} (or one of them), "
+                                  f"got {_type_name(raw)}", key="save", variant=variant)
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"save[{i}]"
+        kind, options = (entry, {}) if isinstance(entry, str) else \
+            next(iter(entry.items())) if isinstance(entry, Mapping) and len(entry) == 1 else \
+            (None, None)
+        if kind is None:
+            raise ScenarioError(path, "must be a name or a one-key mapping {name: {options}}",
+                                key=where, variant=variant)
+        kind = _checked(path, SaveSpec, "kind", kind, where, variant)
+        given = _require_mapping(path, {} if options is None else options, f"{where}.{kind}",
+                                 variant)
+        keys = [f.name for f in dataclasses.fields(SaveSpec) if f.metadata.get("kind") == kind]
+        _unknown_keys(path, given, keys, f"{where}.{kind}", variant)
+        specs.append(SaveSpec(kind=kind, **_parse_fields(path, SaveSpec, given,
+                                                         f"{where}.{kind}", variant, keys)))
+    kinds = [s.kind for s in specs]
+    for i, spec in enumerate(specs):
+        if spec.kind == "adapters" and "merged" in kinds[:i]:
+            raise ScenarioError(path, "comes after merged: the adapters are merged into the "
+                                      "model by then", key=f"save[{i}]", variant=variant)
+        if spec.kind == "merged" and "merged" in kinds[:i]:
+            raise ScenarioError(path, "merged twice", key=f"save[{i}]", variant=variant)
+    return tuple(specs)
+
+
+def _check_save(path, save: tuple[SaveSpec, ...] | None, uses, variant: str) -> None:
+    """What is saved against what trains: adapters and merging need a PEFT model, a full state
+    dict is full fine-tuning's."""
+    if not save:
+        return
+    adapters = next((u.name for u in uses if REGISTRY[u.name].adapters), None)
+    for i, spec in enumerate(save):
+        if spec.kind in ("adapters", "merged") and adapters is None:
+            raise ScenarioError(path, f"{spec.kind} needs adapters (lora, qlora, "
+                                      "trainable_tokens): this variant trains the whole model; "
+                                      "save full", key=f"save[{i}]", variant=variant)
+        if spec.kind == "full" and adapters is not None:
+            raise ScenarioError(path, f"full is full fine-tuning's state dict; {adapters} trains "
+                                      "adapters: save adapters or merged", key=f"save[{i}]",
+                                variant=variant)
 
 
 def _check_eval(path, evaluation: EvalSpec | None, train: TrainSpec, variant: str) -> None:
@@ -622,6 +699,7 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
     parts = {part: _parse_job_part(path, part, variant[part], job.get(part), name)
              if part in variant else job.get(part) for part in JOB_PARTS}
     _check_eval(path, parts["eval"], train, name)
+    _check_save(path, parts["save"], uses, name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
                    description=description, parallel=parallel, **parts)
 

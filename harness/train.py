@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import tempfile
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -31,7 +33,14 @@ from harness import parallel as parallel_training
 from harness.models import ConfigSource, build_model, quantized_weights
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
-from harness.scenario import EvalSpec, GenerateSpec, ModelSpec, ParallelSpec, TrainSpec
+from harness.scenario import (
+    EvalSpec,
+    GenerateSpec,
+    ModelSpec,
+    ParallelSpec,
+    SaveSpec,
+    TrainSpec,
+)
 from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
 
 
@@ -45,6 +54,7 @@ class TrainResult:
     paged_optimizer_bytes: int | None = None  # state in unified memory: no allocator sees it
     quantized_weight_bytes: int | None = None  # bitsandbytes weights + their quantization state
     quantized_params: int | None = None  # how many original weights those hold
+    saves: list[dict[str, Any]] = field(default_factory=list)  # each `save:` entry, as it ran
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
@@ -112,9 +122,10 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               uses: tuple[TechniqueUse, ...], train: TrainSpec, device: torch.device,
               result: TrainResult, parallel: ParallelSpec | None = None,
               evaluation: EvalSpec | None = None,
-              generation: GenerateSpec | None = None) -> None:
+              generation: GenerateSpec | None = None,
+              saving: tuple[SaveSpec, ...] | None = None) -> None:
     """Build, then run warm-up + measured steps under `probe`, evaluating after the steps
-    `evaluation` says and generating after the last. Fills `result` as it goes, so an OOM
+    `evaluation` says, generating after the last, then saving. Fills `result` as it goes, so an OOM
     midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
@@ -200,6 +211,9 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         if generation is not None:
             optimizer.zero_grad(set_to_none=True)
             generate(probe, model, generation, train, device, autocast, step)
+        if saving:
+            optimizer.zero_grad(set_to_none=True)
+            save(probe, model, saving, result)
     finally:
         gathers.__exit__(None, None, None)
         # Outside the measured steps; the state exists once the first step has run.
@@ -260,6 +274,56 @@ def generate(probe: Probe, model, spec: GenerateSpec, train: TrainSpec, device: 
         hook.remove()
 
 
+def save(probe: Probe, model, targets: tuple[SaveSpec, ...], result: TrainResult) -> None:
+    """Each `save:` entry in order, into a temporary folder removed after it, as the job's last
+    phases (`save`, one per entry, the optimizer state still live as in Trainer's final
+    save): the files through transformers' and PEFT's own `save_pretrained` (safetensors).
+    `merged` runs PEFT's `merge_and_unload()` first — on a 4-bit base it de-quantises each
+    adapted layer to the compute dtype, adds the adapters' delta and quantises it again, one
+    layer at a time — on the model's own device or, with `device: cpu`, after moving the model
+    there; what comes after saves the merged model. Host memory is sampled as each runs."""
+    for index, target in enumerate(targets):
+        started = time.perf_counter()
+        move = target.device is not None and next(model.parameters()).device.type != target.device
+        skipped = parallel_training.save_refused(model, target.kind)
+        if skipped is None and probe.method == "simulated":
+            skipped = _not_simulated(target, model, move, probe)
+            skipped = skipped and f"simulated: {skipped} (measure it on CPU or CUDA)"
+        if skipped:
+            result.saves.append({"skipped": skipped})
+            continue
+        with tempfile.TemporaryDirectory(prefix="harness-save-") as folder:
+            with probe.phase("save", index), probe.saving() as host:
+                if target.kind == "merged":
+                    if move:
+                        model = model.to(target.device)
+                    model = model.merge_and_unload()
+                    probe.sight(Kind.PARAM, list(model.parameters()) + quantized_weights(model))
+                parallel_training.save_pretrained(model, folder, target.cpu_offload)
+            files = [f for f in Path(folder).rglob("*") if f.is_file()]
+            result.saves.append({
+                "kind": target.kind, "device": target.device,
+                "files": sorted(str(f.relative_to(folder)) for f in files),
+                "written_bytes": sum(f.stat().st_size for f in files),
+                "host_rss_peak_bytes": host.peak, "host_rss_growth_bytes": host.growth,
+                "seconds": round(time.perf_counter() - started, 3)})
+
+
+def _not_simulated(target: SaveSpec, model, move: bool, probe: Probe) -> str | None:
+    """Why fake tensors cannot run this save, or None."""
+    if target.kind == "full" and target.cpu_offload and parallel_training.is_sharded(model) \
+            and probe.device.type == "cpu" and getattr(probe, "target", "cpu") == "cuda":
+        return ("the ranks run on fake CPU tensors for a CUDA target, where moving each "
+                "gathered tensor to the CPU frees nothing (cpu_offload: false simulates)")
+    if target.kind == "merged" and quantized_weights(model):
+        return ("merging into 4-bit weights re-quantises each merged layer, which bitsandbytes "
+                "does on real tensors only")
+    if move:
+        return (f"moving the model to {target.device} swaps each fake parameter for another, "
+                "which the simulation's own references to it prevent")
+    return None
+
+
 @contextlib.contextmanager
 def _inference(model):
     """Eval mode and no grad, as Trainer evaluates and generates; training mode restored."""
@@ -312,7 +376,7 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
         probe.start()
         try:
             run_steps(probe, scenario.model, source, variant.techniques, train, device, result,
-                      variant.parallel, variant.eval, variant.generate)
+                      variant.parallel, variant.eval, variant.generate, variant.save)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:

@@ -245,6 +245,12 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:
         use["args"].update(result.resolved.get(use["name"], {}))
+    if record.save:
+        # Each save that ran is one `save` phase, in order.
+        peaks = iter((memory["phases"].get("save") or {}).get("per_save_peak_allocated_bytes", []))
+        for entry, done in zip(record.save, result.saves, strict=False):
+            entry.update(done, peak_allocated_bytes=None if "skipped" in done else
+                         next(peaks, None))
     measured = timing(result, train)
     if simulate:
         from harness.techniques import REGISTRY

@@ -25,6 +25,11 @@ VARIANTS = [
     {"name": "fsdp2-keep", "parallel": {"strategy": "fsdp2", "world_size": 2,
                                         "reshard_after_forward": False}},
     {"name": "ddp", "parallel": {"strategy": "ddp", "world_size": 2}},
+    # A full state dict gathered after the step, kept on each rank's device or offloaded.
+    {"name": "fsdp2-save", "parallel": {"strategy": "fsdp2", "world_size": 2},
+     "save": [{"full": {"cpu_offload": False}}]},
+    {"name": "fsdp2-save-offload", "parallel": {"strategy": "fsdp2", "world_size": 2},
+     "save": ["full"]},
 ]
 
 
@@ -151,6 +156,35 @@ def test_simulated_ranks_agree_with_the_gloo_run(runs, variant):
             assert sim["end_of_step_bytes"][category] == real["end_of_step_bytes"][category]
     # (Not phase by phase: away from the peak, when gloo's worker thread lets go of a
     # collective's buffers shifts a free by a little, differently each run.)
+
+
+@pytest.mark.slow
+def test_a_full_state_dict_under_fsdp2_is_the_whole_model_on_the_ranks_that_gather_it(runs):
+    """get_model_state_dict(full_state_dict=True) gathers every parameter whole: without CPU
+    offload every rank holds the full model beside its shards and AdamW state; with it only
+    rank 0 gathers (into host memory on a GPU; on this CPU into the same memory), the others
+    hold what they trained with. Rank 0 writes the one file. Simulated as measured."""
+    trained = runs["cpu"]["fsdp2"]["memory"]["ranks"]
+    full = 4 * runs["cpu"]["single"]["model"]["params_total"]  # fp32
+    for device in ("cpu", "simulate"):
+        gathered = runs[device]["fsdp2-save"]["memory"]["ranks"]
+        offload = runs[device]["fsdp2-save-offload"]["memory"]["ranks"]
+        for before, kept, moved in zip(trained, gathered, offload, strict=True):
+            resting = before["end_of_step_bytes"]["params"] + \
+                before["end_of_step_bytes"]["optimizer"]
+            assert kept["phase_peaks_bytes"]["save"] >= resting + full, device
+            if kept["rank"] == 0:
+                assert moved["phase_peaks_bytes"]["save"] >= resting + full, device
+            else:  # nothing gathered: its shards and state, the optimizer step's leftovers
+                assert moved["phase_peaks_bytes"]["save"] < resting + full / 2, device
+        (entry,) = runs[device]["fsdp2-save-offload"]["save"]
+        assert entry["files"][-1] == "model.safetensors"
+        assert full <= entry["written_bytes"] <= full + 64 * 1024
+    for variant in ("fsdp2-save", "fsdp2-save-offload"):
+        for real, sim in zip(runs["cpu"][variant]["memory"]["ranks"],
+                             runs["simulate"][variant]["memory"]["ranks"], strict=True):
+            assert sim["phase_peaks_bytes"]["save"] == pytest.approx(
+                real["phase_peaks_bytes"]["save"], rel=0.01)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from harness.probes.host import HostMemory
 from harness.probes.timeline import (
     CATEGORIES,
     Analysis,
@@ -33,7 +34,7 @@ from harness.probes.timeline import (
 )
 from harness.probes.tracker import BudgetExceeded, Tracker
 
-PHASES = ("load", "forward", "backward", "optimizer", "eval", "generate")
+PHASES = ("load", "forward", "backward", "optimizer", "eval", "generate", "save")
 STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's: per-step peaks
 
 __all__ = ["PHASES", "BudgetExceeded", "Kind", "Probe", "make_probe"]
@@ -118,6 +119,11 @@ class Probe(ABC):
         held = sum(t.numel() * t.element_size() for t in tensors)
         self.extra["kv_cache_bytes"] = max(held, self.extra.get("kv_cache_bytes") or 0)
 
+    def saving(self) -> contextlib.AbstractContextManager[HostMemory]:
+        """Around one save: `with probe.saving() as host:` — this process's resident memory
+        sampled while it runs (host.peak, host.growth)."""
+        return HostMemory()
+
     def sight_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Name the optimizer's state (it exists once a step has run)."""
         from harness.optimizers import state_tensors
@@ -169,6 +175,9 @@ class Probe(ABC):
                     slot.setdefault(key, None)
                 else:
                     slot[key] = max(value, slot.get(key) or 0)
+            if phase.name == "save":  # each entry of `save:` in order
+                slot.setdefault("per_save_peak_allocated_bytes", []).append(
+                    stats["peak_allocated_bytes"])
             if phase.step is not None and phase.name in STEP_PHASES:
                 steps[phase.step] = max(steps.get(phase.step, 0), stats["peak_allocated_bytes"])
         peak_phase, peak = None, -1

@@ -116,6 +116,11 @@ class SimulateProbe(Probe):
             leaves.append(t)
         self.tracker.sight(kind, leaves)
 
+    def saving(self):
+        """Fake tensors hold no bytes to write: see `unwritten_files`. The host holds nothing
+        of the model either: no resident memory is sampled."""
+        return unwritten_files()
+
     def grad_scaler(self) -> torch.amp.GradScaler:
         warnings.warn("simulated: GradScaler takes every step, as when no gradient overflowed "
                       "(a step it skips creates no optimizer temporaries, nor, the first time, "
@@ -271,6 +276,50 @@ def cuda_scratch(func, args) -> list[int]:
 _VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
 
 
+@contextlib.contextmanager
+def unwritten_files():
+    """A save of fake tensors, through the libraries' own `save_pretrained`: safetensors'
+    `save_file` (as transformers and PEFT call it) does what it does on the device — each tensor
+    must be contiguous and is copied to the CPU (a fake CPU tensor here: no device memory) —
+    and the file is made as large as its tensors' bytes, sparse, holding none of them (the
+    real one adds a header of a few KiB). Tied or shared weights are told apart by their fake
+    storage, which has no address. Yields a HostMemory that samples nothing."""
+    import peft.peft_model
+    import transformers.modeling_utils
+    from safetensors.torch import _SIZE
+
+    from harness.probes.host import HostMemory
+
+    def save_file(tensors, filename, metadata=None):
+        size = 0
+        for name, tensor in tensors.items():
+            if not tensor.is_contiguous():
+                raise ValueError(f"You are trying to save a non contiguous tensor: `{name}`")
+            if tensor.device.type != "cpu":
+                tensor = tensor.to("cpu")
+            size += tensor.numel() * _SIZE[tensor.dtype]
+        with open(filename, "wb") as f:
+            f.truncate(size)
+
+    def id_tensor_storage(tensor):
+        if not is_fake(tensor):
+            return original[transformers.modeling_utils, "id_tensor_storage"](tensor)
+        storage = tensor.untyped_storage()
+        return tensor.device, storage._cdata, storage.nbytes()
+
+    replaced = {(module, name): value for module in (transformers.modeling_utils, peft.peft_model)
+                for name, value in (("safe_save_file", save_file),
+                                    ("id_tensor_storage", id_tensor_storage))}
+    original = {(module, name): getattr(module, name) for module, name in replaced}
+    for (module, name), value in replaced.items():
+        setattr(module, name, value)
+    try:
+        yield HostMemory(sample=False)
+    finally:
+        for (module, name), value in original.items():
+            setattr(module, name, value)
+
+
 def library_values(func, args, liger: bool = False):
     """The values the libraries' Python reads of fake tensors, which have none, where the
     answer is known and sizes no allocation. Liger (`liger`: on the fake CUDA device): fused
@@ -279,9 +328,14 @@ def library_values(func, args, liger: bool = False):
     no padding), whether any prompt token id is negative (none is), the special-token checks
     that decide only warnings (answered no) and, after each token, whether every sequence is
     done — once it has reached the loop's own `max_length`, as for a greedy run that never
-    stops early. Reads from anyone else's code fail as ever."""
-    if func not in _VALUE_READS or not is_fake(args[0]):
+    stops early. A real tensor's value is its own (bitsandbytes' quantization state of packed
+    weights, which stay real host tensors: `offset.item()` as a 4-bit layer is saved). Reads from
+    anyone else's code fail as ever."""
+    if func not in _VALUE_READS:
         return NOT_ANSWERED
+    if not is_fake(args[0]):  # a real tensor's (bitsandbytes' packed quantization state)
+        with unset_fake_temporarily():
+            return func(*args)
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")

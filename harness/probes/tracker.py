@@ -13,7 +13,7 @@ import weakref
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -21,6 +21,18 @@ from harness.probes.timeline import Kind, round_block
 
 _NOBODY = object()  # a tensor no layer or parameter made (see Tracker._inherit)
 NOT_ANSWERED = object()  # see Tracker.values
+
+
+def _storage_holders(leaves):
+    """The tensors whose storages hold memory: a wrapper subclass's inner tensors in its place
+    (a DTensor's rank's shard; a collective's AsyncCollectiveTensor, whose own storage is not
+    valid), the rest as they are."""
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            yield from _storage_holders(getattr(t, name) for name in names)
+        else:
+            yield t
 
 
 class BudgetExceeded(torch.OutOfMemoryError):
@@ -75,8 +87,7 @@ class Tracker(TorchDispatchMode):
 
     def sight(self, kind: Kind, tensors) -> None:
         now = self._now()
-        for t in tree_leaves(tensors):
-            t = getattr(t, "_local_tensor", t)  # a DTensor's storage is its rank's shard's
+        for t in _storage_holders(tree_leaves(tensors)):
             if isinstance(t, torch.Tensor) and t.device.type != "meta" and (
                     self.allocations is None or is_fake(t)) and (  # simulated: only fake is
                     self.device_type is None or t.device.type == self.device_type):  # device

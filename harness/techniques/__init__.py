@@ -130,6 +130,8 @@ class Technique:
     not_estimated: str | None = None
     # Parallel strategies it cannot run under, each with the reason (parallel.py).
     parallel_unsupported: Mapping[str, str] = field(default_factory=dict)
+    # It makes the model a PEFT model: what trains are adapters, saved alone or merged (save:).
+    adapters: bool = False
     # Resolved args → its cell in tables: the name, and the arguments that tell rows apart.
     label: Callable[[dict], str] = lambda args: ""  # registration defaults it to the name
 
@@ -154,6 +156,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
               estimate: Callable[[dict, dict], None] | None = None,
               not_estimated: str | None = None,
               parallel_unsupported: Mapping[str, str] | None = None,
+              adapters: bool = False,
               label: Callable[[dict], str] | None = None):
     """Register a technique; a duplicate name, or one missing from APPLY_ORDER, is a
     programming error."""
@@ -173,6 +176,7 @@ def technique(name: str, *, stage: Stage, conflicts: tuple[str, ...] = (),
             needs_warmup=needs_warmup, not_simulated=not_simulated,
             simulated_notes=simulated_notes, estimate=estimate,
             not_estimated=not_estimated, parallel_unsupported=dict(parallel_unsupported or {}),
+            adapters=adapters,
             label=label or (lambda args: name),
         )
         return fn

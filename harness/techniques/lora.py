@@ -115,8 +115,8 @@ def estimate_lora(stack: dict, args: dict, neutral: frozenset[str] = frozenset()
                  rank=args["r"], dropout=bool(args.get("lora_dropout")))
 
 
-@technique("lora", stage=Stage.MODEL, check_model=_check_targets, estimate=estimate_lora,
-           label=lambda args: lora_label("lora", args),
+@technique("lora", stage=Stage.MODEL, adapters=True, check_model=_check_targets,
+           estimate=estimate_lora, label=lambda args: lora_label("lora", args),
            args=dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
                                shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
                                aliases={"rank": "r", "alpha": "lora_alpha",

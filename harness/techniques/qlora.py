@@ -105,7 +105,7 @@ def _not_simulated(args: dict, device) -> str | None:
     return None
 
 
-@technique("qlora", stage=Stage.MODEL, conflicts=("lora", "int8", "fp16"),
+@technique("qlora", stage=Stage.MODEL, adapters=True, conflicts=("lora", "int8", "fp16"),
            check_stack=_check_compute, not_simulated=_not_simulated,
            estimate=_estimate, label=lambda args: lora_label("qlora", args),
            parallel_unsupported={"fsdp2": (

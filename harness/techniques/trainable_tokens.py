@@ -26,7 +26,7 @@ def _check_ids(model, args: dict) -> str | None:
     return None
 
 
-@technique("trainable_tokens", stage=Stage.MODEL, conflicts=("lora", "qlora"),
+@technique("trainable_tokens", stage=Stage.MODEL, adapters=True, conflicts=("lora", "qlora"),
            args=_resolve, check_model=_check_ids,
            not_estimated="trainable token rows are not modelled")
 def trainable_tokens(ctx: BuildContext, **args) -> None:
