@@ -495,7 +495,7 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
     try:
         if source.kind != "file":
             raise NotModelled("the config of a hub id not in the local cache cannot be read")
-        for part in ("eval", "generate", "save"):
+        for part in ("eval", "generate", "save", "data"):
             if getattr(variant, part) is not None:
                 raise NotModelled(f"{part}: the closed form covers the training step only; "
                                   "simulate it (--device simulate)")

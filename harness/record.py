@@ -90,6 +90,8 @@ class Memory:
     #   unattributed} at the overall peak
     peak_phase: str | None = None
     peak_step: int | None = None
+    per_step_peak_reserved_bytes: list | None = None  # each step's reserved peak, warm-up
+    #   first: how it grows as shapes vary (`data:`); null where reserved is unknown
     peak_micro_batch: int | None = None  # with gradient accumulation: the micro-batch (from
     #   0) whose forward or backward set the peak; null without accumulation or elsewhere
     breakdown_note: str | None = None
@@ -166,6 +168,11 @@ class Record:
     # process's resident host memory meanwhile (host_rss_peak_bytes, host_rss_growth_bytes:
     # null when simulated) and seconds; `skipped`: why it did not run. null: nothing saved.
     save: list | None = None
+    # `data:` (harness/data.py): the source as given and what it held (samples, length
+    # p50/p99/max, truncated_samples), each step's micro-batch shapes and tokens, the per-step
+    # peaks' p50/p99/max with the step and shapes of the maximum, and per-step reserved memory
+    # (null where unknown: on CPU). null: fixed-shape batches.
+    data: dict | None = None
 
 
     def as_dict(self) -> dict[str, Any]:
@@ -230,8 +237,10 @@ def _upgrade_2(record: dict) -> dict:
 
 
 def _upgrade_3(record: dict) -> dict:
-    """Schema 4 says what was saved (`save`; nothing was before)."""
+    """Schema 4 says what was saved (`save`; nothing was before) and the batches' real lengths
+    (`data`; fixed-shape batches before)."""
     record.setdefault("save", None)
+    record.setdefault("data", None)
     return {**record, "schema_version": 4}
 
 
@@ -265,7 +274,18 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
         memory=Memory(None, None, {}, [], None),
         timing=Timing(None, None, None, None), env=env,
         eval=_resolved(variant, "eval"), generate=_resolved(variant, "generate"),
-        save=[s.as_dict() for s in variant.save] if getattr(variant, "save", None) else None)
+        save=[s.as_dict() for s in variant.save] if getattr(variant, "save", None) else None,
+        data={"spec": _data_spec(variant.data)} if getattr(variant, "data", None) else None)
+
+
+def _data_spec(spec) -> dict:
+    """The `data:` settings as given (the source's lengths list summarised, not repeated)."""
+    out = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+    if spec.dataset is None:
+        out.pop("text_field")
+    if "lengths" in out:
+        out["lengths"] = f"{len(out['lengths'])} lengths"
+    return out
 
 
 def _resolved(variant, part: str) -> dict | None:

@@ -159,8 +159,25 @@ class SaveSpec:
                                       if f.metadata.get("kind") == self.kind}}
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """`data:` — the training batches' real lengths instead of a fixed `seq_len` (then the
+    truncation limit): one source (`lengths`, `lengths_file`, `dataset` with `tokenizer`, or
+    `synthetic: {median, p99}`), padding to each micro-batch's longest or to `seq_len`, and
+    Trainer's length-grouped sampler (harness/data.py). Paths are absolute once parsed."""
+
+    lengths: tuple[int, ...] | None = None
+    lengths_file: str | None = setting(None)
+    dataset: str | None = setting(None)
+    tokenizer: str | None = setting(None)
+    text_field: str = setting("text")
+    synthetic: Mapping[str, int] | None = None  # {median, p99}
+    padding: str = setting("longest", choices=("longest", "max_length"))
+    group_by_length: bool = setting(False)
+
+
 # The parts of a job beyond its training steps: top-level keys a variant may override.
-JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec, "save": SaveSpec}
+JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec, "save": SaveSpec, "data": DataSpec}
 
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -214,6 +231,7 @@ class Variant:
     eval: EvalSpec | None = None  # None: no evaluation
     generate: GenerateSpec | None = None  # None: no generation
     save: tuple[SaveSpec, ...] | None = None  # None: nothing saved
+    data: DataSpec | None = None  # None: fixed-shape batches of train.seq_len
 
     def __post_init__(self):
         if not self.declared:
@@ -533,6 +551,8 @@ def _parse_job_part(path, key: str, raw, base, variant=None):
         return None
     if key == "save":
         return _parse_save(path, raw, variant)
+    if key == "data":
+        return _parse_data(path, raw, base, variant)
     given = _require_mapping(path, raw, key, variant)
     values = _parse_fields(path, spec, given, key, variant)
     if base is not None:
@@ -574,6 +594,63 @@ def _parse_save(path, raw, variant=None) -> tuple[SaveSpec, ...]:
         if spec.kind == "merged" and "merged" in kinds[:i]:
             raise ScenarioError(path, "merged twice", key=f"save[{i}]", variant=variant)
     return tuple(specs)
+
+
+_DATA_SOURCES = ("lengths", "lengths_file", "dataset", "synthetic")
+
+
+def _parse_data(path, raw, base: DataSpec | None, variant=None) -> DataSpec:
+    """`data:` on top of the scenario's (`base`); a source the variant names replaces the
+    scenario's source."""
+    given = dict(_require_mapping(path, raw, "data", variant))
+    _unknown_keys(path, given, [f.name for f in dataclasses.fields(DataSpec)], "data", variant)
+    values = {}
+    if "lengths" in given:
+        lengths = given.pop("lengths")
+        if not isinstance(lengths, list) or not lengths or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths):
+            raise ScenarioError(path, "must be a non-empty list of positive token counts",
+                                key="data.lengths", variant=variant)
+        values["lengths"] = tuple(lengths)
+    if "synthetic" in given:
+        synthetic = _require_mapping(path, given.pop("synthetic"), "data.synthetic", variant)
+        _unknown_keys(path, synthetic, ["median", "p99"], "data.synthetic", variant)
+        for key in ("median", "p99"):
+            value = synthetic.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ScenarioError(path, f"must be a positive token count, got {value!r}",
+                                    key=f"data.synthetic.{key}", variant=variant)
+        if synthetic["p99"] <= synthetic["median"]:
+            raise ScenarioError(path, f"must be above the median {synthetic['median']}, got "
+                                      f"{synthetic['p99']}", key="data.synthetic.p99",
+                                variant=variant)
+        values["synthetic"] = {"median": synthetic["median"], "p99": synthetic["p99"]}
+    values.update(_parse_fields(path, DataSpec, given, "data", variant))
+    for key in ("lengths_file", "dataset", "tokenizer"):
+        if values.get(key) is not None:
+            where = Path(values[key]) if Path(values[key]).is_absolute() else \
+                Path(path).parent / values[key]
+            if not where.exists():
+                raise ScenarioError(path, f"no such file or folder: {where}", key=f"data.{key}",
+                                    variant=variant)
+            values[key] = str(where.resolve())
+    named = [k for k in _DATA_SOURCES if values.get(k) is not None]
+    if len(named) > 1:
+        raise ScenarioError(path, f"gives {named[0]} and {named[1]}: one source of lengths",
+                            key=f"data.{named[1]}", variant=variant)
+    if base is not None:
+        inherited = dataclasses.asdict(base)
+        if named:  # the variant's source replaces the scenario's
+            inherited.update({k: None for k in _DATA_SOURCES})
+        values = {**inherited, **values}
+        named = named or [k for k in _DATA_SOURCES if values.get(k) is not None]
+    if not named:
+        raise ScenarioError(path, f"needs one source of lengths: {', '.join(_DATA_SOURCES)}",
+                            key="data", variant=variant)
+    if values.get("tokenizer") is not None and values.get("dataset") is None:
+        raise ScenarioError(path, "tokenizes a dataset: give data.dataset", key="data.tokenizer",
+                            variant=variant)
+    return DataSpec(**values)
 
 
 def _check_save(path, save: tuple[SaveSpec, ...] | None, uses, variant: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from harness import data
 from harness import parallel as parallel_training
 from harness.models import ConfigSource, build_model, quantized_weights
 from harness.optimizers import make_optimizer, paged_state_bytes
@@ -55,6 +56,8 @@ class TrainResult:
     quantized_weight_bytes: int | None = None  # bitsandbytes weights + their quantization state
     quantized_params: int | None = None  # how many original weights those hold
     saves: list[dict[str, Any]] = field(default_factory=list)  # each `save:` entry, as it ran
+    lengths: list[int] | None = None  # `data:`: the source's lengths, and the batches drawn
+    drawn: list | None = None
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
@@ -65,6 +68,14 @@ def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
                         generator=generator)
     ids = ids.to(device)
     return {"input_ids": ids, "labels": ids}
+
+
+def _step_batches(batches: list[dict]) -> tuple[list[dict], dict]:
+    """A step's micro-batches and the loss arguments they share: with accumulation, the
+    step's label count (Trainer's `num_items_in_batch`)."""
+    if len(batches) == 1:
+        return batches, {}
+    return batches, {"num_items_in_batch": label_count(batches)}
 
 
 def label_count(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -123,9 +134,12 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               result: TrainResult, parallel: ParallelSpec | None = None,
               evaluation: EvalSpec | None = None,
               generation: GenerateSpec | None = None,
-              saving: tuple[SaveSpec, ...] | None = None) -> None:
+              saving: tuple[SaveSpec, ...] | None = None,
+              drawn: list | None = None) -> None:
     """Build, then run warm-up + measured steps under `probe`, evaluating after the steps
-    `evaluation` says, generating after the last, then saving. Fills `result` as it goes, so an OOM
+    `evaluation` says, generating after the last, then saving. `drawn` (data.plan): each
+    step's micro-batches in their real shapes, fetched to the device as the step starts,
+    instead of fixed-shape ones made once. Fills `result` as it goes, so an OOM
     midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
@@ -136,14 +150,15 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         optimizer = make_optimizer(train.optimizer, params, train)
         # A step's micro-batches are on the device together, as Trainer fetches them.
         accumulation = train.gradient_accumulation_steps
-        batches = [make_batch(train, model.config.vocab_size, device, micro)
-                   for micro in range(accumulation)]
-        items = label_count(batches) if accumulation > 1 else None
-        loss_kwargs = {} if items is None else {"num_items_in_batch": items}
+        vocab = model.config.vocab_size
+        batches, loss_kwargs = [], {}
+        if drawn is None:
+            batches, loss_kwargs = _step_batches(
+                [make_batch(train, vocab, device, micro) for micro in range(accumulation)])
         quantized = quantized_weights(model)
         probe.sight(Kind.PARAM, list(model.parameters()) + quantized)
         probe.sight(Kind.BUFFER, list(model.buffers()))
-        probe.sight(Kind.INPUT, [batches, items])
+        probe.sight(Kind.INPUT, [batches, loss_kwargs])
     result.params_total = sum(_unpacked_numel(p) for p in model.parameters())
     if quantized:
         ids = {id(t) for t in quantized}
@@ -161,11 +176,18 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     try:
         for step in range(train.warmup_steps + train.steps):
             started = time.perf_counter()
-            for micro, batch in enumerate(batches):
+            for micro in range(accumulation):
                 last = micro == accumulation - 1
                 with probe.phase("forward", step, micro):
                     if micro == 0:
                         optimizer.zero_grad(set_to_none=True)
+                        if drawn is not None:  # the step's batches, as the dataloader gives
+                            batch = batches = loss_kwargs = None
+                            batches, loss_kwargs = _step_batches(
+                                [data.make_batch(m, vocab, device, train.seed + 1000 * step + i)
+                                 for i, m in enumerate(drawn[step])])
+                            probe.sight(Kind.INPUT, [batches, loss_kwargs])
+                    batch = batches[micro]
                     with autocast, probe.tracker.saved_tensors():
                         if ctx.loss_fn is None:
                             outputs = forward(**batch, use_cache=False, **loss_kwargs)
@@ -347,6 +369,12 @@ def timing(result: TrainResult, train: TrainSpec) -> dict[str, float | None]:
     if not result.step_times_s:
         return {"step_time_s_median": None, "tokens_per_s": None, "warmup_s": warmup}
     median = statistics.median(result.step_times_s)
+    if result.drawn is not None:  # real lengths: the measured steps' own tokens, padding too
+        measured = result.drawn[train.warmup_steps:][:len(result.step_times_s)]
+        tokens = sum(m.shape[0] * m.shape[1] for step in measured for m in step)
+        total = sum(result.step_times_s)
+        return {"step_time_s_median": median,
+                "tokens_per_s": tokens / total if total > 0 else None, "warmup_s": warmup}
     return {"step_time_s_median": median,
             "tokens_per_s": train.effective_batch_size * train.seq_len / median
             if median > 0 else None,
@@ -373,10 +401,19 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
     outcome = {"status": "ok", "error": None}
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
+        try:  # the lengths and batches drawn: before the probe, not the job's memory
+            if variant.data is not None:
+                result.lengths = data.read_lengths(variant.data, scenario.path.parent,
+                                                   train.seed)
+                result.drawn = data.plan(variant.data, result.lengths, train)
+        except data.DataError as e:
+            outcome = {"status": "error", "error": f"{e.key}: {e.message}"}
         probe.start()
         try:
-            run_steps(probe, scenario.model, source, variant.techniques, train, device, result,
-                      variant.parallel, variant.eval, variant.generate, variant.save)
+            if outcome["status"] == "ok":
+                run_steps(probe, scenario.model, source, variant.techniques, train, device,
+                          result, variant.parallel, variant.eval, variant.generate,
+                          variant.save, result.drawn)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:

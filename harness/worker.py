@@ -194,7 +194,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         if why_not:
             record.notes.append(f"simulated on fake CPU tensors, with CUDA kernels' scratch "
                                 f"added by hand: no fake CUDA device ({why_not})")
-    if simulate and train.warmup_steps + train.steps > 2:
+    if simulate and train.warmup_steps + train.steps > 2 and variant.data is None:
         # The first step creates the optimizer state, the second runs with it; on fake tensors
         # every later step repeats the second byte for byte.
         warmup = min(train.warmup_steps, 1)
@@ -251,6 +251,12 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         for entry, done in zip(record.save, result.saves, strict=False):
             entry.update(done, peak_allocated_bytes=None if "skipped" in done else
                          next(peaks, None))
+    if record.data is not None and result.drawn is not None:
+        from harness.data import summary
+
+        record.data.update(summary(variant.data, result.lengths, result.drawn,
+                                   memory.get("per_step_peak_allocated_bytes") or [],
+                                   memory.get("per_step_peak_reserved_bytes"), train.seq_len))
     measured = timing(result, train)
     if simulate:
         from harness.techniques import REGISTRY

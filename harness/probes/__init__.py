@@ -168,6 +168,7 @@ class Probe(ABC):
         """phase_stats: per closed phase, its peak_allocated_bytes (and device extras)."""
         phases: dict[str, dict[str, Any]] = {}
         steps: dict[int, int] = {}
+        reserved_steps: dict[int, int | None] = {}
         for phase, stats in phase_stats:
             slot = phases.setdefault(phase.name, {})
             for key, value in stats.items():
@@ -180,6 +181,10 @@ class Probe(ABC):
                     stats["peak_allocated_bytes"])
             if phase.step is not None and phase.name in STEP_PHASES:
                 steps[phase.step] = max(steps.get(phase.step, 0), stats["peak_allocated_bytes"])
+                held = stats.get("peak_reserved_bytes")
+                reserved_steps[phase.step] = None if held is None or (
+                    phase.step in reserved_steps and reserved_steps[phase.step] is None) \
+                    else max(held, reserved_steps.get(phase.step) or 0)
         peak_phase, peak = None, -1
         for phase, stats in phase_stats:
             if stats["peak_allocated_bytes"] > peak:
@@ -202,6 +207,9 @@ class Probe(ABC):
             "phases": {name: phases.get(name) for name in PHASES
                        if name in phases or name in ("load", *STEP_PHASES)},
             "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],
+            # Reserved memory step by step (grows as shapes vary); null where not known.
+            "per_step_peak_reserved_bytes": None if not reserved_steps or None in
+            reserved_steps.values() else [reserved_steps[s] for s in sorted(reserved_steps)],
             "breakdown_bytes": breakdown,
             "breakdown_note": breakdown_note,
             "end_of_step_bytes": (analysis.end_of_step or None) if analysis else None,
