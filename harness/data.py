@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 SOURCES = ("lengths", "lengths_file", "dataset", "synthetic")
 PADDINGS = ("longest", "max_length")
@@ -43,10 +45,25 @@ class DataError(ValueError):
 class MicroBatch:
     lengths: tuple[int, ...]  # each row's tokens, truncated at seq_len
     padded: int  # the length every row is padded to
+    # Packing: each packed row's sequences, flattened into one row of all their tokens.
+    packed: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.packed is not None:
+            return 1, self.padded
         return len(self.lengths), self.padded
+
+
+def pack(lengths: list[int], seq_len: int) -> list[tuple[int, ...]]:
+    """The sequences' lengths packed into rows of at most `seq_len` tokens by TRL's own
+    `pack_dataset` (best-fit decreasing, as SFTTrainer packs: a longer sequence truncated)."""
+    import datasets
+    from trl import pack_dataset
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    packed = pack_dataset(rows, seq_len, strategy="bfd", map_kwargs={"desc": None})
+    return [tuple(row) for row in packed["seq_lengths"]]
 
 
 def synthetic_lengths(median: int, p99: int, seed: int,
@@ -125,6 +142,9 @@ def plan(spec, lengths: list[int], train) -> list[list[MicroBatch]]:
     """The micro-batches of every step (warm-up included) the sampler draws, in order."""
     batch, accumulation = train.batch_size, train.gradient_accumulation_steps
     generator = torch.Generator().manual_seed(train.seed)
+    rows = pack(lengths, train.seq_len) if spec.packing else None
+    if rows is not None:  # the sampler draws packed rows
+        lengths = [sum(row) for row in rows]
     if spec.group_by_length:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -142,9 +162,15 @@ def plan(spec, lengths: list[int], train) -> list[list[MicroBatch]]:
     for _ in range(train.warmup_steps + train.steps):
         micro = []
         for _ in range(accumulation):
-            rows = tuple(min(lengths[next(drawn)], train.seq_len) for _ in range(batch))
-            padded = train.seq_len if spec.padding == "max_length" else max(rows)
-            micro.append(MicroBatch(rows, padded))
+            picked = [next(drawn) for _ in range(batch)]
+            if rows is not None:  # padding-free: the rows' tokens in one, as TRL collates
+                micro.append(MicroBatch(tuple(lengths[i] for i in picked),
+                                        sum(lengths[i] for i in picked),
+                                        tuple(rows[i] for i in picked)))
+                continue
+            taken = tuple(min(lengths[i], train.seq_len) for i in picked)
+            padded = train.seq_len if spec.padding == "max_length" else max(taken)
+            micro.append(MicroBatch(taken, padded))
         steps.append(micro)
     return steps
 
@@ -152,8 +178,26 @@ def plan(spec, lengths: list[int], train) -> list[list[MicroBatch]]:
 def make_batch(micro: MicroBatch, vocab_size: int, device: torch.device,
                seed: int) -> dict[str, torch.Tensor]:
     """Random tokens in the micro-batch's padded shape: padding (right, token 0) masked out of
-    attention and labels, as a padding collator leaves it."""
+    attention and labels, as a padding collator leaves it. Packed: TRL's padding-free
+    collator's batch (one row, position ids restarting at each sequence, and the sequence
+    boundaries flash attention's variable-length kernel reads)."""
     generator = torch.Generator().manual_seed(seed)
+    if micro.packed is not None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+        draw = random.Random(seed)  # a list for the collator (a fake tensor has no values)
+        ids = [draw.randrange(1, vocab_size) for _ in range(micro.padded)]
+        rows, start = [], 0
+        for row in micro.packed:
+            rows.append({"input_ids": ids[start:start + sum(row)], "seq_lengths": list(row)})
+            start += sum(row)
+        # Collated on real tensors (it reads their values: where each sequence starts) and
+        # copied, so a simulation's fake mode makes its own (which hold no values) from them.
+        with unset_fake_temporarily():
+            batch = collate(rows)
+        return {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
     ids = torch.randint(1, vocab_size, micro.shape, generator=generator)
     positions = torch.arange(micro.padded)
     mask = (positions[None, :] < torch.tensor(micro.lengths)[:, None]).long()

@@ -174,6 +174,9 @@ class DataSpec:
     synthetic: Mapping[str, int] | None = None  # {median, p99}
     padding: str = setting("longest", choices=("longest", "max_length"))
     group_by_length: bool = setting(False)
+    # TRL's packing: sequences packed into rows of seq_len (best-fit decreasing), a micro-batch
+    # of rows collated padding-free into one row with per-sequence position ids.
+    packing: bool = setting(False)
 
 
 # The parts of a job beyond its training steps: top-level keys a variant may override.
@@ -647,6 +650,9 @@ def _parse_data(path, raw, base: DataSpec | None, variant=None) -> DataSpec:
     if not named:
         raise ScenarioError(path, f"needs one source of lengths: {', '.join(_DATA_SOURCES)}",
                             key="data", variant=variant)
+    if values.get("packing") and values.get("padding") == "max_length":
+        raise ScenarioError(path, "packing pads nothing: it packs rows of seq_len",
+                            key="data.padding", variant=variant)
     if values.get("tokenizer") is not None and values.get("dataset") is None:
         raise ScenarioError(path, "tokenizes a dataset: give data.dataset", key="data.tokenizer",
                             variant=variant)
