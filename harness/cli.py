@@ -213,6 +213,10 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     for folder in args.measured or []:
         if not Path(folder).is_dir() or not any(Path(folder).glob("*.json")):
             raise BadInput(f"--measured {folder}: not a run folder (no records)")
+    try:
+        gpu = _gpus.card(args.gpu or _gpus.SIMULATED)
+    except _gpus.UnknownGpu as e:
+        raise BadInput(f"--gpu: {e}") from None
     start_fork_server()  # simulation (and --cpu) workers fork: its imports overlap validation
     scenario = load_scenario(args.scenario)
     variants = _selected(scenario, args.variant)
@@ -239,7 +243,8 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         if outcome.interrupted:
             return 130
     frames = {label: report.load_results_in(path) for label, path in runs.items()}
-    table = report.methods_table(frames, measured, scenario.sha256)
+    tools = _other_tools(scenario, variants, frames["simulated"], gpu)
+    table = report.methods_table(frames, measured, scenario.sha256, tools)
     text = report.methods_markdown(table, scenario.name, run_id)
     table.to_csv(top / "methods.csv", index=False)
     (top / "methods.md").write_text(text)
@@ -247,6 +252,18 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": str(top), "scenario": scenario.name,
                       "runs": {k: str(v) for k, v in runs.items()}}))
     return 0
+
+
+def _other_tools(scenario, variants, simulated, gpu) -> dict[str, dict[str, dict]]:
+    """variant → what accelerate and the guides' rule of thumb answer for it (rules.py)."""
+    from harness import rules
+
+    out = {}
+    for variant in variants:
+        rows = simulated[simulated["job"] == variant.name] if not simulated.empty else simulated
+        reference = None if rows.empty else rows.iloc[-1].to_dict()
+        out[variant.name] = rules.answers(scenario, variant, reference, gpu)
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -563,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(cmp, "--target", default="cuda",
           help="what the estimate and the simulation model (see run --target)")
     _flag(cmp, "--timeout")
+    cmp.add_argument("--gpu", metavar="NAME",
+                     help="the card accelerate's infer_auto_device_map places the weights on "
+                          "(a preset, harness ls gpus; default h200)")
     cmp.set_defaults(fn=cmd_compare_methods)
 
     fit = sub.add_parser("fit", help="the largest batch size or sequence length that fits a GPU's "

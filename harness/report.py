@@ -63,6 +63,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "model_config": record["model"]["config"],
         "params_total": record["model"]["params_total"],
         "params_trainable": record["model"]["params_trainable"],
+        "quantized_params": record["model"].get("quantized_params"),
         **{k: train.get(k) for k in ("batch_size", "seq_len", "optimizer", "lr", "steps",
                                       "warmup_steps", "seed")},
         "gradient_accumulation_steps": train.get("gradient_accumulation_steps", 1),
@@ -405,11 +406,13 @@ def run_summary(run_dir: Path, frame: pd.DataFrame, interrupted: bool = False) -
 
 
 def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
-                  sha256: str) -> pd.DataFrame:
+                  sha256: str, tools: dict[str, dict[str, dict]] | None = None) -> pd.DataFrame:
     """One row per variant: each method's peak and its error against the best reference there
     is — a measurement, else the simulation. `runs`: label → that method's records (in scenario
     order); `measured`: run folders from elsewhere, matched by variant name; a record of other
-    scenario content is incomparable and left out."""
+    scenario content is incomparable and left out. `tools`: variant → what other tools answer
+    (rules.py: accelerate's estimate and the guides' rule, each a peak with its error; the
+    device map a sentence)."""
     first = next(iter(runs.values()))
     rows = []
     for _, base in first.iterrows():
@@ -427,6 +430,11 @@ def methods_table(runs: dict[str, pd.DataFrame], measured: list[pd.DataFrame],
                 notes.append(f"{r['run_id']}: other scenario content (x, left out)")
                 continue
             found[str(r["method"])] = r
+        answers = (tools or {}).get(name, {})
+        for label in ("accelerate", "guide"):
+            if label in answers:
+                found[label] = answers[label]
+        row["device_map"] = answers.get("device_map", {}).get("text")
         for label, r in found.items():
             ok = r is not None and r["status"] == "ok"
             row[f"{label}_peak_bytes"] = int(r["peak_allocated_bytes"]) if ok else None
@@ -482,6 +490,8 @@ def methods_markdown(table: pd.DataFrame, scenario: str, run_id: str) -> str:
                 row[f"{label} error"] = "—" if pd.isna(err) else f"{err:+.1f}%"
         row["reference"] = r["reference"]
         row["estimate vs reference, most"] = r["diverges_most"] or "—"
+        if "device_map" in r and isinstance(r["device_map"], str):
+            row["accelerate device map"] = r["device_map"]
         rows.append(row)
     body = pd.DataFrame(rows).fillna("—").to_markdown(index=False, disable_numparse=True)
     reasons = [f"- `{r['variant']}` {label}: {str(r[f'{label}_error']).splitlines()[0][:160]}"
@@ -491,5 +501,7 @@ def methods_markdown(table: pd.DataFrame, scenario: str, run_id: str) -> str:
              if isinstance(r["notes"], str)]
     return (f"{scenario} · methods side by side · run {run_id}\n\nPeak allocated, in {unit}; "
             "each error is against the reference (a measurement where one exists, else the "
-            "simulation).\n\n" + body + "\n" + ("\n" + "\n".join(reasons + notes) + "\n"
+            "simulation). accelerate: `accelerate estimate-memory`'s training figure for the "
+            "dtype trained in; guide: the fine-tuning guides' weights + AdamW moments; device "
+            "map: where accelerate's infer_auto_device_map puts the weights.\n\n" + body + "\n" + ("\n" + "\n".join(reasons + notes) + "\n"
                                                 if reasons or notes else ""))

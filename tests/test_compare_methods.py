@@ -38,6 +38,12 @@ def test_three_methods_side_by_side_with_errors_against_the_measurement(tmp_path
         assert row["reference"] == "measured-cpu"  # this run's own measurement, not the old one
         assert abs(row["estimated_error_pct"]) < 10
         assert abs(row["simulated_error_pct"]) < 1
+        # What people reach for instead, beside them: accelerate's estimate-memory (blind to
+        # adapters and checkpointing: the same figure for both rows) and the guides' rule, each
+        # with its error; accelerate's device map for the card.
+        assert row["accelerate_peak_bytes"] == table.loc["bf16", "accelerate_peak_bytes"]
+        assert row["guide_error_pct"] < 0 and not pd.isna(row["accelerate_error_pct"])
+        assert row["device_map"] == "h200: all on the GPU"
         # The old measurement of bf16 is left out (and said so), not taken as the reference.
         assert ("other scenario content" in str(row["notes"])) == (name == "bf16")
         # Each method's records are a run folder of their own, as `harness run` writes them.
