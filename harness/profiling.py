@@ -23,7 +23,8 @@ the grads there). With gradient accumulation each micro-batch has its forward an
 (Trainer's `on_substep_end` ends one micro-batch, the next one's forward starts there), so
 the next micro-batch's activations are activations, with the held grads beside them. An
 evaluation inside `train()` is the phase eval: from its first forward without grad outside a
-step to `on_evaluate`. The probe is the one `harness run` uses on that device (CUDA: the
+step to `on_evaluate`. A checkpoint Trainer saves is the phase save: from the end of the step
+(or of the evaluation before it) to `on_save`. The probe is the one `harness run` uses on that device (CUDA: the
 allocator's figures; CPU: the profiler's allocator events), and it costs the same time.
 """
 
@@ -78,7 +79,7 @@ class Profiler:
             self._hooks = self.probe.tracker.watch_grads(self.model)
 
     def phase(self, name: str, step: int | None = None, micro: int | None = None):
-        """A context: `name` is one of load, forward, backward, optimizer, eval; `micro` the
+        """A context: `name` is one of probes.PHASES (load, forward, …, save); `micro` the
         micro-batch of a step's forward or backward, with gradient accumulation."""
         return self._phase(name, step, micro)
 
@@ -200,11 +201,17 @@ class MemoryCallback:
 
             def _forward_starts(self, module, args):
                 # A forward without grad outside any step: Trainer's evaluation, to on_evaluate.
-                if not torch.is_grad_enabled() and self.prof.current is None:
+                if not torch.is_grad_enabled() and self.prof.current in (None, "save"):
                     self.prof.enter("eval", self._step)
 
             def on_evaluate(self, args, state, control, **kwargs):
                 if self.prof is not None and self.prof.current == "eval":
+                    self.prof.leave()
+                    if control.should_save:  # Trainer saves right after it evaluates
+                        self.prof.enter("save", self._step)
+
+            def on_save(self, args, state, control, **kwargs):
+                if self.prof is not None and self.prof.current == "save":
                     self.prof.leave()
 
             def _forward_done(self, module, args, kwargs, output):
@@ -233,6 +240,10 @@ class MemoryCallback:
 
             def on_step_end(self, args, state, control, **kwargs):
                 self.prof.leave()
+                # Then Trainer logs, evaluates (a no-grad forward starts that) and saves its
+                # checkpoint (to on_save): what it decided is in `control` by now.
+                if control.should_save and not control.should_evaluate:
+                    self.prof.enter("save", self._step)
 
             def on_train_end(self, args, state, control, **kwargs):
                 if self._hook is not None:

@@ -162,6 +162,39 @@ def test_an_evaluation_inside_train_is_a_phase_and_can_set_the_peak(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_the_trainer_saves_is_the_save_phase(tmp_path):
+    """save_steps: Trainer writes each checkpoint (the adapters, the optimizer's and the
+    scheduler's state) after the step and any evaluation: the phase save, holding the
+    weights and AdamW's state, the grads already zeroed; the checkpoints are on disk."""
+    from transformers import Trainer, TrainingArguments
+
+    model, config = tiny_lora()
+    callback = harness.MemoryCallback("saved", out=tmp_path / "records")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH,
+                             per_device_eval_batch_size=BATCH, eval_strategy="steps",
+                             eval_steps=2, save_strategy="steps", save_steps=1, max_steps=2,
+                             report_to="none", use_cpu=True, optim="adamw_torch",
+                             learning_rate=1e-4, logging_strategy="no",
+                             remove_unused_columns=False, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=batches(config.vocab_size, 8),
+            eval_dataset=batches(config.vocab_size, 4), callbacks=[callback]).train()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-1",
+                                                                    "checkpoint-2"]
+    memory = json.loads(callback.record_path.read_text())["memory"]
+    saved = memory["phases"]["save"]
+    at_peak = saved["breakdown_bytes"]
+    assert at_peak["grads"] == 0 and at_peak["activations"] <= 4096
+    assert at_peak["params"] >= record_params(callback) and at_peak["optimizer"] > 0
+    assert memory["phases"]["eval"] is not None  # evaluated after step 2, then saved
+
+
+def record_params(callback) -> int:
+    """The model's bf16 weights (and fp32 adapters), from the record's parameter counts."""
+    model = json.loads(callback.record_path.read_text())["model"]
+    return 2 * (model["params_total"] - model["params_trainable"])
+
+
+@pytest.mark.slow
 def test_the_callback_profiles_sft_trainer(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig
