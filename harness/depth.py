@@ -65,8 +65,8 @@ def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
                 f"reserved memory needs --full-depth, which simulates every layer (not "
                 f"assembled: {why})")
     else:
-        memory = {**assembled, **{key: memory[key] for key in (
-            "paged_optimizer_bytes", "quantized_weight_bytes")}}  # not in the trace: affine
+        memory = {**assembled, **{key: memory[key] for key in (  # not in the trace: affine
+            "paged_optimizer_bytes", "quantized_weight_bytes", "kv_cache_bytes") if key in memory}}
         if snapshot_path is not None:
             from harness.probes.simulate import snapshot_of
             from harness.probes.snapshot import write

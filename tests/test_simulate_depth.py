@@ -46,7 +46,8 @@ def test_a_full_size_model_is_simulated_and_sized_against_common_cards(tmp_path)
 def test_a_deep_model_assembled_from_three_layers_equals_simulating_every_layer(tmp_path):
     """A 7-layer model simulated at 3 layers (and 2, to check) and assembled layer by layer
     gives the record that simulating all 7 gives: every figure, reserved memory included —
-    for a stack whose peak moves with depth (checkpointing + SGD) too."""
+    for a stack whose peak moves with depth (checkpointing + SGD) too, and for the job after
+    the steps (evaluation, generation, saving and merging)."""
     config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
     (tmp_path / "deep.json").write_text(json.dumps({**config, "num_hidden_layers": 7}))
     variants = [{"name": "full-bf16", "techniques": ["bf16"]},
@@ -55,7 +56,12 @@ def test_a_deep_model_assembled_from_three_layers_equals_simulating_every_layer(
                 {"name": "qlora-gc", "techniques": [{"qlora": LORA["lora"]},
                                                     "gradient_checkpointing"]},
                 {"name": "bf16-gc-sgd", "techniques": ["bf16", "gradient_checkpointing"],
-                 "train": {"optimizer": "sgd"}}]
+                 "train": {"optimizer": "sgd"}},
+                # The job after the steps: no-grad forwards, a KV cache, a merge layer by layer.
+                {"name": "lora-whole-job", "techniques": ["bf16", LORA],
+                 "eval": {"batch_size": 4, "keep_logits": True},
+                 "generate": {"prompt_len": 16, "max_new_tokens": 8},
+                 "save": ["adapters", "merged"]}]
     path = write_scenario(tmp_path, "deep", variants, model={"config": "./deep.json"})
     got = {}
     for mode in ("assembled", "full"):
@@ -72,6 +78,10 @@ def test_a_deep_model_assembled_from_three_layers_equals_simulating_every_layer(
         assert fast["memory"] == full["memory"], variant["name"]
         assert fast["memory"]["peak_reserved_bytes"] >= fast["memory"]["peak_allocated_bytes"]
         assert fast["model"]["params_total"] == full["model"]["params_total"]
+    job = got["assembled"]["lora-whole-job"]
+    assert {"eval", "generate", "save"} <= job["memory"]["phases"].keys()
+    assert [s["written_bytes"] for s in job["save"]] == \
+        [s["written_bytes"] for s in got["full"]["lora-whole-job"]["save"]]
 
 
 @pytest.mark.slow

@@ -98,6 +98,18 @@ def label_layers(tracker, model: torch.nn.Module, layers: torch.nn.ModuleList,
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
+
+    def outside_layers(*_):
+        # A no-grad forward of the whole model (an evaluation batch, a generated token) starts
+        # and ends outside every layer: no backward hands the label back between two of them,
+        # and what the caller frees afterwards (a generation's cache) is its owners' work.
+        if not torch.is_grad_enabled():
+            tracker.layer = None
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module in {id(model): model, id(inner): inner}.values():  # generate() calls the inner
+        handles.append(module.register_forward_pre_hook(outside_layers))
+        handles.append(module.register_forward_hook(outside_layers))
     return handles
 
 
@@ -142,8 +154,9 @@ def assemble(allocations: Sequence[tuple[int, int, int]], labels: Sequence[int |
             runs.append(_Run(label[i], [i]))
         # Frees of another layer's blocks amid one layer's work (a per-parameter optimizer loop
         # drops the previous parameter's temporaries while at the next) are part of that work:
-        # the same frees come at the same place in every layer's.
-        if len(runs) >= 3 and frees_only(runs[-2]) and runs[-2].label != label[i] and \
+        # the same frees come at the same place in every layer's. (After the job's last phase
+        # what remains is freed in whatever order its holders die, each block by its owner.)
+        if m < len(marks) and len(runs) >= 3 and frees_only(runs[-2]) and runs[-2].label != label[i] and \
                 runs[-3].label == label[i] is not None and runs[-3].cut is None:
             kept = runs.pop()
             between = runs.pop()

@@ -154,18 +154,24 @@ class SimulateProbe(Probe):
 
     @contextlib.contextmanager
     def phase(self, name: str, step: int | None = None, micro: int | None = None):
-        # No layer runs across a phase boundary; the optimizer step's temporaries belong to the
-        # layer of the parameters they are made from.
-        self.tracker.layer, self.tracker.inherit = None, name == "optimizer"
+        # No layer runs across a phase boundary (after a no-grad forward no backward hands the
+        # label back: what the run frees after an evaluation is no layer's work); the optimizer
+        # step's temporaries belong to the layer of the parameters they are made from, and so
+        # do a save's (a merge's deltas, made from each layer's adapters in turn).
+        self.tracker.layer, self.tracker.inherit = None, name in ("optimizer", "save")
         self.tracker.start_inheriting()
-        with super().phase(name, step, micro):
-            self._phase_name = name
-            if name == "forward" and self.target == "cuda":
-                # The loop thread's handle serves the first forward matmul: made here, at the
-                # forward's start, where no layer runs (a few activations earlier than CUDA).
-                self._workspace("loop")
-            yield
-            self._phase_name = None
+        try:
+            with super().phase(name, step, micro):
+                self._phase_name = name
+                if name == "forward" and self.target == "cuda":
+                    # The loop thread's handle serves the first forward matmul: made here, at
+                    # the forward's start, where no layer runs (a few activations earlier than
+                    # CUDA).
+                    self._workspace("loop")
+                yield
+                self._phase_name = None
+        finally:
+            self.tracker.layer = None
 
     def _workspace(self, thread: str) -> None:
         if thread not in self._workspaces:
