@@ -25,6 +25,9 @@ VARIANTS = [
     {"name": "fsdp2-keep", "parallel": {"strategy": "fsdp2", "world_size": 2,
                                         "reshard_after_forward": False}},
     {"name": "ddp", "parallel": {"strategy": "ddp", "world_size": 2}},
+    # Two micro-batches a step: the first one's grads held, unsharded, until the last's.
+    {"name": "fsdp2-accum", "parallel": {"strategy": "fsdp2", "world_size": 2},
+     "train": {"gradient_accumulation_steps": 2}},
     # A full state dict gathered after the step, kept on each rank's device or offloaded.
     {"name": "fsdp2-save", "parallel": {"strategy": "fsdp2", "world_size": 2},
      "save": [{"full": {"cpu_offload": False}}]},
@@ -156,6 +159,34 @@ def test_simulated_ranks_agree_with_the_gloo_run(runs, variant):
             assert sim["end_of_step_bytes"][category] == real["end_of_step_bytes"][category]
     # (Not phase by phase: away from the peak, when gloo's worker thread lets go of a
     # collective's buffers shifts a free by a little, differently each run.)
+
+
+@pytest.mark.slow
+def test_fsdp2_accumulation_holds_unsharded_grads_until_the_last_micro_batch(runs):
+    """accelerate's no_sync under FSDP2 (set_requires_gradient_sync(False)): the first
+    micro-batch's backward keeps every gradient whole on each rank, not its shard, until the
+    last micro-batch reduce-scatters them — so the second micro-batch's backward peaks with
+    the whole model's grads more than a rank without accumulation (FSDP2 keeps them outside
+    `.grad`: they are `other`), and the step ends with the shards as before. Simulated as
+    measured."""
+    full_grads = _end(runs["cpu"]["single"], "grads")  # one process's: every gradient, whole
+    for device in ("cpu", "simulate"):
+        accum, plain = runs[device]["fsdp2-accum"], runs[device]["fsdp2"]
+        assert accum["status"] == "ok", accum["error"]
+        assert accum["train"]["effective_batch_size"] == 2 * TRAIN["batch_size"]
+        assert accum["memory"]["peak_phase"] == "backward"
+        assert accum["memory"]["peak_micro_batch"] == 1
+        for rank, base in zip(accum["memory"]["ranks"], plain["memory"]["ranks"], strict=True):
+            held = rank["breakdown_bytes"]["other"] - base["breakdown_bytes"]["other"]
+            assert held == pytest.approx(full_grads, rel=0.01), (device, rank["rank"], held)
+            assert rank["peak_allocated_bytes"] - base["peak_allocated_bytes"] == \
+                pytest.approx(full_grads, rel=0.01)
+            for category in ("params", "grads", "optimizer"):
+                assert rank["end_of_step_bytes"][category] == \
+                    base["end_of_step_bytes"][category]
+    for real, sim in zip(runs["cpu"]["fsdp2-accum"]["memory"]["ranks"],
+                         runs["simulate"]["fsdp2-accum"]["memory"]["ranks"], strict=True):
+        assert sim["peak_allocated_bytes"] == pytest.approx(_attributed(real), rel=0.02)
 
 
 @pytest.mark.slow
