@@ -25,10 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 SOURCES = ("lengths", "lengths_file", "dataset", "synthetic")
 PADDINGS = ("longest", "max_length")
+# On a packed batch's position ids: each token's sequence (0, 0, …, 1, 1, …), as transformers'
+# find_packed_sequence_indices reads it from their values — which a simulation's fake position
+# ids do not have (patches.unpacked_batches answers from this instead).
+SEQUENCE_INDEX = "harness_sequence_index"
 SYNTHETIC_SAMPLES = 10_000  # drawn once, seeded; the sampler draws from them
 Z99 = 2.3263478740408408  # the standard normal's 99th percentile
 
@@ -196,8 +200,13 @@ def make_batch(micro: MicroBatch, vocab_size: int, device: torch.device,
         # copied, so a simulation's fake mode makes its own (which hold no values) from them.
         with unset_fake_temporarily():
             batch = collate(rows)
-        return {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+            starts = (batch["position_ids"] == 0).cumsum(-1) - 1  # each token's sequence
+            several = int(starts[0, -1]) > 0
+        batch = {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        if several and is_fake(batch["position_ids"]):  # what a fake tensor cannot say
+            setattr(batch["position_ids"], SEQUENCE_INDEX, starts.clone().to(device))
+        return batch
     ids = torch.randint(1, vocab_size, micro.shape, generator=generator)
     positions = torch.arange(micro.padded)
     mask = (positions[None, :] < torch.tensor(micro.lengths)[:, None]).long()

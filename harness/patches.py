@@ -210,15 +210,21 @@ def unpacked_batches() -> contextlib.AbstractContextManager[None]:
     (`(mask[:, -1] == 0).all()`), a question about values that fake tensors cannot answer, so it
     assumes they may be and builds a full [B, 1, S, S] mask — which also turns SDPA's `is_causal`
     path off. The harness's batches are one sequence per row by construction, and a real run
-    answers "not packed" and passes no mask: answer the same for fake position ids. Under
-    torch.compile the question is traced, not answered (Dynamo's tensors have no values on a GPU
-    either): the original runs, and asking `is_fake` there would break the graph."""
+    answers "not packed" and passes no mask: answer the same for fake position ids — except a
+    packed batch's (`data: {packing: true}`), whose position ids carry each token's sequence
+    (data.SEQUENCE_INDEX), the answer a real run finds. Under torch.compile the question is
+    traced, not answered (Dynamo's tensors have no values on a GPU either): the original runs,
+    and asking `is_fake` there would break the graph."""
+    from harness.data import SEQUENCE_INDEX
+
     _, _, original = resolve(FIND_PACKED)
 
     def find_packed_sequence_indices(position_ids):
         if torch.compiler.is_compiling():
             return original(position_ids)
-        return None if is_fake(position_ids) else original(position_ids)
+        if is_fake(position_ids):
+            return getattr(position_ids, SEQUENCE_INDEX, None)
+        return original(position_ids)
 
     return _replaced({FIND_PACKED: find_packed_sequence_indices})
 

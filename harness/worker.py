@@ -251,11 +251,6 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         for entry, done in zip(record.save, result.saves, strict=False):
             entry.update(done, peak_allocated_bytes=None if "skipped" in done else
                          next(peaks, None))
-    if simulate and variant.data is not None and variant.data.packing:
-        record.notes.append(
-            "simulated packing: SDPA's block mask over packed sequences is not yet held to a "
-            "measured run (tiny-llama on CPU measured 5.8 % above the simulation, 133.1 MB "
-            "against 125.8 MB)")
     if record.data is not None and result.drawn is not None:
         from harness.data import summary
 

@@ -114,8 +114,8 @@ def test_simulated_steps_match_the_cpu_run(runs):
 def test_a_packed_batch_peaks_as_a_full_length_one(tmp_path):
     """TRL's packing (best-fit decreasing into rows of seq_len, a micro-batch of rows collated
     padding-free into one row with per-sequence position ids): as many tokens as a batch
-    padded to seq_len, nearly all of them real, and — measured — the same peak within 3 %
-    (SDPA attends within each sequence through a block mask)."""
+    padded to seq_len, nearly all of them real, and the same peak within 3 % (SDPA attends
+    within each sequence through a block mask, with K and V expanded to every head)."""
     from harness.models import resolve_config
     from harness.scenario import load_scenario
     from harness.train import measure
@@ -129,12 +129,17 @@ def test_a_packed_batch_peaks_as_a_full_length_one(tmp_path):
     source = resolve_config(scenario.model, scenario.path)
     packed, full = (measure(scenario, source, v, v.train, torch.device("cpu"), None, False,
                             "cpu") for v in scenario.variants)
+    simulated = measure(scenario, source, scenario.variants[0], scenario.variants[0].train,
+                        torch.device("cpu"), None, True, "cpu")
     for step in packed.result.drawn:
         (micro,) = step
         assert micro.shape == (1, micro.padded) and len(micro.packed) == TRAIN["batch_size"]
         assert 0.95 * TRAIN["batch_size"] * SEQ_LEN <= micro.padded <= \
             TRAIN["batch_size"] * SEQ_LEN
     assert max(_peaks(packed)) == pytest.approx(max(_peaks(full)), rel=0.03)
+    # Simulated: the block mask too (fake position ids cannot say where each sequence starts;
+    # the batch tells the simulation), each step within 1 %.
+    assert _peaks(simulated) == pytest.approx(_peaks(packed), rel=0.01)
 
 
 @pytest.mark.slow
