@@ -497,8 +497,9 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
             raise NotModelled("the config of a hub id not in the local cache cannot be read")
         for part in ("eval", "generate", "save", "data"):
             if getattr(variant, part) is not None:
-                raise NotModelled(f"{part}: the closed form covers the training step only; "
-                                  "simulate it (--device simulate)")
+                covers = "one fixed batch shape" if part == "data" else "the training step only"
+                raise NotModelled(f"{part}: the closed form covers {covers}; simulate it "
+                                  "(--device simulate)")
         if variant.parallel is not None:
             raise NotModelled(f"{variant.parallel.label()}: the closed form has no sharding or "
                               "collective buffers; simulate it (--device simulate)")
