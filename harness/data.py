@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
-SOURCES = ("lengths", "lengths_file", "dataset", "synthetic")
-PADDINGS = ("longest", "max_length")
+from harness.scenario import DATA_SOURCES
+
 # On a packed batch's position ids: each token's sequence (0, 0, …, 1, 1, …), as transformers'
 # find_packed_sequence_indices reads it from their values — which a simulation's fake position
 # ids do not have (patches.unpacked_batches answers from this instead).
@@ -80,22 +80,23 @@ def synthetic_lengths(median: int, p99: int, seed: int,
     return [max(1, round(v)) for v in drawn.exp().tolist()]
 
 
-def read_lengths(spec, base: Path, seed: int) -> list[int]:
-    """The source's sequence lengths, untruncated. Raises DataError."""
+def read_lengths(spec, seed: int) -> list[int]:
+    """The source's sequence lengths, untruncated (its paths are absolute: scenario.py made
+    them so). Raises DataError."""
     if spec.lengths is not None:
         return list(spec.lengths)
     if spec.synthetic is not None:
         return synthetic_lengths(spec.synthetic["median"], spec.synthetic["p99"], seed)
     if spec.lengths_file is not None:
-        return _lengths_file(_local(base, spec.lengths_file, "data.lengths_file"))
-    return _dataset_lengths(spec, base)
+        return _lengths_file(_existing(spec.lengths_file, "data.lengths_file"))
+    return _dataset_lengths(spec)
 
 
-def _local(base: Path, name: str, key: str) -> Path:
-    path = Path(name) if Path(name).is_absolute() else base / name
-    if not path.exists():
-        raise DataError(key, f"no such file or folder: {path}")
-    return path
+def _existing(name: str, key: str) -> Path:
+    """The path, still there at run time (it was when the scenario was read)."""
+    if not Path(name).exists():
+        raise DataError(key, f"no such file or folder: {name}")
+    return Path(name)
 
 
 def _lengths_file(path: Path) -> list[int]:
@@ -111,10 +112,10 @@ def _lengths_file(path: Path) -> list[int]:
     return values
 
 
-def _dataset_lengths(spec, base: Path) -> list[int]:
+def _dataset_lengths(spec) -> list[int]:
     import datasets
 
-    path = _local(base, spec.dataset, "data.dataset")
+    path = _existing(spec.dataset, "data.dataset")
     try:
         if path.is_dir():
             data = datasets.load_from_disk(str(path))
@@ -134,7 +135,7 @@ def _dataset_lengths(spec, base: Path) -> list[int]:
                                            f"(columns: {', '.join(data.column_names)})")
     from transformers import AutoTokenizer
 
-    folder = _local(base, spec.tokenizer, "data.tokenizer")
+    folder = _existing(spec.tokenizer, "data.tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001
@@ -185,7 +186,6 @@ def make_batch(micro: MicroBatch, vocab_size: int, device: torch.device,
     attention and labels, as a padding collator leaves it. Packed: TRL's padding-free
     collator's batch (one row, position ids restarting at each sequence, and the sequence
     boundaries flash attention's variable-length kernel reads)."""
-    generator = torch.Generator().manual_seed(seed)
     if micro.packed is not None:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -207,6 +207,7 @@ def make_batch(micro: MicroBatch, vocab_size: int, device: torch.device,
         if several and is_fake(batch["position_ids"]):  # what a fake tensor cannot say
             setattr(batch["position_ids"], SEQUENCE_INDEX, starts.clone().to(device))
         return batch
+    generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab_size, micro.shape, generator=generator)
     positions = torch.arange(micro.padded)
     mask = (positions[None, :] < torch.tensor(micro.lengths)[:, None]).long()
@@ -224,24 +225,21 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def summary(spec, lengths: list[int], steps: list[list[MicroBatch]],
-            per_step_peaks: list[int], per_step_reserved: list | None,
-            spec_seq_len: int | None = None) -> dict:
-    """The record's `data`: the source and what it held, the shapes drawn, the per-step peaks'
-    p50 / p99 / max and the step (and shapes) that set the maximum, and reserved memory step by
-    step where the device or simulation knows it."""
+def summary(spec, lengths: list[int], steps: list[list[MicroBatch]], per_step_peaks: list[int],
+            seq_len: int) -> dict:
+    """The record's `data`: the source and what it held, the shapes drawn, and the per-step
+    peaks' p50 / p99 / max with the step (and shapes) that set the maximum (the peaks
+    themselves, and reserved memory step by step, are the record's `memory`)."""
     out = {
-        "source": next(k for k in SOURCES if getattr(spec, k) is not None),
+        "source": next(k for k in DATA_SOURCES if getattr(spec, k) is not None),
         "samples": len(lengths),
         "length_p50": percentile(lengths, 50), "length_p99": percentile(lengths, 99),
         "length_max": max(lengths),
-        "truncated_samples": sum(n > spec_seq_len for n in lengths) if spec_seq_len else None,
+        "truncated_samples": sum(n > seq_len for n in lengths),
         "step_shapes": [[list(m.shape) for m in step] for step in steps],
         "step_tokens": [sum(sum(m.lengths) for m in step) for step in steps],
-        "per_step_peak_allocated_bytes": per_step_peaks or None,
         "peak_p50_bytes": None, "peak_p99_bytes": None, "peak_max_bytes": None,
         "peak_max_step": None, "peak_max_shapes": None,
-        "per_step_peak_reserved_bytes": per_step_reserved,
     }
     if per_step_peaks:
         top = max(range(len(per_step_peaks)), key=per_step_peaks.__getitem__)

@@ -65,8 +65,9 @@ def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
                 f"reserved memory needs --full-depth, which simulates every layer (not "
                 f"assembled: {why})")
     else:
-        memory = {**assembled, **{key: memory[key] for key in (  # not in the trace: affine
-            "paged_optimizer_bytes", "quantized_weight_bytes", "kv_cache_bytes") if key in memory}}
+        affine = ("paged_optimizer_bytes", "quantized_weight_bytes", "kv_cache_bytes")
+        memory = {**assembled, **{key: memory[key] for key in affine  # not in the trace
+                                  if key in memory}}
         if snapshot_path is not None:
             from harness.probes.simulate import snapshot_of
             from harness.probes.snapshot import write

@@ -24,8 +24,9 @@ the grads there). With gradient accumulation each micro-batch has its forward an
 the next micro-batch's activations are activations, with the held grads beside them. An
 evaluation inside `train()` is the phase eval: from its first forward without grad outside a
 step to `on_evaluate`. A checkpoint Trainer saves is the phase save: from the end of the step
-(or of the evaluation before it) to `on_save`. The probe is the one `harness run` uses on that device (CUDA: the
-allocator's figures; CPU: the profiler's allocator events), and it costs the same time.
+(or of the evaluation before it) to `on_save`. The probe is the one `harness run` uses on that
+device (CUDA: the allocator's figures; CPU: the profiler's allocator events), and it costs the
+same time.
 """
 
 from __future__ import annotations

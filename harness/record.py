@@ -170,8 +170,8 @@ class Record:
     save: list | None = None
     # `data:` (harness/data.py): the source as given and what it held (samples, length
     # p50/p99/max, truncated_samples), each step's micro-batch shapes and tokens, the per-step
-    # peaks' p50/p99/max with the step and shapes of the maximum, and per-step reserved memory
-    # (null where unknown: on CPU). null: fixed-shape batches.
+    # peaks' p50/p99/max with the step and shapes of the maximum (the peaks themselves, and
+    # reserved step by step, are memory's per_step_* lists). null: fixed-shape batches.
     data: dict | None = None
 
 

@@ -503,5 +503,5 @@ def methods_markdown(table: pd.DataFrame, scenario: str, run_id: str) -> str:
             "each error is against the reference (a measurement where one exists, else the "
             "simulation). accelerate: `accelerate estimate-memory`'s training figure for the "
             "dtype trained in; guide: the fine-tuning guides' weights + AdamW moments; device "
-            "map: where accelerate's infer_auto_device_map puts the weights.\n\n" + body + "\n" + ("\n" + "\n".join(reasons + notes) + "\n"
-                                                if reasons or notes else ""))
+            "map: where accelerate's infer_auto_device_map puts the weights.\n\n" + body + "\n"
+            + ("\n" + "\n".join(reasons + notes) + "\n" if reasons or notes else ""))

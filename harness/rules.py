@@ -4,8 +4,9 @@ rule of thumb (docs/guide_worked_example.md). `compare-methods` puts each beside
 or measured peak, with its error.
 
 - accelerate: what `accelerate estimate-memory` prints as "Training using Adam" for the dtype
-  the variant computes in (its mixed-precision dtype under autocast) — its own `calculate_maximum_sizes` of the model (built on meta, in
-  fp32 as it builds it) and `estimate_training_usage`, the largest of its terms. No batch, no
+  the variant computes in (its mixed-precision dtype under autocast) — its own
+  `calculate_maximum_sizes` of the model (built on meta, in fp32 as it builds it) and
+  `estimate_training_usage`, the largest of its terms. No batch, no
   sequence length, no adapters; for int8 and int4 it has no training figure.
 - device map: accelerate's `infer_auto_device_map` of the model's weights in their dtype
   against the card's usable memory — whether the weights alone load on the GPU, the question

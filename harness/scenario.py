@@ -599,7 +599,7 @@ def _parse_save(path, raw, variant=None) -> tuple[SaveSpec, ...]:
     return tuple(specs)
 
 
-_DATA_SOURCES = ("lengths", "lengths_file", "dataset", "synthetic")
+DATA_SOURCES = ("lengths", "lengths_file", "dataset", "synthetic")  # `data:`'s, one of them
 
 
 def _parse_data(path, raw, base: DataSpec | None, variant=None) -> DataSpec:
@@ -637,18 +637,18 @@ def _parse_data(path, raw, base: DataSpec | None, variant=None) -> DataSpec:
                 raise ScenarioError(path, f"no such file or folder: {where}", key=f"data.{key}",
                                     variant=variant)
             values[key] = str(where.resolve())
-    named = [k for k in _DATA_SOURCES if values.get(k) is not None]
+    named = [k for k in DATA_SOURCES if values.get(k) is not None]
     if len(named) > 1:
         raise ScenarioError(path, f"gives {named[0]} and {named[1]}: one source of lengths",
                             key=f"data.{named[1]}", variant=variant)
     if base is not None:
         inherited = dataclasses.asdict(base)
         if named:  # the variant's source replaces the scenario's
-            inherited.update({k: None for k in _DATA_SOURCES})
+            inherited.update({k: None for k in DATA_SOURCES})
         values = {**inherited, **values}
-        named = named or [k for k in _DATA_SOURCES if values.get(k) is not None]
+        named = named or [k for k in DATA_SOURCES if values.get(k) is not None]
     if not named:
-        raise ScenarioError(path, f"needs one source of lengths: {', '.join(_DATA_SOURCES)}",
+        raise ScenarioError(path, f"needs one source of lengths: {', '.join(DATA_SOURCES)}",
                             key="data", variant=variant)
     if values.get("packing") and values.get("padding") == "max_length":
         raise ScenarioError(path, "packing pads nothing: it packs rows of seq_len",
@@ -667,9 +667,10 @@ def _check_save(path, save: tuple[SaveSpec, ...] | None, uses, variant: str) -> 
     adapters = next((u.name for u in uses if REGISTRY[u.name].adapters), None)
     for i, spec in enumerate(save):
         if spec.kind in ("adapters", "merged") and adapters is None:
-            raise ScenarioError(path, f"{spec.kind} needs adapters (lora, qlora, "
-                                      "trainable_tokens): this variant trains the whole model; "
-                                      "save full", key=f"save[{i}]", variant=variant)
+            makers = ", ".join(name for name, t in REGISTRY.items() if t.adapters)
+            raise ScenarioError(path, f"{spec.kind} needs adapters ({makers}): this variant "
+                                      "trains the whole model; save full", key=f"save[{i}]",
+                                variant=variant)
         if spec.kind == "full" and adapters is not None:
             raise ScenarioError(path, f"full is full fine-tuning's state dict; {adapters} trains "
                                       "adapters: save adapters or merged", key=f"save[{i}]",

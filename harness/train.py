@@ -306,7 +306,7 @@ def save(probe: Probe, model, targets: tuple[SaveSpec, ...], result: TrainResult
     there; what comes after saves the merged model. Host memory is sampled as each runs."""
     for index, target in enumerate(targets):
         started = time.perf_counter()
-        move = target.device is not None and next(model.parameters()).device.type != target.device
+        move = target.device not in (None, next(model.parameters()).device.type)
         skipped = parallel_training.save_refused(model, target.kind)
         if skipped is None and probe.method == "simulated":
             skipped = _not_simulated(target, model, move, probe)
@@ -323,8 +323,7 @@ def save(probe: Probe, model, targets: tuple[SaveSpec, ...], result: TrainResult
                     probe.sight(Kind.PARAM, list(model.parameters()) + quantized_weights(model))
                 parallel_training.save_pretrained(model, folder, target.cpu_offload)
             files = [f for f in Path(folder).rglob("*") if f.is_file()]
-            result.saves.append({
-                "kind": target.kind, "device": target.device,
+            result.saves.append({  # beside what the record says was asked (SaveSpec.as_dict)
                 "files": sorted(str(f.relative_to(folder)) for f in files),
                 "written_bytes": sum(f.stat().st_size for f in files),
                 "host_rss_peak_bytes": host.peak, "host_rss_growth_bytes": host.growth,
@@ -334,7 +333,7 @@ def save(probe: Probe, model, targets: tuple[SaveSpec, ...], result: TrainResult
 def _not_simulated(target: SaveSpec, model, move: bool, probe: Probe) -> str | None:
     """Why fake tensors cannot run this save, or None."""
     if target.kind == "full" and target.cpu_offload and parallel_training.is_sharded(model) \
-            and probe.device.type == "cpu" and getattr(probe, "target", "cpu") == "cuda":
+            and probe.device.type == "cpu" and probe.target == "cuda":
         return ("the ranks run on fake CPU tensors for a CUDA target, where moving each "
                 "gathered tensor to the CPU frees nothing (cpu_offload: false simulates)")
     if target.kind == "merged" and quantized_weights(model):
@@ -403,8 +402,7 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
         warnings.simplefilter("default")
         try:  # the lengths and batches drawn: before the probe, not the job's memory
             if variant.data is not None:
-                result.lengths = data.read_lengths(variant.data, scenario.path.parent,
-                                                   train.seed)
+                result.lengths = data.read_lengths(variant.data, train.seed)
                 result.drawn = data.plan(variant.data, result.lengths, train)
         except data.DataError as e:
             outcome = {"status": "error", "error": f"{e.key}: {e.message}"}

@@ -256,7 +256,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
 
         record.data.update(summary(variant.data, result.lengths, result.drawn,
                                    memory.get("per_step_peak_allocated_bytes") or [],
-                                   memory.get("per_step_peak_reserved_bytes"), train.seq_len))
+                                   train.seq_len))
     measured = timing(result, train)
     if simulate:
         from harness.techniques import REGISTRY

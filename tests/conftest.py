@@ -62,6 +62,30 @@ def write_scenario(folder: Path, name: str, variants: list[dict], *, train: dict
     return path
 
 
+def measured_variants(folder: Path, name: str, variants: list[dict], *,
+                      modes=lambda variant: (False, True), **scenario) -> tuple:
+    """A scenario of `variants` (write_scenario's keywords in `scenario`), each variant run in
+    this process — measured on CPU, simulated (CPU target), or both, as `modes(variant name)`
+    says (False: measured, True: simulated) — and every run asserted ok: (the loaded scenario,
+    {(variant name, simulated): train.Measured})."""
+    import torch
+
+    from harness.models import resolve_config
+    from harness.scenario import load_scenario
+    from harness.train import measure
+
+    loaded = load_scenario(write_scenario(folder, name, variants, **scenario))
+    source = resolve_config(loaded.model, loaded.path)
+    out = {}
+    for variant in loaded.variants:
+        for simulate in modes(variant.name):
+            got = measure(loaded, source, variant, variant.train, torch.device("cpu"), None,
+                          simulate, "cpu")
+            assert got.outcome["status"] == "ok", (variant.name, simulate, got.outcome)
+            out[variant.name, simulate] = got
+    return loaded, out
+
+
 def harness(*args: str, process: bool = False, timeout: float = 600,
             **kwargs) -> subprocess.CompletedProcess:
     """`harness <args>` as a user runs it, answered as a finished process is (exit code, stdout,

@@ -8,10 +8,9 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import harness as run_cli
-from tests.conftest import last_json, records, write_scenario
+from tests.conftest import last_json, measured_variants, records, write_scenario
 
 LORA = {"lora": {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}}
 VARIANTS = [
@@ -26,22 +25,10 @@ SIMULATED = ("full-b1x2", "lora-b1x2")
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
     """Each variant measured on CPU; the accumulating ones also simulated (CPU target)."""
-    from harness.models import resolve_config
-    from harness.scenario import load_scenario
-    from harness.train import measure
-
-    folder = tmp_path_factory.mktemp("accumulation")
-    scenario = load_scenario(write_scenario(folder, "acc", VARIANTS,
-                                            train={"batch_size": 1, "seq_len": 256}))
-    source = resolve_config(scenario.model, scenario.path)
-    out = {}
-    for variant in scenario.variants:
-        for simulate in (False, True) if variant.name in SIMULATED else (False,):
-            got = measure(scenario, source, variant, variant.train, torch.device("cpu"), None,
-                          simulate, "cpu")
-            assert got.outcome["status"] == "ok", got.outcome
-            out[variant.name, simulate] = got
-    return out
+    return measured_variants(tmp_path_factory.mktemp("accumulation"), "acc", VARIANTS,
+                             train={"batch_size": 1, "seq_len": 256},
+                             modes=lambda name: (False, True) if name in SIMULATED else (False,)
+                             )[1]
 
 
 def _peak(steps, name, simulate=False) -> int:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.conftest import harness, write_scenario
+from tests.conftest import harness, measured_variants, write_scenario
 
 SEQ_LEN = 256
 TRAIN = {"batch_size": 2, "seq_len": SEQ_LEN, "steps": 6, "warmup_steps": 0}
@@ -28,22 +27,10 @@ VARIANTS = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{(name, simulated): Measured} for each variant (max-length measured only)."""
-    from harness.models import resolve_config
-    from harness.scenario import load_scenario
-    from harness.train import measure
-
-    folder = tmp_path_factory.mktemp("data")
-    scenario = load_scenario(write_scenario(folder, "data", VARIANTS, train=TRAIN,
-                                            data={"lengths": LENGTHS}))
-    source = resolve_config(scenario.model, scenario.path)
-    out = {}
-    for variant in scenario.variants:
-        for simulate in (False, True) if variant.name != "max-length" else (False,):
-            got = measure(scenario, source, variant, variant.train, torch.device("cpu"), None,
-                          simulate, "cpu")
-            assert got.outcome["status"] == "ok", got.outcome
-            out[variant.name, simulate] = got
-    return out
+    return measured_variants(tmp_path_factory.mktemp("data"), "data", VARIANTS, train=TRAIN,
+                             data={"lengths": LENGTHS},
+                             modes=lambda name: (False,) if name == "max-length" else
+                             (False, True))[1]
 
 
 def _padded(run) -> list[int]:
@@ -116,21 +103,12 @@ def test_a_packed_batch_peaks_as_a_full_length_one(tmp_path):
     padding-free into one row with per-sequence position ids): as many tokens as a batch
     padded to seq_len, nearly all of them real, and the same peak within 3 % (SDPA attends
     within each sequence through a block mask, with K and V expanded to every head)."""
-    from harness.models import resolve_config
-    from harness.scenario import load_scenario
-    from harness.train import measure
-
-    train = {**TRAIN, "steps": 3}
-    path = write_scenario(tmp_path, "packing", [
+    _, runs = measured_variants(tmp_path, "packing", [
         {"name": "packed", "techniques": [], "data": {"packing": True}},
-        {"name": "full", "techniques": [], "data": {"padding": "max_length"}}], train=train,
-        data={"synthetic": {"median": 60, "p99": 400}})
-    scenario = load_scenario(path)
-    source = resolve_config(scenario.model, scenario.path)
-    packed, full = (measure(scenario, source, v, v.train, torch.device("cpu"), None, False,
-                            "cpu") for v in scenario.variants)
-    simulated = measure(scenario, source, scenario.variants[0], scenario.variants[0].train,
-                        torch.device("cpu"), None, True, "cpu")
+        {"name": "full", "techniques": [], "data": {"padding": "max_length"}}],
+        train={**TRAIN, "steps": 3}, data={"synthetic": {"median": 60, "p99": 400}},
+        modes=lambda name: (False, True) if name == "packed" else (False,))
+    packed, full, simulated = runs["packed", False], runs["full", False], runs["packed", True]
     for step in packed.result.drawn:
         (micro,) = step
         assert micro.shape == (1, micro.padded) and len(micro.packed) == TRAIN["batch_size"]
@@ -187,7 +165,7 @@ def test_lengths_from_a_file_and_from_a_tokenized_local_dataset(tmp_path):
          "data": {"dataset": "train.jsonl", "tokenizer": "tok"}}], train=TRAIN,
         data={"lengths": [1]})
     scenario = load_scenario(path)
-    file, dataset = (read_lengths(v.data, path.parent, 0) for v in scenario.variants)
+    file, dataset = (read_lengths(v.data, 0) for v in scenario.variants)
     assert file == [12, 7, 300]
     assert dataset == [3 + 7 * i for i in range(6)]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import write_scenario
+from tests.conftest import measured_variants
 
 VARIANTS = [
     {"name": "full", "techniques": []},
@@ -21,31 +21,29 @@ VARIANTS = [
 def answered(tmp_path_factory):
     """{name: (answers, the simulated step's Measured)} on an H200 and on a card of 40 MB."""
     from harness import gpus, rules
-    from harness.models import quantized_weights, resolve_config
-    from harness.scenario import load_scenario
-    from harness.train import build, measure
+    from harness.models import resolve_config
+    from harness.train import _unpacked_numel, build
 
-    folder = tmp_path_factory.mktemp("rules")
-    scenario = load_scenario(write_scenario(folder, "rules", VARIANTS,
-                                            train={"steps": 1, "warmup_steps": 0}))
+    # The step's peak, simulated, for two of them.
+    scenario, simulated = measured_variants(
+        tmp_path_factory.mktemp("rules"), "rules", VARIANTS,
+        train={"steps": 1, "warmup_steps": 0},
+        modes=lambda name: (True,) if name in ("full", "lora") else ())
     source = resolve_config(scenario.model, scenario.path)
     small = gpus.Gpu(name="small", label="small", total_bytes=40 * 10**6, source="test",
                      cuda_total_bytes=40 * 10**6, context_bytes=0)
     out = {}
     for variant in scenario.variants:
-        got = None
-        if variant.name in ("full", "lora"):  # the step's peak, simulated
-            got = measure(scenario, source, variant, variant.train, torch.device("cpu"), None,
-                          True, "cpu")
-            assert got.outcome["status"] == "ok", got.outcome
-        model = build(scenario.model, source, variant.techniques, torch.device("meta")).model
-        quantized = quantized_weights(model)
-        reference = {"params_total": sum(p.numel() for p in model.parameters()),
-                     "params_trainable": sum(p.numel() for p in model.parameters()
-                                             if p.requires_grad),
-                     "quantized_params": sum(p.numel() for p in quantized) * 2 or None}
+        # The parameter counts a record has (a 4-bit weight counted unpacked, as train.py does).
+        params = list(build(scenario.model, source, variant.techniques,
+                            torch.device("meta")).model.parameters())
+        reference = {"params_total": sum(map(_unpacked_numel, params)),
+                     "params_trainable": sum(p.numel() for p in params if p.requires_grad),
+                     "quantized_params": sum(_unpacked_numel(p) for p in params
+                                             if getattr(p, "quant_state", None) is not None)}
         out[variant.name] = (rules.answers(scenario, variant, reference, gpus.card("h200")),
-                             rules.answers(scenario, variant, reference, small), got, reference)
+                             rules.answers(scenario, variant, reference, small),
+                             simulated.get((variant.name, True)), reference)
     return out
 
 

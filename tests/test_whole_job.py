@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.conftest import REPO, write_scenario
+from tests.conftest import REPO, measured_variants, write_scenario
 
 TRAIN = {"batch_size": 2, "seq_len": 128, "steps": 1, "warmup_steps": 0}
 EVAL_BATCH, EVAL_BATCHES = 8, 3
@@ -28,22 +27,8 @@ VARIANTS = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Each variant measured on CPU and simulated: {(name, simulated): Measured}."""
-    from harness.models import resolve_config
-    from harness.scenario import load_scenario
-    from harness.train import measure
-
-    folder = tmp_path_factory.mktemp("job")
-    scenario = load_scenario(write_scenario(folder, "job", VARIANTS, train=TRAIN,
-                                            eval={"batches": 2}))
-    source = resolve_config(scenario.model, scenario.path)
-    out = {}
-    for variant in scenario.variants:
-        for simulate in (False, True):
-            got = measure(scenario, source, variant, variant.train, torch.device("cpu"), None,
-                          simulate, "cpu")
-            assert got.outcome["status"] == "ok", got.outcome
-            out[variant.name, simulate] = got
-    return out
+    return measured_variants(tmp_path_factory.mktemp("job"), "job", VARIANTS, train=TRAIN,
+                             eval={"batches": 2})[1]
 
 
 def _phase(runs, name, phase, simulate=False) -> dict:

@@ -168,7 +168,7 @@ class Probe(ABC):
         """phase_stats: per closed phase, its peak_allocated_bytes (and device extras)."""
         phases: dict[str, dict[str, Any]] = {}
         steps: dict[int, int] = {}
-        reserved_steps: dict[int, int | None] = {}
+        reserved_steps: dict[int, int] = {}
         for phase, stats in phase_stats:
             slot = phases.setdefault(phase.name, {})
             for key, value in stats.items():
@@ -181,15 +181,14 @@ class Probe(ABC):
                     stats["peak_allocated_bytes"])
             if phase.step is not None and phase.name in STEP_PHASES:
                 steps[phase.step] = max(steps.get(phase.step, 0), stats["peak_allocated_bytes"])
-                held = stats.get("peak_reserved_bytes")
-                reserved_steps[phase.step] = None if held is None or (
-                    phase.step in reserved_steps and reserved_steps[phase.step] is None) \
-                    else max(held, reserved_steps.get(phase.step) or 0)
+                reserved_steps[phase.step] = max(stats.get("peak_reserved_bytes") or 0,
+                                                 reserved_steps.get(phase.step, 0))
         peak_phase, peak = None, -1
         for phase, stats in phase_stats:
             if stats["peak_allocated_bytes"] > peak:
                 peak, peak_phase = stats["peak_allocated_bytes"], phase
         reserved = [s.get("peak_reserved_bytes") for _, s in phase_stats]
+        reserved_known = reserved and None not in reserved
         breakdown = _explained(analysis.breakdown, peak) if analysis else None
         for name, slot in phases.items():
             slot["breakdown_bytes"] = _explained(
@@ -197,7 +196,7 @@ class Probe(ABC):
                 slot["peak_allocated_bytes"])
         return {
             "peak_allocated_bytes": max(peak, 0),
-            "peak_reserved_bytes": None if None in reserved or not reserved else max(reserved),
+            "peak_reserved_bytes": max(reserved) if reserved_known else None,
             "peak_phase": peak_phase.name if peak_phase else None,
             "peak_step": peak_phase.step if peak_phase else None,
             # With accumulation: the micro-batch whose forward or backward set the peak.
@@ -208,8 +207,8 @@ class Probe(ABC):
                        if name in phases or name in ("load", *STEP_PHASES)},
             "per_step_peak_allocated_bytes": [steps[s] for s in sorted(steps)],
             # Reserved memory step by step (grows as shapes vary); null where not known.
-            "per_step_peak_reserved_bytes": None if not reserved_steps or None in
-            reserved_steps.values() else [reserved_steps[s] for s in sorted(reserved_steps)],
+            "per_step_peak_reserved_bytes": [reserved_steps[s] for s in sorted(reserved_steps)]
+            if reserved_known and reserved_steps else None,
             "breakdown_bytes": breakdown,
             "breakdown_note": breakdown_note,
             "end_of_step_bytes": (analysis.end_of_step or None) if analysis else None,

@@ -156,8 +156,9 @@ def assemble(allocations: Sequence[tuple[int, int, int]], labels: Sequence[int |
         # drops the previous parameter's temporaries while at the next) are part of that work:
         # the same frees come at the same place in every layer's. (After the job's last phase
         # what remains is freed in whatever order its holders die, each block by its owner.)
-        if m < len(marks) and len(runs) >= 3 and frees_only(runs[-2]) and runs[-2].label != label[i] and \
-                runs[-3].label == label[i] is not None and runs[-3].cut is None:
+        if m < len(marks) and len(runs) >= 3 and frees_only(runs[-2]) and \
+                runs[-2].label != label[i] and runs[-3].label == label[i] is not None and \
+                runs[-3].cut is None:
             kept = runs.pop()
             between = runs.pop()
             runs[-1].events += between.events + kept.events

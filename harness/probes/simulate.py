@@ -307,16 +307,19 @@ def unwritten_files():
         with open(filename, "wb") as f:
             f.truncate(size)
 
-    def id_tensor_storage(tensor):
-        if not is_fake(tensor):
-            return original[transformers.modeling_utils, "id_tensor_storage"](tensor)
-        storage = tensor.untyped_storage()
-        return tensor.device, storage._cdata, storage.nbytes()
+    def storage_id(own):  # a module's id_tensor_storage, a fake storage by its object
+        def id_tensor_storage(tensor):
+            if not is_fake(tensor):
+                return own(tensor)
+            storage = tensor.untyped_storage()
+            return tensor.device, storage._cdata, storage.nbytes()
+        return id_tensor_storage
 
-    replaced = {(module, name): value for module in (transformers.modeling_utils, peft.peft_model)
-                for name, value in (("safe_save_file", save_file),
-                                    ("id_tensor_storage", id_tensor_storage))}
-    original = {(module, name): getattr(module, name) for module, name in replaced}
+    modules = (transformers.modeling_utils, peft.peft_model)
+    original = {(module, name): getattr(module, name) for module in modules
+                for name in ("safe_save_file", "id_tensor_storage")}
+    replaced = {(module, name): save_file if name == "safe_save_file" else storage_id(value)
+                for (module, name), value in original.items()}
     for (module, name), value in replaced.items():
         setattr(module, name, value)
     try:
