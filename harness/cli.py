@@ -290,18 +290,39 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "gpus":
         print(_gpu_listing())
         return 0
+    if args.what == "peft":
+        print(_peft_listing())
+        return 0
     print("scenarios:")
     for path in list_scenarios():
         print(_listing(path))
     print("techniques:")
     for name, tech in sorted(REGISTRY.items()):
         print(f"  {name:<24} {tech.stage.name.lower():<6} {tech.doc}")
+    print("peft methods (harness ls peft: those the installed PEFT has, from its registry)")
     print("models (scenarios/models):")
     for path in sorted(MODEL_DIR.glob("*.json")):
         print(f"  {path.stem}")
     print("gpus (harness ls gpus: their figures and sources):")
     print("  " + " ".join(_gpus.PRESETS))
     return 0
+
+
+def _peft_listing() -> str:
+    """The methods the installed PEFT has (`peft: {method: NAME, ...}`), from its registry:
+    each with its config class and the arguments it needs; those the step cannot drive say
+    why."""
+    import peft
+
+    from harness.techniques.peft_methods import NOT_BUILT, methods, needed_args
+
+    rows = [f"PEFT {peft.__version__}: `peft: {{method: NAME, ...}}`, the arguments as NAME's "
+            "config class spells them (lora is also the lora technique).", "",
+            "| method | config class | needs | |", "|:--|:--|:--|:--|"]
+    for name, cls in sorted(methods().items()):
+        rows.append(f"| {name} | {cls.__name__} | {', '.join(needed_args(cls)) or '—'} | "
+                    f"{'not built: ' + NOT_BUILT[name] if name in NOT_BUILT else ''} |")
+    return "\n".join(rows)
 
 
 def _gpu_listing() -> str:
@@ -673,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list scenarios, techniques and model configs (ls gpus: the "
                         "GPU presets, their memory and what a process can use of it)")
-    ls.add_argument("what", nargs="?", choices=("gpus",), help="gpus: the GPU presets only")
+    ls.add_argument("what", nargs="?", choices=("gpus", "peft"),
+                    help="gpus: the GPU presets only; peft: the PEFT methods installed")
     ls.set_defaults(fn=cmd_ls)
 
     plot = sub.add_parser("plot", help="PNGs of a run folder (breakdown per variant; peak against "

@@ -66,6 +66,11 @@ class ModelPart:
     params_total: int | None = None
     params_trainable: int | None = None
     quantized_params: int | None = None  # parameters stored quantized (bitsandbytes)
+    virtual_tokens: dict | None = None  # a PEFT method's own tokens: {count, where}; where
+    #   "sequence" (prompt tuning, P-tuning, CPT: prepended, every layer runs seq_len + count),
+    #   "attention" (prefix tuning: keys and values each layer attends to beside the
+    #   sequence, as cartridges; adaption prompt: its own attention over them, in `layers`
+    #   layers); null: none
 
 
 @dataclass

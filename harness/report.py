@@ -69,6 +69,8 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "gradient_accumulation_steps": train.get("gradient_accumulation_steps", 1),
         "effective_batch_size": train.get("effective_batch_size", train.get("batch_size")),
         "batch": batch_label(train),
+        "seq": seq_label(train, record["model"].get("virtual_tokens")),
+        "virtual_tokens": (record["model"].get("virtual_tokens") or {}).get("count"),
         "peak_allocated_bytes": memory.get("peak_allocated_bytes"),
         "peak_reserved_bytes": memory.get("peak_reserved_bytes"),
         "peak_phase": memory.get("peak_phase"),
@@ -94,6 +96,16 @@ def batch_label(train: dict[str, Any]) -> str:
     """`4`, or with accumulation micro-batch × micro-batches per step: `4 × 8`."""
     accumulation = train.get("gradient_accumulation_steps") or 1
     return f"{train.get('batch_size')}" + (f" × {accumulation}" if accumulation > 1 else "")
+
+
+def seq_label(train: dict[str, Any], virtual: dict | None) -> str:
+    """`512`, or with a PEFT method's virtual tokens `512 + 200` (prepended: every layer runs
+    712 positions) or `512 (+30 kv)` (keys and values attended beside the sequence)."""
+    seq = f"{train.get('seq_len')}"
+    if not virtual:
+        return seq
+    return f"{seq} + {virtual['count']}" if virtual["where"] == "sequence" else \
+        f"{seq} (+{virtual['count']} kv)"
 
 
 def parallel_label(parallel: dict[str, Any] | None) -> str | None:
@@ -197,6 +209,11 @@ def _batch_column(table: pd.DataFrame) -> bool:
         (not swept and table["batch"].nunique() > 1)
 
 
+def _virtual_column(table: pd.DataFrame) -> bool:
+    """Whether the tables show each row's sequence: some row's PEFT method adds tokens."""
+    return "virtual_tokens" in table and bool(table["virtual_tokens"].notna().any())
+
+
 def _unit(table: pd.DataFrame) -> tuple[str, int]:
     peaks = table["peak_allocated_bytes"].dropna()
     return unit_for(peaks.max() if len(peaks) else None)
@@ -237,6 +254,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
     unit, scale = _unit(table)
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
     batches = _batch_column(table)
+    virtual = _virtual_column(table)
     rows = []
     for _, r in table.iterrows():
         ok = r["status"] == "ok"
@@ -247,6 +265,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
             "variant": r["variant"],
             **({"point": r["sweep_point"] or "—"} if swept else {}),
             **({"batch": r["batch"]} if batches else {}),
+            **({"seq": r["seq"]} if virtual else {}),
             "status": r["status"],
             "peak": _short(r["peak_allocated_bytes"] if shown else pd.NA, scale),
             "reserved": _short(r["peak_reserved_bytes"] if shown else pd.NA, scale),
@@ -299,6 +318,7 @@ def markdown(table: pd.DataFrame) -> str:
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
     parallel = "parallel" in table and table["parallel"].notna().any()
     batches = _batch_column(table)
+    virtual = _virtual_column(table)
     categories = _categories(table)
     rows = []
     for _, r in table.iterrows():
@@ -307,6 +327,7 @@ def markdown(table: pd.DataFrame) -> str:
             "variant": r["variant"],
             **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
             **({"batch": r["batch"]} if batches else {}),
+            **({"seq": r["seq"]} if virtual else {}),
             "techniques": r["techniques"],
             **({"parallel": r["parallel"] if isinstance(r["parallel"], str) else "—",
                 "imbalance": _pct(r["imbalance"] * 100 if pd.notna(r["imbalance"]) else pd.NA)}
@@ -336,7 +357,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "gradient_accumulation_steps",
-               "effective_batch_size", "seq_len", "techniques", "parallel",
+               "effective_batch_size", "seq_len", "virtual_tokens", "techniques", "parallel",
                "world_size", "max_rank", "imbalance", "status",
                "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",
                "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],

@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+)
 
 from harness import data
 from harness import parallel as parallel_training
@@ -43,6 +47,7 @@ from harness.scenario import (
     TrainSpec,
 )
 from harness.techniques import BuildContext, Stage, TechniqueUse, apply_stage
+from harness.techniques.peft_methods import virtual_tokens
 
 
 @dataclass
@@ -54,6 +59,7 @@ class TrainResult:
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
     paged_optimizer_bytes: int | None = None  # state in unified memory: no allocator sees it
     quantized_weight_bytes: int | None = None  # bitsandbytes weights + their quantization state
+    virtual_tokens: dict | None = None  # record.ModelPart.virtual_tokens
     quantized_params: int | None = None  # how many original weights those hold
     saves: list[dict[str, Any]] = field(default_factory=list)  # each `save:` entry, as it ran
     lengths: list[int] | None = None  # `data:`: the source's lengths, and the batches drawn
@@ -166,6 +172,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         result.quantized_params = sum(_unpacked_numel(p) for p in model.parameters()
                                       if id(p) in ids)
     result.params_trainable = sum(p.numel() for p in params)
+    result.virtual_tokens = virtual_tokens(model)
     result.resolved = ctx.resolved
     grad_hooks = probe.tracker.watch_grads(model)
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
@@ -217,6 +224,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                     scaler.update()
                 else:
                     optimizer.step()
+                for hook in ctx.after_optimizer_step:  # before the grads go (AdaLoRA)
+                    hook(step)
                 probe.sight_optimizer(optimizer)
                 if step == 0:  # again: FSDP2 re-allocates an uneven (padded) shard at its
                     probe.sight(Kind.PARAM, list(model.parameters()))  # first forward
@@ -416,6 +425,10 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:
             outcome = {"status": "unsupported", "error": str(e)}
+        except (DataDependentOutputException, DynamicOutputShapeException) as e:
+            if not simulate:
+                raise
+            outcome = {"status": "unsupported", "error": _value_read(e)}
         except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
             # The exception first (what a progress line shows), then where it was raised.
             outcome = ({"status": "oom", "error": _first_line(e)} if _is_oom(e) else
@@ -426,6 +439,20 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
     memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
     memory["quantized_weight_bytes"] = result.quantized_weight_bytes
     return Measured(outcome, memory, result, _notes(seen))
+
+
+def _value_read(error: Exception) -> str:
+    """Why a simulation stopped at an op whose result depends on tensor values (a `.item()`,
+    a `nonzero`): which library line asked, so the record names the code, not the simulator."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "site-packages" in f.filename and "/torch/" not in f.filename]
+    where = ""
+    if frames:
+        path = frames[-1].filename.split("site-packages/")[-1]
+        where = f" at {path}:{frames[-1].lineno}"
+    op = str(error.args[0]) if error.args else type(error).__name__
+    return (f"simulated: the step reads a tensor's value ({op}){where}, which fake tensors do "
+            "not have; measure it (--device cpu or cuda)")
 
 
 def _notes(caught: list[warnings.WarningMessage], limit: int = 20) -> list[str]:

@@ -241,6 +241,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.notes = [n for n in (*record.notes, positions, sim_note) if n] + notes
     record.memory = Memory.of(memory)  # one process: no rank, ranks or imbalance
     record.model.quantized_params = result.quantized_params
+    record.model.virtual_tokens = result.virtual_tokens
     record.model.params_total = result.params_total or None
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:

@@ -453,16 +453,37 @@ def _materialize(model, device: torch.device) -> dict:
     packed = {m: m._parameters["weight"] for m in model.modules()  # own, not a PEFT wrapper's
               if getattr(m._parameters.get("weight"), "quant_state", None) is not None}
     # to_empty gives each module its own new tensor: tied weights (an LM head sharing the
-    # embedding) would come back as two. Hide the second holders, then tie them again.
+    # embedding) would come back as two. Hide the second holders, then tie them again. A
+    # module held by several parents (a PEFT method's bank shared by every layer: VB-LoRA,
+    # Lily; CPT's reference to the embedding) would be converted once per parent, which the
+    # second time cannot swap: hidden the same way.
     shared = _shared_parameters(model)
     for aliases in shared.values():
         for module, alias in aliases:
             module._parameters[alias] = None
+    modules = _shared_modules(model)
+    for parent, name, _ in modules:
+        parent._modules[name] = None
     model.to_empty(device=device)
+    for parent, name, child in modules:
+        parent._modules[name] = child
     for (owner, name), aliases in shared.items():
         for module, alias in aliases:
             module._parameters[alias] = getattr(owner, name)
     return packed
+
+
+def _shared_modules(model) -> list[tuple]:
+    """(parent, name, module) for every holding of a submodule but its first."""
+    seen, again = {id(model)}, []
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if id(child) in seen:
+                again.append((parent, name, child))
+            seen.add(id(child))
+    return again
 
 
 def _materialize_packed(packed: dict, device: torch.device, lifted: dict) -> None:

@@ -23,14 +23,25 @@ _NOBODY = object()  # a tensor no layer or parameter made (see Tracker._inherit)
 NOT_ANSWERED = object()  # see Tracker.values
 
 
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
 def _storage_holders(leaves):
     """The tensors whose storages hold memory: a wrapper subclass's inner tensors in its place
     (a DTensor's rank's shard; a collective's AsyncCollectiveTensor, whose own storage is not
-    valid), the rest as they are."""
+    valid), a sparse tensor's indices and values (SHiRA's and FRoD's sparse adapters), the rest
+    as they are."""
     for t in leaves:
         if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):
             names, _ = t.__tensor_flatten__()
             yield from _storage_holders(getattr(t, name) for name in names)
+        elif isinstance(t, torch.Tensor) and t.layout == torch.sparse_coo:
+            yield from (t._indices(), t._values())
+        elif isinstance(t, torch.Tensor) and t.layout in _COMPRESSED:
+            rows = t.layout in (torch.sparse_csr, torch.sparse_bsr)
+            yield from ((t.crow_indices(), t.col_indices()) if rows else
+                        (t.ccol_indices(), t.row_indices()))
+            yield t.values()
         else:
             yield t
 

@@ -75,6 +75,9 @@ class BuildContext:
     grad_scaler: bool = False  # fp16 autocast: scale the loss, unscale grads before clipping
     # (model, batch) → loss; None: the model's own loss, `model(**batch).loss`.
     loss_fn: Callable[[Any, dict], Any] | None = None
+    # Called with the step's index after each optimizer step, its grads still there: what a
+    # method's training loop must run then (AdaLoRA's rank allocation).
+    after_optimizer_step: list[Callable[[int], None]] = field(default_factory=list)
     # Arguments a technique could only resolve once applied (e.g. LoRA's default target modules).
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -85,7 +88,7 @@ class BuildContext:
 # checkpointing or offload (PEFT re-wraps the layers), compile last (it traces the finished
 # model).
 APPLY_ORDER = ("bf16", "fp16", "int8",  # LOAD
-               "liger", "chunked_nll", "lora", "qlora", "trainable_tokens",  # MODEL
+               "liger", "chunked_nll", "lora", "qlora", "peft", "trainable_tokens",  # MODEL
                "activation_offload", "gradient_checkpointing", "compile",
                "amp_bf16", "amp_fp16")  # STEP
 
@@ -354,6 +357,7 @@ from harness.techniques import (  # noqa: E402,F401
     int8,
     liger,
     lora,
+    peft_methods,
     qlora,
     trainable_tokens,
 )

@@ -1,0 +1,219 @@
+"""`peft: {method: NAME, ...}`: every method the installed PEFT has, by its own registry, on a
+tiny Llama — measured on CPU and simulated (CPU target), in this process.
+
+The arguments each method gets are the fewest that build it on the tiny model (C3A's and
+VB-LoRA's block sizes must divide its 64-wide k/v projections; the prompt-learning methods
+need their virtual tokens)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.probes.timeline import round_block
+from harness.techniques.peft_methods import NOT_BUILT, methods
+from tests.conftest import write_scenario
+
+# The runs: about forty methods, each trained twice (80 short runs, 30 s).
+slow = pytest.mark.slow
+
+TRAIN = {"batch_size": 2, "seq_len": 32, "steps": 1, "warmup_steps": 0}
+# What a method needs on this model beyond its defaults.
+NEEDS = {"adalora": {"total_step": 1}, "adaption_prompt": {"adapter_len": 4, "adapter_layers": 1},
+         "c3a": {"block_size": 32}, "vblora": {"vector_length": 32},
+         "trainable_tokens": {"token_indices": [1, 2, 3]},
+         **{m: {"num_virtual_tokens": 8} for m in ("prompt_tuning", "prefix_tuning", "p_tuning",
+                                                    "cpt", "cartridge")}}
+# Where the simulation is off by more than 1 %, not yet explained: the autograd graph saves
+# the same tensors on fake and real ones (checked with saved_tensors_hooks), so the gap is in
+# what stays alive beside it.
+NOT_YET_FOLLOWED = {
+    "adalora": "+1.2 %: one output-sized activation more per adapted layer in forward",
+    "osf": "+5.1 %: 3.8 MB more grads at the optimizer step (its gradient-projection hooks)",
+}
+# Beyond one per method: the shape tests below.
+EXTRA = [
+    {"name": "lora_r16", "techniques": [{"peft": {"method": "lora", "r": 16,
+                                                   "target_modules": "all-linear"}}]},
+    {"name": "prompt_32_at_32", "techniques": [{"peft": {"method": "prompt_tuning",
+                                                          "num_virtual_tokens": 32}}]},
+    {"name": "prompt_8_at_56", "techniques": [{"peft": {"method": "prompt_tuning",
+                                                         "num_virtual_tokens": 8}}],
+     "train": {"seq_len": 56}},
+]
+
+
+def _variants() -> list[dict]:
+    return [{"name": m, "techniques": [{"peft": {"method": m, **NEEDS.get(m, {})}}]}
+            for m in sorted(methods())] + EXTRA
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{(variant, simulated): train.Measured}, and the loaded scenario."""
+    import torch
+
+    from harness.models import resolve_config
+    from harness.scenario import load_scenario
+    from harness.train import measure
+
+    folder = tmp_path_factory.mktemp("peft")
+    scenario = load_scenario(write_scenario(folder, "peft_methods", _variants(), train=TRAIN))
+    source = resolve_config(scenario.model, scenario.path)
+    out = {}
+    for variant in scenario.variants:
+        for simulate in (False, True):
+            out[variant.name, simulate] = measure(scenario, source, variant, variant.train,
+                                                  torch.device("cpu"), None, simulate, "cpu")
+    return scenario, out
+
+
+def _ok(runs, simulate=False) -> dict:
+    return {name: got for (name, sim), got in runs[1].items()
+            if sim == simulate and got.outcome["status"] == "ok"}
+
+
+@slow
+def test_every_method_runs_or_says_why(runs):
+    """Measured, each method trains, or ends unsupported with its reason (a package it needs,
+    a batch the harness has not): never an error."""
+    _, out = runs
+    for name in methods():
+        outcome = out[name, False].outcome
+        assert outcome["status"] in ("ok", "unsupported"), (name, outcome)
+        if outcome["status"] == "unsupported":
+            assert name in NOT_BUILT or "required" in outcome["error"] or \
+                "not installed" in outcome["error"], (name, outcome)
+    assert len([n for n in methods() if out[n, False].outcome["status"] == "ok"]) >= 35
+
+
+@pytest.fixture(scope="module")
+def built(runs):
+    """{variant: its model built again}, for each variant measured ok."""
+    import torch
+
+    from harness.models import resolve_config
+    from harness.train import build
+
+    scenario, _ = runs
+    source = resolve_config(scenario.model, scenario.path)
+    # On the CPU: FRoD's and SHiRA's initialisations read the weights' values.
+    return {name: build(scenario.model, source, scenario.variant(name).techniques,
+                        torch.device("cpu")).model for name in _ok(runs)}
+
+
+@slow
+def test_trainable_parameters_are_pefts_own_count(runs, built):
+    """What the record says trains is what PEFT's get_nb_trainable_parameters() says, for
+    every method."""
+    for name, got in _ok(runs).items():
+        trainable, _ = built[name].get_nb_trainable_parameters()
+        assert got.result.params_trainable == trainable, name
+
+
+@slow
+def test_adamw_state_is_eight_bytes_per_trainable_parameter(runs, built):
+    """fp32 AdamW keeps two fp32 moments per trainable value that gets a gradient (SHADOW's
+    auxiliary modules get none from the loss: no state): 8 bytes each — exactly, once each
+    tensor's step counter and the rounding of every tensor to 512 bytes are added."""
+    import torch
+
+    from harness.train import make_batch
+
+    for name, got in _ok(runs).items():
+        model = built[name]
+        scenario, _ = runs
+        train = scenario.variant(name).train
+        model(**make_batch(train, model.config.vocab_size, torch.device("cpu"))).loss.backward()
+        state = got.memory["end_of_step_bytes"]["optimizer"]
+        sizes = [p.numel() for p in model.parameters() if p.requires_grad and p.grad is not None]
+        assert 8 * sum(sizes) <= state, name
+        assert state == sum(2 * round_block(4 * n) + round_block(4) for n in sizes), name
+
+
+@slow
+def test_prompt_tuning_activations_grow_as_the_sequence_does(runs):
+    """Prompt tuning's virtual tokens are sequence: 32 of them before 32 tokens cost what 8
+    before 56 do (64 positions each), and more than 8 before 32; the record says so."""
+    ok = _ok(runs)
+
+    def activations(name):
+        return ok[name].memory["phases"]["backward"]["breakdown_bytes"]["activations"]
+
+    assert activations("prompt_32_at_32") == pytest.approx(activations("prompt_8_at_56"),
+                                                            rel=0.03)
+    assert activations("prompt_32_at_32") > 1.3 * activations("prompt_tuning")
+    assert ok["prompt_32_at_32"].result.virtual_tokens == {"count": 32, "where": "sequence"}
+    assert ok["prefix_tuning"].result.virtual_tokens == {"count": 8, "where": "attention"}
+    assert ok["ia3"].result.virtual_tokens is None
+
+
+@slow
+def test_ln_tuning_trains_under_one_percent_of_lora_r16(runs):
+    """LN tuning trains the norms' scales only: its grads and AdamW state are under 1 % of
+    LoRA r16 on every linear layer's, while its activations stay the base's."""
+    ok = _ok(runs)
+
+    def persistent(name):
+        end = ok[name].memory["end_of_step_bytes"]
+        backward = ok[name].memory["phases"]["backward"]["breakdown_bytes"]
+        return backward["grads"] + end["optimizer"], backward["activations"]
+
+    (ln_kept, ln_activations), (lora_kept, lora_activations) = \
+        persistent("ln_tuning"), persistent("lora_r16")
+    assert ln_kept < 0.01 * lora_kept
+    assert ln_activations < lora_activations
+
+
+@slow
+def test_simulated_matches_measured_for_every_method_both_run(runs):
+    """The simulation (fake tensors) follows every method that runs on them within 1 % of the
+    CPU run's peak; the methods it cannot follow end unsupported, saying which line read a
+    tensor's value or which initialisation needs the weights' values."""
+    measured, simulated = _ok(runs), _ok(runs, simulate=True)
+    off = {}
+    for name, got in simulated.items():
+        want = measured[name].memory["peak_allocated_bytes"]
+        error = got.memory["peak_allocated_bytes"] / want - 1
+        if abs(error) > 0.01:
+            off[name] = round(100 * error, 2)
+    assert set(off) <= set(NOT_YET_FOLLOWED), f"simulated vs measured, % off: {off}"
+    for (name, simulate), got in runs[1].items():
+        if simulate and name in measured and name not in simulated:
+            assert got.outcome["status"] == "unsupported", (name, got.outcome)
+            assert "measure it" in got.outcome["error"], (name, got.outcome)
+    assert len(simulated) >= 30
+
+
+@pytest.mark.parametrize("spec, key, said", [
+    ({"method": "ia4"}, "peft", "did you mean 'ia3'"),
+    ({"method": "ia3", "feedforward_module": ["down_proj"]}, "peft",
+     "did you mean 'feedforward_modules'"),
+    ({"method": "prompt_tuning"}, "peft", "PromptTuningConfig needs num_virtual_tokens"),
+    ({"method": "ia3", "target_modules": ["k_prj"]}, "peft", "match no module"),
+    ({"method": "c3a"}, "peft", "block size should be a factor"),  # PEFT's own check
+])
+def test_bad_method_or_arguments_are_exit_2(cli, tmp_path, spec, key, said):
+    path = write_scenario(tmp_path, "bad", [{"name": "v", "techniques": [{"peft": spec}]}])
+    proc = cli("validate", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert said in proc.stderr and key in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ls_peft_lists_every_method_of_the_installed_peft(cli):
+    """From PEFT's own registry: each method with its config class and what it needs."""
+    proc = cli("ls", "peft")
+    assert proc.returncode == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == set(methods())
+    assert "PromptTuningConfig | num_virtual_tokens" in rows["prompt_tuning"]
+    assert "not built" in rows["xlora"] and "not built" not in rows["ia3"]
+
+
+def test_the_tables_show_virtual_tokens_beside_the_sequence():
+    from harness.report import seq_label
+
+    train = {"seq_len": 512}
+    assert seq_label(train, None) == "512"
+    assert seq_label(train, {"count": 200, "where": "sequence"}) == "512 + 200"
+    assert seq_label(train, {"count": 30, "where": "attention"}) == "512 (+30 kv)"
