@@ -33,6 +33,9 @@ class OptimizerSpec:
     # out. None: not modelled, for the reason in `not_estimated`.
     estimate: Callable[[list, str], tuple[int, int, int]] | None = None
     not_estimated: str | None = None
+    # Made from the model itself (PEFT's LoRA optimizers read its adapters): `make` takes the
+    # model as a third argument, and the variant must train LoRA adapters.
+    needs_lora: bool = False
 
     def __post_init__(self):
         if (self.estimate is None) == (self.not_estimated is None):
@@ -118,6 +121,38 @@ def _bnb(cls_name: str):
     return make
 
 
+def _lora_config(model, name: str):
+    """The LoRA config of the model's adapters, which PEFT's LoRA optimizers read."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        raise Unsupported(f"optimizer {name} trains LoRA adapters: the model has none")
+    return config
+
+
+def _lorafa(params, train, model):
+    from peft.optimizers import create_lorafa_optimizer
+
+    config = _lora_config(model, "lorafa")
+    return create_lorafa_optimizer(model, r=config.r, lora_alpha=config.lora_alpha, lr=train.lr,
+                                   weight_decay=train.weight_decay)
+
+
+# LoRA+'s ratio of B's learning rate to A's, as its paper and PEFT's docs suggest: memory does
+# not depend on it.
+LORAPLUS_LR_RATIO = 16
+
+
+def _loraplus(params, train, model):
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    _lora_config(model, "loraplus")
+    # The AdamW the adamw optimizer is (foreach), with LoRA+'s parameter groups.
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train.lr,
+                                     loraplus_lr_ratio=LORAPLUS_LR_RATIO,
+                                     weight_decay=train.weight_decay, foreach=True)
+
+
 _PAGED_NOT_SIMULATED = ("paged state lives in CUDA unified memory, outside the allocator, "
                         "which fake CPU tensors cannot stand for (adamw_8bit has the same state "
                         "bytes, on the device)")
@@ -143,11 +178,19 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   "state in CUDA unified memory, paged to CPU under pressure; invisible to "
                   "PyTorch's allocator (counted separately)", _PAGED_NOT_SIMULATED,
                   estimate=_bnb_8bit_state(paged=True)),
+    OptimizerSpec("lorafa", _lorafa, "PEFT's LoRA-FA (create_lorafa_optimizer): lora_A frozen "
+                  "at its initialisation, only lora_B trains, its gradient projected: state and "
+                  "grads for B alone, and no input to A saved for A's gradient",
+                  not_estimated="LoRA-FA's frozen lora_A is not modelled", needs_lora=True),
+    OptimizerSpec("loraplus", _loraplus, "PEFT's LoRA+ (create_loraplus_optimizer): AdamW with "
+                  f"lora_B at {LORAPLUS_LR_RATIO}× lora_A's learning rate — the same state as "
+                  "adamw", estimate=_adamw_state(foreach=True), needs_lora=True),
 )}
 
 
-def make_optimizer(name: str, params: list, train) -> torch.optim.Optimizer:
-    return OPTIMIZERS[name].make(params, train)
+def make_optimizer(name: str, params: list, train, model=None) -> torch.optim.Optimizer:
+    spec = OPTIMIZERS[name]
+    return spec.make(params, train, model) if spec.needs_lora else spec.make(params, train)
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -777,6 +777,7 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
     if "train" in variant:
         train, overrides = _parse_train(path, variant["train"], base_train, "train", name)
     _check_warmup(path, uses, train, "train.warmup_steps", name)
+    _check_optimizer(path, uses, train, name)
     if "parallel" in variant:  # the variant's own replaces the scenario's; null: one process
         parallel = _parse_parallel(path, variant["parallel"], "parallel", name)
     # The variant's keys on top of the scenario's; null: none.
@@ -786,6 +787,18 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
     _check_save(path, parts["save"], uses, name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
                    description=description, parallel=parallel, **parts)
+
+
+def _check_optimizer(path, uses, train: TrainSpec, variant: str) -> None:
+    """PEFT's LoRA optimizers (lorafa, loraplus) need LoRA adapters to shape."""
+    if not OPTIMIZERS[train.optimizer].needs_lora:
+        return
+    lora = any(u.name in ("lora", "qlora") or
+               (u.name == "peft" and u.args.get("method") == "lora") for u in uses)
+    if not lora:
+        raise ScenarioError(path, f"optimizer {train.optimizer} shapes LoRA adapters: add lora, "
+                            "qlora or {peft: {method: lora}} to the variant",
+                            key="train.optimizer", variant=variant)
 
 
 def _check_warmup(path, uses, train: TrainSpec, key: str, variant: str) -> None:

@@ -153,7 +153,9 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         model = ctx.model
         forward = ctx.forward_module or model
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(train.optimizer, params, train)
+        optimizer = make_optimizer(train.optimizer, params, train, model)
+        # What trains is what the optimizer left trainable (LoRA-FA freezes lora_A).
+        params = [p for p in model.parameters() if p.requires_grad]
         # A step's micro-batches are on the device together, as Trainer fetches them.
         accumulation = train.gradient_accumulation_steps
         vocab = model.config.vocab_size

@@ -23,17 +23,26 @@ NEEDS = {"adalora": {"total_step": 1}, "adaption_prompt": {"adapter_len": 4, "ad
          "trainable_tokens": {"token_indices": [1, 2, 3]},
          **{m: {"num_virtual_tokens": 8} for m in ("prompt_tuning", "prefix_tuning", "p_tuning",
                                                     "cpt", "cartridge")}}
-# Where the simulation is off by more than 1 %, not yet explained: the autograd graph saves
-# the same tensors on fake and real ones (checked with saved_tensors_hooks), so the gap is in
-# what stays alive beside it.
+# Where the simulation is off by more than 1 % on this fp32 CPU model, and why.
 NOT_YET_FOLLOWED = {
-    "adalora": "+1.2 %: one output-sized activation more per adapted layer in forward",
+    # PEFT moves each new adapter to its base layer's device and dtype, and re-wrapping the
+    # moved `ranknum` makes it a trainable Parameter: on meta (where a simulation builds), on
+    # CUDA and on a bf16 base, not on an fp32 CPU one. Trainable, the division by it saves
+    # one output-sized activation per adapted layer.
+    "adalora": "+1.2 %: ranknum trains where PEFT moved the adapter (meta, CUDA, bf16)",
+    # Not explained yet: the same grads' storages on fake and real tensors (12.0 MB), yet
+    # the CPU allocator's events show 3.8 MB less at the optimizer step.
     "osf": "+5.1 %: 3.8 MB more grads at the optimizer step (its gradient-projection hooks)",
 }
 # Beyond one per method: the shape tests below.
 EXTRA = [
     {"name": "lora_r16", "techniques": [{"peft": {"method": "lora", "r": 16,
                                                    "target_modules": "all-linear"}}]},
+    {"name": "lora_short", "techniques": [{"lora": {"r": 16}}]},
+    {"name": "lora_long", "techniques": [{"peft": {"method": "lora", "r": 16}}]},
+    {"name": "lorafa", "techniques": [{"lora": {"r": 16}}], "train": {"optimizer": "lorafa"}},
+    {"name": "loraplus", "techniques": [{"lora": {"r": 16}}],
+     "train": {"optimizer": "loraplus"}},
     {"name": "prompt_32_at_32", "techniques": [{"peft": {"method": "prompt_tuning",
                                                           "num_virtual_tokens": 32}}]},
     {"name": "prompt_8_at_56", "techniques": [{"peft": {"method": "prompt_tuning",
@@ -65,6 +74,12 @@ def runs(tmp_path_factory):
             out[variant.name, simulate] = measure(scenario, source, variant, variant.train,
                                                   torch.device("cpu"), None, simulate, "cpu")
     return scenario, out
+
+
+def _adamw(runs) -> dict:
+    """The variants measured ok with the scenario's fp32 AdamW (no LoRA optimizer)."""
+    return {name: got for name, got in _ok(runs).items()
+            if runs[0].variant(name).train.optimizer == "adamw"}
 
 
 def _ok(runs, simulate=False) -> dict:
@@ -105,7 +120,7 @@ def built(runs):
 def test_trainable_parameters_are_pefts_own_count(runs, built):
     """What the record says trains is what PEFT's get_nb_trainable_parameters() says, for
     every method."""
-    for name, got in _ok(runs).items():
+    for name, got in _adamw(runs).items():
         trainable, _ = built[name].get_nb_trainable_parameters()
         assert got.result.params_trainable == trainable, name
 
@@ -119,7 +134,7 @@ def test_adamw_state_is_eight_bytes_per_trainable_parameter(runs, built):
 
     from harness.train import make_batch
 
-    for name, got in _ok(runs).items():
+    for name, got in _adamw(runs).items():
         model = built[name]
         scenario, _ = runs
         train = scenario.variant(name).train
@@ -182,6 +197,54 @@ def test_simulated_matches_measured_for_every_method_both_run(runs):
             assert got.outcome["status"] == "unsupported", (name, got.outcome)
             assert "measure it" in got.outcome["error"], (name, got.outcome)
     assert len(simulated) >= 30
+
+
+@slow
+def test_lora_is_the_short_spelling_of_peft_method_lora(runs):
+    """`lora: {r: 16}` and `peft: {method: lora, r: 16}` build the same model: the same
+    trainable parameters, the same peak, byte for byte."""
+    ok = _ok(runs)
+    short, long = ok["lora_short"], ok["lora_long"]
+    assert short.result.params_trainable == long.result.params_trainable
+    assert short.memory["peak_allocated_bytes"] == long.memory["peak_allocated_bytes"]
+    assert short.memory["end_of_step_bytes"] == long.memory["end_of_step_bytes"]
+
+
+@slow
+def test_lora_fa_trains_b_alone_and_saves_no_input_for_a(runs, built):
+    """LoRA-FA (PEFT's create_lorafa_optimizer) freezes lora_A: grads and AdamW state are
+    lora_B's alone, and the input each adapted layer feeds lora_A is not saved for A's
+    gradient (q and v share theirs: one [batch, seq, hidden] fp32 tensor per layer)."""
+    ok = _ok(runs)
+    lora, fa = ok["lora_short"], ok["lorafa"]
+    model = built["lora_short"]
+    b = [p.numel() for n, p in model.named_parameters() if "lora_B" in n]
+    assert fa.result.params_trainable == sum(b)
+    assert fa.memory["end_of_step_bytes"]["grads"] == sum(round_block(4 * n) for n in b)
+    assert fa.memory["end_of_step_bytes"]["optimizer"] >= 8 * sum(b)
+    assert fa.memory["end_of_step_bytes"]["optimizer"] < \
+        lora.memory["end_of_step_bytes"]["optimizer"] / 2
+    layer_input = TRAIN["batch_size"] * TRAIN["seq_len"] * model.config.hidden_size * 4
+    saved = lora.memory["phases"]["backward"]["breakdown_bytes"]["activations"] - \
+        fa.memory["phases"]["backward"]["breakdown_bytes"]["activations"]
+    assert saved == model.config.num_hidden_layers * layer_input
+
+
+@slow
+def test_lora_plus_keeps_adamws_state_with_its_own_learning_rates(runs):
+    """LoRA+ only gives lora_B a larger learning rate: the same state and peak as AdamW."""
+    ok = _ok(runs)
+    assert ok["loraplus"].memory["peak_allocated_bytes"] == \
+        ok["lora_short"].memory["peak_allocated_bytes"]
+    assert ok["loraplus"].memory["end_of_step_bytes"] == ok["lora_short"].memory["end_of_step_bytes"]
+
+
+def test_a_lora_optimizer_without_lora_is_exit_2(cli, tmp_path):
+    path = write_scenario(tmp_path, "bad", [{"name": "v", "techniques": [{"peft": {
+        "method": "ia3"}}], "train": {"optimizer": "lorafa"}}])
+    proc = cli("validate", str(path))
+    assert proc.returncode == 2
+    assert "train.optimizer" in proc.stderr and "shapes LoRA adapters" in proc.stderr
 
 
 @pytest.mark.parametrize("spec, key, said", [
