@@ -151,6 +151,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     with probe.phase("load"):
         ctx = probe.build(lambda where: build(spec, source, uses, where, parallel), device)
         model = ctx.model
+        for check in ctx.after_build:
+            check(model)
         forward = ctx.forward_module or model
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(train.optimizer, params, train, model)

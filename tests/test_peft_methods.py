@@ -43,6 +43,8 @@ EXTRA = [
     {"name": "lorafa", "techniques": [{"lora": {"r": 16}}], "train": {"optimizer": "lorafa"}},
     {"name": "loraplus", "techniques": [{"lora": {"r": 16}}],
      "train": {"optimizer": "loraplus"}},
+    *({"name": f"int4_{m}", "techniques": ["int4", {"peft": {"method": m}}]}
+      for m in ("ia3", "vera", "hra", "glora")),
     {"name": "prompt_32_at_32", "techniques": [{"peft": {"method": "prompt_tuning",
                                                           "num_virtual_tokens": 32}}]},
     {"name": "prompt_8_at_56", "techniques": [{"peft": {"method": "prompt_tuning",
@@ -197,6 +199,27 @@ def test_simulated_matches_measured_for_every_method_both_run(runs):
             assert got.outcome["status"] == "unsupported", (name, got.outcome)
             assert "measure it" in got.outcome["error"], (name, got.outcome)
     assert len(simulated) >= 30
+
+
+@slow
+def test_4bit_base_under_any_method_with_4bit_layers(runs):
+    """int4 (QLoRA's NF4 base) under a method with layers for bitsandbytes' weights trains,
+    its linear weights stored in 4 bit; a method without says so in PEFT's words (GLoRA
+    refuses the layer type) or in torch's (HRA's layer multiplies by the packed uint8
+    weight), measured and simulated alike."""
+    out = runs[1]
+    for name in ("int4_ia3", "int4_vera"):
+        got = out[name, False]
+        assert got.outcome["status"] == "ok", got.outcome
+        assert got.result.quantized_params > 0.9 * got.result.params_total - \
+            2 * 4096 * 256  # all but the embedding and the LM head
+        assert got.memory["peak_allocated_bytes"] < 0.8 * \
+            out[name.removeprefix("int4_"), False].memory["peak_allocated_bytes"]
+    for name, says in (("int4_glora", "does not support this layer type"),
+                       ("int4_hra", "do not compute with bitsandbytes' packed weights")):
+        for simulate in (False, True):
+            outcome = out[name, simulate].outcome
+            assert outcome["status"] == "unsupported" and says in outcome["error"], outcome
 
 
 @slow

@@ -337,7 +337,7 @@ def library_values(func, args, liger: bool = False):
     no padding), whether any prompt token id is negative (none is), the special-token checks
     that decide only warnings (answered no) and, after each token, whether every sequence is
     done — once it has reached the loop's own `max_length`, as for a greedy run that never
-    stops early. A real tensor's value is its own (bitsandbytes' quantization state of packed
+    stops early. PEFT: the reads in _PEFT_VALUES below. A real tensor's value is its own (bitsandbytes' quantization state of packed
     weights, which stay real host tensors: `offset.item()` as a 4-bit layer is saved). Reads from
     anyone else's code fail as ever."""
     if func not in _VALUE_READS:
@@ -354,8 +354,41 @@ def library_values(func, args, liger: bool = False):
             return 1.0 if args[0].is_floating_point() else 1
         if module == "transformers.generation.utils":
             return _generation_value(frame)
+        if module in _PEFT_VALUES:
+            value = _PEFT_VALUES[module](frame, args[0])
+            if value is not NOT_ANSWERED:
+                return value
         frame = frame.f_back
     return NOT_ANSWERED
+
+
+def _module_dropout(frame, tensor):
+    """LoHa's and LoKr's `torch.rand(1) > module_dropout` in forward: whether the adapter
+    joins this step. Answered yes — what a module_dropout of 0 (the default) always draws, and
+    the step with the adapter's memory where it is above 0."""
+    return True if frame.f_code.co_name == "forward" else NOT_ANSWERED
+
+
+def _rank_allocation(frame, tensor):
+    """AdaLoRA's budget masking (RankAllocator.mask_to_budget, once past `tinit`): the
+    importance threshold (`kthvalue(...).item()`) and the rank pattern's booleans (`tolist()`)
+    decide which values are zeroed in place and what the config records, no allocation."""
+    if frame.f_code.co_name != "mask_to_budget":
+        return NOT_ANSWERED
+    return True if tensor.dtype == torch.bool else 0.0
+
+
+def _no_infinite_logits(frame, tensor):
+    """VB-LoRA's check that no logit is infinite (a resumed top-k-only model): it is not."""
+    return False if frame.f_code.co_name == "_get_lora_matrices" else NOT_ANSWERED
+
+
+# PEFT modules whose reads of a tensor's value decide no allocation: module → (frame, tensor)
+# → the value, or NOT_ANSWERED.
+_PEFT_VALUES = {"peft.tuners.loha.layer": _module_dropout,
+                "peft.tuners.lokr.layer": _module_dropout,
+                "peft.tuners.adalora.layer": _rank_allocation,
+                "peft.tuners.vblora.layer": _no_infinite_logits}
 
 
 def _generation_value(frame):

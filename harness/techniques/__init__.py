@@ -75,6 +75,9 @@ class BuildContext:
     grad_scaler: bool = False  # fp16 autocast: scale the loss, unscale grads before clipping
     # (model, batch) → loss; None: the model's own loss, `model(**batch).loss`.
     loss_fn: Callable[[Any, dict], Any] | None = None
+    # Called with the finished model (on its device, under the probe, in the load phase):
+    # a check only a built model can answer, raising Unsupported.
+    after_build: list[Callable[[Any], None]] = field(default_factory=list)
     # Called with the step's index after each optimizer step, its grads still there: what a
     # method's training loop must run then (AdaLoRA's rank allocation).
     after_optimizer_step: list[Callable[[int], None]] = field(default_factory=list)
@@ -87,7 +90,7 @@ class BuildContext:
 # before PEFT wraps the model (both reach the base through the wrapper), adapters before
 # checkpointing or offload (PEFT re-wraps the layers), compile last (it traces the finished
 # model).
-APPLY_ORDER = ("bf16", "fp16", "int8",  # LOAD
+APPLY_ORDER = ("bf16", "fp16", "int8", "int4",  # LOAD
                "liger", "chunked_nll", "lora", "qlora", "peft", "trainable_tokens",  # MODEL
                "activation_offload", "gradient_checkpointing", "compile",
                "amp_bf16", "amp_fp16")  # STEP
@@ -354,6 +357,7 @@ from harness.techniques import (  # noqa: E402,F401
     compile,
     fp16,
     gradient_checkpointing,
+    int4,
     int8,
     liger,
     lora,

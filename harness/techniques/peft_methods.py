@@ -135,7 +135,7 @@ def _label(args: dict) -> str:
 
 
 @technique("peft", stage=Stage.MODEL, adapters=True,
-           conflicts=("lora", "qlora", "trainable_tokens", "int8"),
+           conflicts=("lora", "qlora", "trainable_tokens"),
            args=_resolve, check_model=_check, estimate=_estimate, label=_label)
 def peft_method(ctx: BuildContext, method: str, **args) -> None:
     """Any PEFT method, through PEFT's own registry and `get_peft_model`: what trains, and what
@@ -149,19 +149,30 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
         add_lora(ctx, args, prepare_kbit=True, name="peft")
         return
     peft = _peft()
+    if getattr(ctx.model, "is_quantized", False):  # int4 / int8: as QLoRA prepares its base
+        ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
+                                                         use_gradient_checkpointing=False)
     try:
         config = methods()[method](task_type="CAUSAL_LM", **args)
         ctx.model = peft.get_peft_model(ctx.model, config)
     except ImportError as e:  # a package the method needs (AdaMSS: scikit-learn)
         raise Unsupported(f"peft {method}: {' '.join(str(e).split())}") from None
-    except (NotImplementedError, RuntimeError) as e:
-        if "meta" not in str(e) or not _on_meta(ctx.model):
-            raise
-        # The build a simulation (and validation) makes holds no values: nothing to decompose.
-        raise Unsupported(
-            f"peft {method}: its initialisation reads the base weights' values ({_said(e)}), "
-            "which a model built on the meta device, as a simulation builds it, does not "
-            "have; measure it (--device cpu or cuda)") from None
+    except (ValueError, TypeError, RuntimeError) as e:  # NotImplementedError among them
+        if getattr(ctx.model, "is_quantized", False):
+            # The arguments built a config (checked first): what fails now is the method on
+            # bitsandbytes' layers, in PEFT's words ("GLoRA does not support this layer type").
+            raise Unsupported(f"peft {method} on quantized weights: PEFT says {_said(e)}") \
+                from None
+        if isinstance(e, (NotImplementedError, RuntimeError)) and "meta" in str(e) and \
+                _on_meta(ctx.model):
+            # The build a simulation (and validation) makes holds no values to decompose.
+            raise Unsupported(
+                f"peft {method}: its initialisation reads the base weights' values "
+                f"({_said(e)}), which a model built on the meta device, as a simulation builds "
+                "it, does not have; measure it (--device cpu or cuda)") from None
+        raise
+    if getattr(ctx.model, "is_quantized", False):
+        ctx.after_build.append(lambda model: _computes_on_quantized(model, method))
     if method == "adalora":  # its loop's part, as PEFT documents it: after each step
         ctx.after_optimizer_step.append(ctx.model.base_model.update_and_allocate)
     built = ctx.model.peft_config["default"]
@@ -193,3 +204,31 @@ def virtual_tokens(model) -> dict | None:
     kinds = _peft().PeftType
     prefix = config.peft_type in (kinds.PREFIX_TUNING, getattr(kinds, "CARTRIDGE", None))
     return {"count": config.num_virtual_tokens, "where": "attention" if prefix else "sequence"}
+
+
+def _computes_on_quantized(model, method: str) -> None:
+    """Whether the method's layers compute with bitsandbytes' weights. PEFT wraps any linear
+    layer with any method, but only some methods' layers read a quantized base through
+    bitsandbytes (PEFT's `bnb` layers, or a layer that only calls its base); others take the
+    packed uint8 weight for the matrix (HRA, LoHa, LoKr, …). One token's forward without grad
+    tells, in the load phase: unsupported, in PEFT's and torch's words, where it cannot."""
+    import torch
+
+    wrapped = [m for m in model.modules() if hasattr(m, "get_base_layer") and m is not model
+               and type(m.get_base_layer()).__module__.startswith("bitsandbytes")]
+    if not wrapped or all(type(m).__module__.endswith(".bnb") for m in wrapped):
+        return
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+    )
+
+    device = next(p.device for p in model.parameters())
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    except (DataDependentOutputException, DynamicOutputShapeException):
+        raise  # a value the simulation does not have: it says so (train.measure)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise Unsupported(f"peft {method} on quantized weights: its layers do not compute "
+                          f"with bitsandbytes' packed weights ({_said(e)})") from None
