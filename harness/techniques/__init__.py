@@ -75,8 +75,9 @@ class BuildContext:
     grad_scaler: bool = False  # fp16 autocast: scale the loss, unscale grads before clipping
     # (model, batch) → loss; None: the model's own loss, `model(**batch).loss`.
     loss_fn: Callable[[Any, dict], Any] | None = None
-    # Called with the finished model (on its device, under the probe, in the load phase):
-    # a check only a built model can answer, raising Unsupported.
+    # Called with the finished model (on its device, under the probe, in the load phase): a
+    # check only a built model can answer (whether a method computes on 4-bit weights),
+    # raising Unsupported.
     after_build: list[Callable[[Any], None]] = field(default_factory=list)
     # Called with the step's index after each optimizer step, its grads still there: what a
     # method's training loop must run then (AdaLoRA's rank allocation).
@@ -329,6 +330,8 @@ def dataclass_args(config_cls: Callable[[], type], *, defaults: Mapping[str, Any
         merged = {**dict(defaults), **args}
         try:
             built = cls(**merged)
+        except ImportError:  # a package these arguments need (LoftQ: scipy): the run says so
+            return merged
         except Exception as e:  # noqa: BLE001 - the library's own check, whatever it raises
             raise TechniqueArgError(" ".join(str(e).split()) or type(e).__name__) from None
         for key in shown:

@@ -17,6 +17,34 @@ _RESERVED = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_mod
              "revision", "inference_mode")
 
 
+def _init_of(args: dict) -> str | None:
+    init = args.get("init_lora_weights")
+    return init.lower() if isinstance(init, str) else None
+
+
+# Data-driven initialisations, not built: CorDA and LoRA-GA need a data pass before the
+# adapters exist; EVA's (initialize_lora_eva_weights) cycles through the data until the SVD of
+# every adapted layer's inputs converges, which on synthetic tokens takes minutes even for a
+# tiny model, and says nothing of the user's data.
+_DATA_DRIVEN = {
+    "corda": "needs preprocess_corda, a data pass before the adapters are built",
+    "lora_ga": "needs LoRA-GA's gradient estimate, a data pass before the adapters are built",
+    "eva": "cycles through the data until the SVD of each adapted layer's inputs converges: "
+           "how long depends on the data, which synthetic tokens do not stand for",
+}
+
+
+def init_not_simulated(args: dict, device=None) -> str | None:
+    """Initialisations that read values a simulation does not have: PiSSA, OLoRA and MiCA
+    decompose each adapted weight (an SVD, a QR) as the adapters are built."""
+    init = _init_of(args)
+    if init and (init.startswith("pissa") or init in ("olora", "mica")):
+        return (f"init_lora_weights {init!r} decomposes each adapted weight as it is built, "
+                "whose values a simulation's meta build does not have; measure it "
+                "(--device cpu or cuda)")
+    return None
+
+
 def _check_targets(model, args: dict) -> str | None:
     """Names in target_modules and modules_to_save must match some module, and the rank must
     fit in the layers it adapts: PEFT takes an `r` above a layer's smaller side, which only
@@ -116,7 +144,7 @@ def estimate_lora(stack: dict, args: dict, neutral: frozenset[str] = frozenset()
 
 
 @technique("lora", stage=Stage.MODEL, adapters=True, check_model=_check_targets,
-           estimate=estimate_lora, label=lambda args: lora_label("lora", args),
+           not_simulated=init_not_simulated, estimate=estimate_lora, label=lambda args: lora_label("lora", args),
            args=dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
                                shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
                                aliases={"rank": "r", "alpha": "lora_alpha",
@@ -133,12 +161,23 @@ def lora(ctx: BuildContext, **args) -> None:
 def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lora") -> None:
     """LoRA on ctx.model; on a quantized base, PEFT's k-bit preparation first (if chosen), and
     its fp32 up-cast of the non-quantized weights with it. Gradient checkpointing stays its own
-    technique: the preparation is asked not to turn it on."""
+    technique: the preparation is asked not to turn it on. An initialisation from the weights
+    (PiSSA, OLoRA, MiCA) runs as PEFT builds the adapters, inside the load phase."""
+    from harness.techniques import Unsupported
+
     peft = _peft()
+    init = _init_of(args)
+    if init in _DATA_DRIVEN:
+        raise Unsupported(f"{name}: init_lora_weights {init!r} {_DATA_DRIVEN[init]}; not "
+                          "built")
     quantized = getattr(ctx.model, "is_quantized", False)
     if quantized and prepare_kbit:
         ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
                                                          use_gradient_checkpointing=False)
-    ctx.model = peft.get_peft_model(ctx.model, peft.LoraConfig(task_type="CAUSAL_LM", **args))
+    try:
+        ctx.model = peft.get_peft_model(ctx.model,
+                                        peft.LoraConfig(task_type="CAUSAL_LM", **args))
+    except ImportError as e:  # LoftQ: scipy
+        raise Unsupported(f"{name}: {' '.join(str(e).split())}") from None
     config = ctx.model.peft_config["default"]
     ctx.resolved[name] = {"target_modules": sorted(config.target_modules)}

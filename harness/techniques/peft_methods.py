@@ -23,6 +23,7 @@ from harness.techniques.lora import (
     _peft,
     add_lora,
     estimate_lora,
+    init_not_simulated,
 )
 
 # What a method's config is asked to show in the record (those of its fields it has): what
@@ -134,8 +135,12 @@ def _label(args: dict) -> str:
     return label
 
 
+def _not_simulated(args: dict, device=None) -> str | None:
+    return init_not_simulated(args) if args["method"] == "lora" else None
+
+
 @technique("peft", stage=Stage.MODEL, adapters=True,
-           conflicts=("lora", "qlora", "trainable_tokens"),
+           conflicts=("lora", "qlora", "trainable_tokens"), not_simulated=_not_simulated,
            args=_resolve, check_model=_check, estimate=_estimate, label=_label)
 def peft_method(ctx: BuildContext, method: str, **args) -> None:
     """Any PEFT method, through PEFT's own registry and `get_peft_model`: what trains, and what

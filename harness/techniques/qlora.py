@@ -18,6 +18,7 @@ from harness.techniques.lora import (
     _peft,
     add_lora,
     estimate_lora,
+    init_not_simulated,
 )
 
 # BitsAndBytesConfig's 4-bit arguments, spelled as it spells them, with QLoRA's usual values.
@@ -102,7 +103,7 @@ def _not_simulated(args: dict, device) -> str | None:
         return ("DoRA on 4-bit weights (QDoRA) deep-copies bitsandbytes' Params4bit for the "
                 "weight norm, which bitsandbytes cannot do on the meta device; measure it "
                 "(--device cpu or cuda)")
-    return None
+    return init_not_simulated(args)
 
 
 @technique("qlora", stage=Stage.MODEL, adapters=True, conflicts=("lora", "int8", "fp16"),
