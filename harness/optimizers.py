@@ -121,18 +121,10 @@ def _bnb(cls_name: str):
     return make
 
 
-def _lora_config(model, name: str):
-    """The LoRA config of the model's adapters, which PEFT's LoRA optimizers read."""
-    config = getattr(model, "peft_config", {}).get("default")
-    if config is None or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
-        raise Unsupported(f"optimizer {name} trains LoRA adapters: the model has none")
-    return config
-
-
 def _lorafa(params, train, model):
     from peft.optimizers import create_lorafa_optimizer
 
-    config = _lora_config(model, "lorafa")
+    config = model.peft_config["default"]  # LoRA's: validation asks for it (needs_lora)
     return create_lorafa_optimizer(model, r=config.r, lora_alpha=config.lora_alpha, lr=train.lr,
                                    weight_decay=train.weight_decay)
 
@@ -146,7 +138,6 @@ def _loraplus(params, train, model):
     import torch
     from peft.optimizers import create_loraplus_optimizer
 
-    _lora_config(model, "loraplus")
     # The AdamW the adamw optimizer is (foreach), with LoRA+'s parameter groups.
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=train.lr,
                                      loraplus_lr_ratio=LORAPLUS_LR_RATIO,

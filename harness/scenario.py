@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from harness.optimizers import OPTIMIZERS
-from harness.techniques import REGISTRY, TechniqueArgError, TechniqueUse, check_stack
+from harness.techniques import REGISTRY, TechniqueArgError, TechniqueUse, check_stack, said
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 MODEL_DIR = SCENARIO_DIR / "models"
@@ -731,7 +731,7 @@ def _parse_technique(path, entry, index: int, variant: str) -> TechniqueUse:
         raise ScenarioError(path, e.message, key=f"{key}.{name}" + (f".{e.key}" if e.key else ""),
                             variant=variant) from None
     except Exception as e:  # noqa: BLE001 - whatever the library raised, it is bad input
-        raise ScenarioError(path, f"invalid arguments: {_said(e, 200)}", key=f"{key}.{name}",
+        raise ScenarioError(path, f"invalid arguments: {said(e, 200)}", key=f"{key}.{name}",
                             variant=variant) from None
     return TechniqueUse(name=name, args=resolved)
 
@@ -866,20 +866,15 @@ def _meta_build_failure(model: ModelSpec, source, uses) -> tuple[TechniqueUse | 
     if failed is None or isinstance(failed[1], (Unsupported, ImportError)):
         return None
     use, error = failed
-    return use, f"{'the model' if use is None else use.name} cannot be built: {_said(error)}"
+    return use, f"{'the model' if use is None else use.name} cannot be built: {said(error)}"
 
 
 def _meta_or_refuse(path, model: ModelSpec, source):
     try:
         return _cached_meta_model(model, source)
     except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
-        raise ScenarioError(path, f"the model cannot be built from its config: {_said(e)}",
+        raise ScenarioError(path, f"the model cannot be built from its config: {said(e)}",
                             key="model.config") from None
-
-
-def _said(error: BaseException, limit: int = 300) -> str:
-    """What a library raised, on one line: `ValueError: its message`."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
 
 @functools.lru_cache(maxsize=8)

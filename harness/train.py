@@ -429,13 +429,13 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:
             outcome = {"status": "unsupported", "error": str(e)}
-        except (DataDependentOutputException, DynamicOutputShapeException) as e:
-            if not simulate:
-                raise
-            outcome = {"status": "unsupported", "error": _value_read(e)}
         except Exception as e:  # noqa: BLE001 - any failure of the variant is its result
             # The exception first (what a progress line shows), then where it was raised.
-            outcome = ({"status": "oom", "error": _first_line(e)} if _is_oom(e) else
+            # Simulated, an op that needs a tensor's value ends it as unsupported (_value_read).
+            value_read = simulate and isinstance(
+                e, (DataDependentOutputException, DynamicOutputShapeException))
+            outcome = ({"status": "unsupported", "error": _value_read(e)} if value_read else
+                       {"status": "oom", "error": _first_line(e)} if _is_oom(e) else
                        {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}\n"
                                                     + _tail(traceback.format_exc())})
         finally:

@@ -337,9 +337,9 @@ def library_values(func, args, liger: bool = False):
     no padding), whether any prompt token id is negative (none is), the special-token checks
     that decide only warnings (answered no) and, after each token, whether every sequence is
     done — once it has reached the loop's own `max_length`, as for a greedy run that never
-    stops early. PEFT: the reads in _PEFT_VALUES below. A real tensor's value is its own (bitsandbytes' quantization state of packed
-    weights, which stay real host tensors: `offset.item()` as a 4-bit layer is saved). Reads from
-    anyone else's code fail as ever."""
+    stops early. PEFT: the reads in _PEFT_VALUES below. A real tensor's value is its own
+    (bitsandbytes' quantization state of packed weights, which stay real host tensors:
+    `offset.item()` as a 4-bit layer is saved). Reads from anyone else's code fail as ever."""
     if func not in _VALUE_READS:
         return NOT_ANSWERED
     if not is_fake(args[0]):  # a real tensor's (bitsandbytes' packed quantization state)

@@ -97,6 +97,11 @@ APPLY_ORDER = ("bf16", "fp16", "int8", "int4",  # LOAD
                "amp_bf16", "amp_fp16")  # STEP
 
 
+def said(error: BaseException, limit: int = 300) -> str:
+    """What a library raised, on one line: `ValueError: its message`."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
 def _no_args(args: dict) -> dict:
     if args:
         raise TechniqueArgError(f"takes no arguments, got {', '.join(map(str, args))}",

@@ -4,7 +4,7 @@ quantization with any method (`qlora` is this with LoRA)."""
 from __future__ import annotations
 
 from harness.techniques import BuildContext, Stage, TechniqueArgError, technique
-from harness.techniques.qlora import BNB_4BIT, bnb_config, bnb_supported
+from harness.techniques.qlora import BNB_4BIT, bnb_supported, quantize_at_load, resolve_4bit
 
 
 def _resolve(args: dict) -> dict:
@@ -16,15 +16,7 @@ def _resolve(args: dict) -> dict:
         raise TechniqueArgError(f"unknown argument {unknown[0]!r} for BitsAndBytesConfig's "
                                 "4-bit settings" + (f" (did you mean {hint[0]!r}?)" if hint
                                                      else ""), key=str(unknown[0]))
-    merged = {**BNB_4BIT, **args}
-    if merged["bnb_4bit_quant_type"] not in ("nf4", "fp4"):
-        raise TechniqueArgError(f"must be nf4 or fp4, got {merged['bnb_4bit_quant_type']!r}",
-                                key="bnb_4bit_quant_type")
-    try:
-        bnb_config(load_in_4bit=True, **merged)
-    except Exception as e:  # noqa: BLE001 - BitsAndBytesConfig's own checks
-        raise TechniqueArgError(" ".join(str(e).split())) from None
-    return merged
+    return resolve_4bit(args)
 
 
 @technique("int4", stage=Stage.LOAD, conflicts=("qlora", "int8", "fp16"),
@@ -38,9 +30,6 @@ def int4(ctx: BuildContext, **args) -> None:
     weight bytes. The method's adapters then train on top after PEFT's k-bit preparation,
     which up-casts the weights left unquantized (embeddings, norms, LM head) to fp32.
     """
-    import torch
-
-    ctx.load.quantization = bnb_config(load_in_4bit=True, **args)
-    ctx.load.dtype = ctx.load.dtype or getattr(torch, args["bnb_4bit_compute_dtype"])
+    quantize_at_load(ctx, **args)
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import math
 
-from harness.techniques import BuildContext, Stage, dataclass_args, lora_label, technique
+from harness.techniques import (
+    BuildContext,
+    Stage,
+    Unsupported,
+    dataclass_args,
+    lora_label,
+    technique,
+)
 
 
 def _peft():
@@ -144,7 +151,8 @@ def estimate_lora(stack: dict, args: dict, neutral: frozenset[str] = frozenset()
 
 
 @technique("lora", stage=Stage.MODEL, adapters=True, check_model=_check_targets,
-           not_simulated=init_not_simulated, estimate=estimate_lora, label=lambda args: lora_label("lora", args),
+           not_simulated=init_not_simulated, estimate=estimate_lora,
+           label=lambda args: lora_label("lora", args),
            args=dataclass_args(lambda: _peft().LoraConfig, reserved=_RESERVED,
                                shown=("r", "lora_alpha", "lora_dropout", "target_modules"),
                                aliases={"rank": "r", "alpha": "lora_alpha",
@@ -163,8 +171,6 @@ def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lor
     its fp32 up-cast of the non-quantized weights with it. Gradient checkpointing stays its own
     technique: the preparation is asked not to turn it on. An initialisation from the weights
     (PiSSA, OLoRA, MiCA) runs as PEFT builds the adapters, inside the load phase."""
-    from harness.techniques import Unsupported
-
     peft = _peft()
     init = _init_of(args)
     if init in _DATA_DRIVEN:

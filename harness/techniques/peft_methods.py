@@ -13,14 +13,15 @@ from harness.techniques import (
     Unsupported,
     dataclass_args,
     lora_label,
+    said,
     technique,
 )
 from harness.techniques.lora import (
     _RESERVED,
     RANGES,
     _check_targets,
-    _names,
     _peft,
+    _unmatched,
     add_lora,
     estimate_lora,
     init_not_simulated,
@@ -84,15 +85,11 @@ def _resolve(args: dict) -> dict:
     if needed:
         raise TechniqueArgError(f"{cls.__name__} needs {', '.join(needed)} (no default)",
                                 key=needed[0])
-    try:
-        cls(**{k: v for k, v in rest.items() if k not in _RESERVED}, task_type="CAUSAL_LM")
-    except ImportError:  # a package the method needs: the run says so (unsupported)
-        return {"method": name, **rest}
-    except Exception:  # noqa: BLE001 - bad arguments: the resolver below names them
-        pass
-    # Built as a causal LM's config (CPT takes no other task), which the harness sets for all.
+    # Built as a causal LM's config (CPT takes no other task), which the harness sets for all;
+    # a package the method needs (AdaMSS: scikit-learn) leaves it to the run (unsupported).
+    shown = tuple(f.name for f in dataclasses.fields(cls) if f.name in _SHOWN)
     resolve = dataclass_args(lambda: cls, reserved=_RESERVED, defaults={"task_type": "CAUSAL_LM"},
-                             shown=tuple(f.name for f in dataclasses.fields(cls) if f.name in _SHOWN),
+                             shown=shown,
                              ranges=RANGES if name == "lora" else ())
     resolved = resolve(rest)
     del resolved["task_type"]
@@ -107,8 +104,7 @@ def _check(model, args: dict) -> str | None:
         return _check_targets(model, rest)
     targets = rest.get("target_modules")
     if isinstance(targets, (list, tuple)):
-        modules = [n for n, _ in model.named_modules()]
-        missing = [t for t in targets if not any(_names(n, str(t)) for n in modules)]
+        missing = _unmatched([n for n, _ in model.named_modules()], [str(t) for t in targets])
         if missing:
             return f"target_modules {missing} match no module of this model"
     return None
@@ -154,7 +150,8 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
         add_lora(ctx, args, prepare_kbit=True, name="peft")
         return
     peft = _peft()
-    if getattr(ctx.model, "is_quantized", False):  # int4 / int8: as QLoRA prepares its base
+    quantized = getattr(ctx.model, "is_quantized", False)
+    if quantized:  # int4 / int8: as QLoRA prepares its base
         ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
                                                          use_gradient_checkpointing=False)
     try:
@@ -163,20 +160,20 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
     except ImportError as e:  # a package the method needs (AdaMSS: scikit-learn)
         raise Unsupported(f"peft {method}: {' '.join(str(e).split())}") from None
     except (ValueError, TypeError, RuntimeError) as e:  # NotImplementedError among them
-        if getattr(ctx.model, "is_quantized", False):
+        if quantized:
             # The arguments built a config (checked first): what fails now is the method on
             # bitsandbytes' layers, in PEFT's words ("GLoRA does not support this layer type").
-            raise Unsupported(f"peft {method} on quantized weights: PEFT says {_said(e)}") \
+            raise Unsupported(f"peft {method} on quantized weights: PEFT says {said(e, 200)}") \
                 from None
         if isinstance(e, (NotImplementedError, RuntimeError)) and "meta" in str(e) and \
                 _on_meta(ctx.model):
             # The build a simulation (and validation) makes holds no values to decompose.
             raise Unsupported(
                 f"peft {method}: its initialisation reads the base weights' values "
-                f"({_said(e)}), which a model built on the meta device, as a simulation builds "
+                f"({said(e, 200)}), which a model built on the meta device, as a simulation builds "
                 "it, does not have; measure it (--device cpu or cuda)") from None
         raise
-    if getattr(ctx.model, "is_quantized", False):
+    if quantized:
         ctx.after_build.append(lambda model: _computes_on_quantized(model, method))
     if method == "adalora":  # its loop's part, as PEFT documents it: after each step
         ctx.after_optimizer_step.append(ctx.model.base_model.update_and_allocate)
@@ -188,10 +185,6 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
 
 def _on_meta(model) -> bool:
     return any(p.is_meta for p in model.parameters())
-
-
-def _said(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
 
 def virtual_tokens(model) -> dict | None:
@@ -236,4 +229,4 @@ def _computes_on_quantized(model, method: str) -> None:
         raise  # a value the simulation does not have: it says so (train.measure)
     except (RuntimeError, TypeError, ValueError) as e:
         raise Unsupported(f"peft {method} on quantized weights: its layers do not compute "
-                          f"with bitsandbytes' packed weights ({_said(e)})") from None
+                          f"with bitsandbytes' packed weights ({said(e, 200)})") from None

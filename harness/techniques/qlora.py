@@ -51,18 +51,24 @@ def _resolve(args: dict) -> dict:
                                 key="prepare_model_for_kbit_training")
     lora = {k: v for k, v in args.items()
             if k not in BNB_4BIT and k != "prepare_model_for_kbit_training"}
+    return {**resolve_4bit(bnb), "prepare_model_for_kbit_training": prepare, **_LORA(lora)}
+
+
+def resolve_4bit(bnb: dict) -> dict:
+    """BitsAndBytesConfig's 4-bit settings (keys of BNB_4BIT), QLoRA's values where not given,
+    checked by BitsAndBytesConfig itself (qlora and int4)."""
     if bnb.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
         raise TechniqueArgError(f"must be nf4 or fp4, got {bnb['bnb_4bit_quant_type']!r}",
                                 key="bnb_4bit_quant_type")
-    merged_bnb = {**BNB_4BIT, **bnb}
+    merged = {**BNB_4BIT, **bnb}
     try:
-        bnb_config(load_in_4bit=True, **merged_bnb)
+        bnb_config(load_in_4bit=True, **merged)
     except Exception as e:  # noqa: BLE001 - BitsAndBytesConfig's own checks
         raise TechniqueArgError(" ".join(str(e).split())) from None
-    return {**merged_bnb, "prepare_model_for_kbit_training": prepare, **_LORA(lora)}
+    return merged
 
 
-def _quantize_at_load(ctx: BuildContext, **args) -> None:
+def quantize_at_load(ctx: BuildContext, **args) -> None:
     import torch
 
     bnb = {k: args[k] for k in BNB_4BIT}
@@ -112,7 +118,7 @@ def _not_simulated(args: dict, device) -> str | None:
            parallel_unsupported={"fsdp2": (
                "QLoRA under FSDP2 (bitsandbytes 4-bit weights sharded as uint8 DTensors, "
                "quant_storage matched to the compute dtype) is not built into the harness yet")},
-           args=_resolve, load=_quantize_at_load, supported=bnb_supported,
+           args=_resolve, load=quantize_at_load, supported=bnb_supported,
            check_model=_check_targets)
 def qlora(ctx: BuildContext, prepare_model_for_kbit_training: bool, **args) -> None:
     """Base linear weights in 4-bit NF4 (≈ 0.5 byte per weight plus block constants, about a
