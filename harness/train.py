@@ -91,10 +91,15 @@ def label_count(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 
 def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
-          device: torch.device, parallel: ParallelSpec | None = None) -> BuildContext:
+          device: torch.device, parallel: ParallelSpec | None = None,
+          train: TrainSpec | None = None) -> BuildContext:
     """The model with the techniques applied; with `parallel`, sharded or wrapped for this
-    rank (parallel.py; the process group is up). A simulation builds on meta."""
+    rank (parallel.py; the process group is up). A simulation builds on meta. `train`: the
+    step whose micro-batches a data-driven initialisation runs on."""
     ctx = BuildContext(device=device)
+    if train is not None:
+        ctx.batches = lambda: [make_batch(train, ctx.model.config.vocab_size, device, micro)
+                               for micro in range(train.gradient_accumulation_steps)]
     apply_stage(Stage.LOAD, ctx, uses)
     on_meta = device.type != "meta" and parallel_training.build_on_meta(
         parallel, spec.weights, ctx.load.quantization is not None)
@@ -149,7 +154,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
-        ctx = probe.build(lambda where: build(spec, source, uses, where, parallel), device)
+        ctx = probe.build(lambda where: build(spec, source, uses, where, parallel, train),
+                          device)
         model = ctx.model
         for check in ctx.after_build:
             check(model)

@@ -42,7 +42,7 @@ EXTRA = [
     {"name": "lora_short", "techniques": [{"lora": {"r": 16}}]},
     {"name": "lora_long", "techniques": [{"peft": {"method": "lora", "r": 16}}]},
     *({"name": f"lora_{init}", "techniques": [{"lora": {"r": 16, "init_lora_weights": init}}]}
-      for init in ("pissa", "corda", "eva")),
+      for init in ("pissa", "corda", "lora_ga", "eva")),
     {"name": "lorafa", "techniques": [{"lora": {"r": 16}}], "train": {"optimizer": "lorafa"}},
     {"name": "loraplus", "techniques": [{"lora": {"r": 16}}],
      "train": {"optimizer": "loraplus"}},
@@ -134,7 +134,8 @@ def built(runs):
     source = resolve_config(scenario.model, scenario.path)
     # On the CPU: FRoD's and SHiRA's initialisations read the weights' values.
     return {name: build(scenario.model, source, scenario.variant(name).techniques,
-                        torch.device("cpu")).model for name in _ok(runs)}
+                        torch.device("cpu"), train=scenario.variant(name).train).model
+            for name in _ok(runs)}
 
 
 @slow
@@ -258,11 +259,14 @@ def test_4bit_base_under_any_method_with_4bit_layers(runs):
 
 
 @slow
-def test_initialisations_from_the_weights_cost_at_load_only(runs):
+def test_initialisations_from_the_weights_or_data_cost_at_load_only(runs, built):
     """PiSSA decomposes each adapted weight as PEFT builds the adapters, inside the load
-    phase, which holds at least one q_proj-sized factor more than plain LoRA's; training then
-    holds exactly what LoRA's does. It is not simulated (the values are the point), and the
-    data-driven ones (CorDA, EVA) are not built: each says so."""
+    phase, which holds at least one q_proj-sized factor more than plain LoRA's. The data-driven
+    ones run the model on the step's batches there: CorDA holds an fp32 covariance of each
+    adapted layer's input (in_features²) at once, LoRA-GA the gradient of each adapted weight,
+    EVA its incremental SVDs. Training then holds what LoRA's does (EVA: the same rank budget,
+    spread as the SVDs say). None is simulated
+    (the values are the point): the worker says so."""
     from harness.optimizers import OPTIMIZERS
     from harness.techniques import simulation_reason
 
@@ -271,13 +275,20 @@ def test_initialisations_from_the_weights_cost_at_load_only(runs):
     def load(name):
         return out[name, False].memory["phases"]["load"]["peak_allocated_bytes"]
 
+    adapted = [m.base_layer for n, m in built["lora_short"].named_modules()
+               if n.endswith(("q_proj", "v_proj")) and hasattr(m, "base_layer")]
+    assert len(adapted) == 2 * LAYERS
     assert load("lora_pissa") - load("lora_short") >= 256 * 256 * 4
-    assert out["lora_pissa", False].memory["end_of_step_bytes"] == \
-        out["lora_short", False].memory["end_of_step_bytes"]
-    assert "measure it" in simulation_reason(runs[0].variant("lora_pissa").techniques,
-                                             OPTIMIZERS["adamw"])  # the worker's check
-    assert "preprocess_corda" in out["lora_corda", False].outcome["error"]
-    assert "converges" in out["lora_eva", False].outcome["error"]
+    assert load("lora_corda") - load("lora_short") >= sum(m.in_features ** 2 * 4 for m in adapted)
+    assert load("lora_lora_ga") - load("lora_short") >= sum(m.weight.nbytes for m in adapted)
+    assert load("lora_eva") > load("lora_short")
+    for init in ("pissa", "corda", "lora_ga", "eva"):
+        got, lora = out[f"lora_{init}", False], out["lora_short", False]
+        assert got.result.params_trainable == lora.result.params_trainable, init
+        if init != "eva":  # EVA moves rank between layers (the same budget, other shapes)
+            assert got.memory["end_of_step_bytes"] == lora.memory["end_of_step_bytes"], init
+        assert "measure it" in simulation_reason(runs[0].variant(f"lora_{init}").techniques,
+                                                 OPTIMIZERS["adamw"])  # the worker's check
 
 
 @slow

@@ -84,6 +84,9 @@ class BuildContext:
     after_optimizer_step: list[Callable[[int], None]] = field(default_factory=list)
     # Arguments a technique could only resolve once applied (e.g. LoRA's default target modules).
     resolved: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The step's micro-batches (synthetic tokens of the training shape), for what needs data
+    # to build (EVA's, CorDA's and LoRA-GA's initialisations); None where no step runs.
+    batches: Callable[[], list[dict]] | None = None
 
 
 # What applies before what: every registered technique once, stages in order (LOAD, MODEL,

@@ -10,6 +10,7 @@ from harness.techniques import (
     Unsupported,
     dataclass_args,
     lora_label,
+    said,
     technique,
 )
 
@@ -29,26 +30,23 @@ def _init_of(args: dict) -> str | None:
     return init.lower() if isinstance(init, str) else None
 
 
-# Data-driven initialisations, not built: CorDA and LoRA-GA need a data pass before the
-# adapters exist; EVA's (initialize_lora_eva_weights) cycles through the data until the SVD of
-# every adapted layer's inputs converges, which on synthetic tokens takes minutes even for a
-# tiny model, and says nothing of the user's data.
-_DATA_DRIVEN = {
-    "corda": "needs preprocess_corda, a data pass before the adapters are built",
-    "lora_ga": "needs LoRA-GA's gradient estimate, a data pass before the adapters are built",
-    "eva": "cycles through the data until the SVD of each adapted layer's inputs converges: "
-           "how long depends on the data, which synthetic tokens do not stand for",
-}
+# Data-driven initialisations: each runs the model on data before (CorDA, LoRA-GA) or after
+# (EVA) PEFT builds the adapters, here on the step's own micro-batches, inside the load phase.
+DATA_DRIVEN = ("corda", "lora_ga", "eva")
 
 
 def init_not_simulated(args: dict, device=None) -> str | None:
     """Initialisations that read values a simulation does not have: PiSSA, OLoRA and MiCA
-    decompose each adapted weight (an SVD, a QR) as the adapters are built."""
+    decompose each adapted weight (an SVD, a QR) as the adapters are built; EVA, CorDA and
+    LoRA-GA decompose what the model computes on data."""
     init = _init_of(args)
     if init and (init.startswith("pissa") or init in ("olora", "mica")):
         return (f"init_lora_weights {init!r} decomposes each adapted weight as it is built, "
                 "whose values a simulation's meta build does not have; measure it "
                 "(--device cpu or cuda)")
+    if init in DATA_DRIVEN:
+        return (f"init_lora_weights {init!r} decomposes what the model computes on data, "
+                "values a simulation does not have; measure it (--device cpu or cuda)")
     return None
 
 
@@ -173,17 +171,62 @@ def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lor
     (PiSSA, OLoRA, MiCA) runs as PEFT builds the adapters, inside the load phase."""
     peft = _peft()
     init = _init_of(args)
-    if init in _DATA_DRIVEN:
-        raise Unsupported(f"{name}: init_lora_weights {init!r} {_DATA_DRIVEN[init]}; not "
-                          "built")
     quantized = getattr(ctx.model, "is_quantized", False)
     if quantized and prepare_kbit:
         ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
                                                          use_gradient_checkpointing=False)
     try:
-        ctx.model = peft.get_peft_model(ctx.model,
-                                        peft.LoraConfig(task_type="CAUSAL_LM", **args))
-    except ImportError as e:  # LoftQ: scipy
-        raise Unsupported(f"{name}: {' '.join(str(e).split())}") from None
+        config = peft.LoraConfig(task_type="CAUSAL_LM", **args)
+        if init in DATA_DRIVEN:
+            ctx.model = _from_data(ctx, config, init)
+        else:
+            ctx.model = peft.get_peft_model(ctx.model, config)
+    except ImportError as e:  # LoftQ: scipy; CorDA: attrs
+        raise Unsupported(f"{name}: {said(e)}") from None
     config = ctx.model.peft_config["default"]
     ctx.resolved[name] = {"target_modules": sorted(config.target_modules)}
+
+
+def _from_data(ctx: BuildContext, config, init: str):
+    """The adapted model, its adapters initialised from the model's own computation on the
+    step's micro-batches (PEFT's calls, as its docs give them): CorDA's covariance of each
+    adapted layer's inputs, one sequence per forward, before the adapters are built; LoRA-GA's
+    gradient of each adapted weight, before; EVA's incremental SVD of those inputs, cycling
+    the batches until it converges, after (the adapters built empty). Train mode restored."""
+    peft = _peft()
+    if ctx.batches is None:
+        raise Unsupported(f"init_lora_weights {init!r} needs data: it is built only for a step")
+    model, batches = ctx.model, ctx.batches()
+    if config.target_modules is None:  # what get_peft_model would fill; CorDA needs it before
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        config.target_modules = set(DEFAULTS[model.config.model_type])
+    training = model.training
+    try:
+        if init == "corda":
+            from peft.tuners.lora.corda import preprocess_corda
+
+            def run_model():
+                for batch in batches:
+                    for row in batch["input_ids"]:  # CorDA's hook takes one sequence
+                        model(input_ids=row[None])
+
+            preprocess_corda(model, config, run_model=run_model)
+            return peft.get_peft_model(model, config)
+        if init == "lora_ga":
+            if config.lora_ga_config is None:  # its defaults, as PEFT gives EVA and CorDA theirs
+                config.lora_ga_config = peft.LoraGAConfig()
+
+            def train_step():
+                for batch in batches:
+                    model(**batch).loss.backward()
+
+            peft.preprocess_loraga(model, config, train_step=train_step)
+            return peft.get_peft_model(model, config)
+        adapted = peft.get_peft_model(model, config, low_cpu_mem_usage=True)
+        peft.initialize_lora_eva_weights(adapted, batches, show_progress_bar=False)
+        return adapted
+    except ValueError as e:  # what PEFT refuses here: LoRA-GA on a quantized base
+        raise Unsupported(f"init_lora_weights {init!r}: {said(e)}") from None
+    finally:
+        model.train(training)
