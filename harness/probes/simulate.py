@@ -497,7 +497,20 @@ def _materialize(model, device: torch.device) -> dict:
     modules = _shared_modules(model)
     for parent, name, _ in modules:
         parent._modules[name] = None
+    # to_empty wraps each fake tensor in a new Parameter: the hooks a method registered on the
+    # old one (OSF's gradient projections) go with them, handles and all.
+    hooked = [(module, name, param) for module in model.modules()
+              for name, param in module._parameters.items()
+              if param is not None and (param._backward_hooks
+                                        or param._post_accumulate_grad_hooks)]
     model.to_empty(device=device)
+    for module, name, old in hooked:
+        new = module._parameters[name]
+        if new is not old:
+            if old._backward_hooks:
+                new._backward_hooks = old._backward_hooks
+            if old._post_accumulate_grad_hooks:
+                new._post_accumulate_grad_hooks = old._post_accumulate_grad_hooks
     for parent, name, child in modules:
         parent._modules[name] = child
     for (owner, name), aliases in shared.items():
