@@ -279,7 +279,8 @@ def cuda_scratch(func, args) -> list[int]:
                                   query.element_size())
 
 
-_VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
+_VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+                torch.ops.aten.index.Tensor)
 
 
 @contextlib.contextmanager
@@ -346,6 +347,11 @@ def library_values(func, args, liger: bool = False):
         with unset_fake_temporarily():
             return func(*args)
     frame = sys._getframe(1)
+    if func is torch.ops.aten.index.Tensor:  # a shape that hangs on values: a boolean mask's
+        masks = [i for i in args[1] if i is not None]
+        if not masks or any(m.dtype != torch.bool for m in masks):
+            return NOT_ANSWERED
+        return _peft_masked(frame, args[0])
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if liger and module.startswith("liger_kernel."):
@@ -389,6 +395,20 @@ _PEFT_VALUES = {"peft.tuners.loha.layer": _module_dropout,
                 "peft.tuners.lokr.layer": _module_dropout,
                 "peft.tuners.adalora.layer": _rank_allocation,
                 "peft.tuners.vblora.layer": _no_infinite_logits}
+
+
+def _peft_masked(frame, tensor):
+    """`tensor[mask]` where PEFT's own construction fixes the mask. WaveFT's `get_delta_weight`
+    keeps the spectrum's indices that fall inside the padded matrix (`padded_indices[:,
+    valid_mask]`, `spectrum[valid_mask]`): all do, the indices being positions in the unpadded
+    one shifted by half the padding, so each selection is a copy of the whole. Else
+    NOT_ANSWERED."""
+    while frame is not None:
+        if (frame.f_globals.get("__name__") == "peft.tuners.waveft.layer"
+                and frame.f_code.co_name == "get_delta_weight"):
+            return tensor.clone()
+        frame = frame.f_back
+    return NOT_ANSWERED
 
 
 def _generation_value(frame):

@@ -227,6 +227,8 @@ class Tracker(TorchDispatchMode):
         if self.values is not None:
             value = self.values(func, args)
             if value is not NOT_ANSWERED:
+                if isinstance(value, torch.Tensor):  # an answered selection (simulate._peft_masked)
+                    self.sight(Kind.TENSOR, value)
                 return value
         sizes = self.scratch(func, args) if self.scratch is not None else ()
         # Inside this method the mode is off: these go to the fake mode below, as fake tensors.
