@@ -13,14 +13,17 @@ same record format, so a run of your script lands in the same tables, gate and h
                 optimizer.step()
     print(prof.record_path)
 
-or, with transformers' `Trainer` (TRL's `SFTTrainer` too), no change to the loop:
+or, with transformers' `Trainer` (TRL's `SFTTrainer` and `DPOTrainer` too), no change to the
+loop:
 
     trainer = Trainer(..., callbacks=[harness.MemoryCallback("my-run")])
 
-The callback's phases: forward from the step's start to the end of the model's forward (the
-loss inside it), backward until the optimizer step, optimizer to the step's end (Trainer zeroes
-the grads there). With gradient accumulation each micro-batch has its forward and backward
-(Trainer's `on_substep_end` ends one micro-batch, the next one's forward starts there), so
+The callback's phases: forward from the step's start until a gradient first reaches what the
+model's forward with grad returned (so a loss computed outside the model, and TRL's reference
+forward without grad, are forward), backward until the optimizer step, optimizer to the step's
+end (Trainer zeroes the grads there). With gradient accumulation each micro-batch has its
+forward and backward (Trainer's `on_substep_end` ends one micro-batch, the next one's forward
+starts there), so
 the next micro-batch's activations are activations, with the held grads beside them. An
 evaluation inside `train()` is the phase eval: from its first forward without grad outside a
 step to `on_evaluate`. A checkpoint Trainer saves is the phase save: from the end of the step
@@ -171,9 +174,9 @@ def _record(name: str, run_id: str, model, device: torch.device, train: dict,
 
 
 class MemoryCallback:
-    """A `transformers.TrainerCallback` that profiles a Trainer's (or SFTTrainer's) steps and
-    writes one record when training ends. Made a TrainerCallback subclass when instantiated, so
-    importing harness does not import transformers."""
+    """A `transformers.TrainerCallback` that profiles a Trainer's (SFTTrainer's, DPOTrainer's)
+    steps and writes one record when training ends. Made a TrainerCallback subclass when
+    instantiated, so importing harness does not import transformers."""
 
     def __new__(cls, name: str, *, out: str | Path = DEFAULT_OUT):
         from transformers import TrainerCallback
@@ -216,12 +219,27 @@ class MemoryCallback:
                     self.prof.leave()
 
             def _forward_done(self, module, args, kwargs, output):
-                # The model's forward (and its loss) is done: backward comes next.
+                # The model's forward with grad is done: backward starts where a gradient
+                # first reaches what it returned. Until then the step is still forward: a
+                # loss computed outside the model, a reference forward without grad (TRL's
+                # DPO runs it after the policy's).
+                if not torch.is_grad_enabled() or self.prof.current != "forward":
+                    return
                 ids = kwargs.get("input_ids") if kwargs else None
                 if isinstance(ids, torch.Tensor) and ids.dim() == 2:
                     self.prof.train["seq_len"] = int(ids.shape[1])
-                if torch.is_grad_enabled() and self.prof.current == "forward":
-                    self.prof.enter("backward", self._step, self._micro)
+                returned = output.values() if isinstance(output, dict) else (
+                    output if isinstance(output, (tuple, list)) else (output,))
+                step, micro = self._step, self._micro
+
+                def backward_starts(grad):
+                    if self.prof.current == "forward" and (self._step, self._micro) == (step,
+                                                                                        micro):
+                        self.prof.enter("backward", step, micro)
+
+                for tensor in returned:
+                    if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                        tensor.register_hook(backward_starts)
 
             def on_step_begin(self, args, state, control, **kwargs):
                 self._step, self._micro = state.global_step, 0

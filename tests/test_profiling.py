@@ -1,6 +1,6 @@
 """Profiling your own training code: `harness.profile()` around a hand-written loop and
-`harness.MemoryCallback` in transformers' Trainer and TRL's SFTTrainer write the record
-`harness run` writes — and for the same shape, the same peak."""
+`harness.MemoryCallback` in transformers' Trainer and TRL's SFTTrainer and DPOTrainer write
+the record `harness run` writes — and for the same shape, the same peak."""
 
 from __future__ import annotations
 
@@ -226,3 +226,67 @@ def test_the_callback_profiles_sft_trainer(tmp_path):
     assert memory["end_of_step_bytes"]["optimizer"] == pytest.approx(8 * trainable, rel=0.1)
     assert all(memory["phases"][p]["peak_allocated_bytes"] > memory["end_of_step_bytes"]["params"]
                for p in ("forward", "backward", "optimizer"))
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer in code (no files): `w<id>` words split on whitespace, ids 0 and 1 the
+    padding and end-of-sequence tokens (named apart: TRL appends the EOS's text unspaced)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.mark.slow
+def test_the_callback_profiles_dpo_trainer_with_its_reference_forward_in_forward(tmp_path):
+    """TRL's DPOTrainer with a LoRA adapter: its reference is the base with the adapter
+    disabled, a forward without grad that TRL runs after the policy's. That forward is inside
+    the forward phase (backward starts where the first gradient reaches the policy's output),
+    and it adds nothing to grads or optimizer state: those are the adapter's alone. The
+    pairs are chosen + rejected: the forward sees twice the batch."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    config = AutoConfig.from_pretrained(REPO / "scenarios" / "models" / "tiny-llama.json")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(f"w{i}" for i in torch.randint(2, config.vocab_size, (n,), generator=g))
+
+    data = Dataset.from_list([{"prompt": text(16) + " ", "chosen": text(15), "rejected": text(15)}
+                              for _ in range(8)])
+    callback = harness.MemoryCallback("dpo", out=tmp_path)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2,
+                     report_to="none", save_strategy="no", use_cpu=True, learning_rate=1e-4,
+                     logging_strategy="no", dataloader_num_workers=0, optim="adamw_torch")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data,
+                         processing_class=word_tokenizer(config.vocab_size),
+                         peft_config=LoraConfig(r=8, lora_alpha=16), callbacks=[callback])
+    forwards = []  # (grad enabled, the callback's phase, sequences) at each forward's start
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(
+            (torch.is_grad_enabled(), callback.prof.current, *kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    assert trainer.ref_model is None  # the adapter-disabled base
+    trainer.train()
+    pairs = (2 * BATCH, 16 + 15 + 1)  # chosen and rejected, each prompt + completion + EOS
+    assert forwards == [(True, "forward", *pairs), (False, "forward", *pairs)] * 2
+    record = json.loads(callback.record_path.read_text())
+    memory, trainable = record["memory"], record["model"]["params_trainable"]
+    assert record["status"] == "ok" and record["train"]["seq_len"] == 16 + 15 + 1  # + EOS
+    lora = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
+    assert trainable == lora
+    # At the optimizer step's peak the grads are the adapter's (Trainer zeroes them at the
+    # step's end), the state AdamW's two fp32 moments of it.
+    # (Each tensor's allocation rounds up to 512 bytes; AdamW keeps a step count per tensor.)
+    tensors = len([n for n, _ in trainer.model.named_parameters() if "lora_" in n])
+    at_step = memory["phases"]["optimizer"]["breakdown_bytes"]
+    assert 4 * lora <= at_step["grads"] <= 4 * lora + 512 * tensors
+    assert 8 * lora <= memory["end_of_step_bytes"]["optimizer"] <= 8 * lora + 3 * 512 * tensors
