@@ -13,8 +13,7 @@ same record format, so a run of your script lands in the same tables, gate and h
                 optimizer.step()
     print(prof.record_path)
 
-or, with transformers' `Trainer` (TRL's `SFTTrainer` and `DPOTrainer` too), no change to the
-loop:
+or, with transformers' `Trainer` (TRL's SFT, DPO and GRPO trainers too), no change to the loop:
 
     trainer = Trainer(..., callbacks=[harness.MemoryCallback("my-run")])
 
@@ -23,13 +22,13 @@ model's forward with grad returned (so a loss computed outside the model, and TR
 forward without grad, are forward), backward until the optimizer step, optimizer to the step's
 end (Trainer zeroes the grads there). With gradient accumulation each micro-batch has its
 forward and backward (Trainer's `on_substep_end` ends one micro-batch, the next one's forward
-starts there), so
-the next micro-batch's activations are activations, with the held grads beside them. An
-evaluation inside `train()` is the phase eval: from its first forward without grad outside a
-step to `on_evaluate`. A checkpoint Trainer saves is the phase save: from the end of the step
-(or of the evaluation before it) to `on_save`. The probe is the one `harness run` uses on that
-device (CUDA: the allocator's figures; CPU: the profiler's allocator events), and it costs the
-same time.
+starts there), so the next micro-batch's activations are activations, with the held grads
+beside them. An evaluation inside `train()` is the phase eval: from its first forward without
+grad outside a step to `on_evaluate`. A checkpoint Trainer saves is the phase save: from the
+end of the step (or of the evaluation before it) to `on_save`. A `generate` inside a step
+(TRL's GRPO makes its completions there) is the phase generate, its KV cache named. The probe
+is the one `harness run` uses on that device (CUDA: the allocator's figures; CPU: the
+profiler's allocator events), and it costs the same time.
 """
 
 from __future__ import annotations
@@ -174,7 +173,7 @@ def _record(name: str, run_id: str, model, device: torch.device, train: dict,
 
 
 class MemoryCallback:
-    """A `transformers.TrainerCallback` that profiles a Trainer's (SFTTrainer's, DPOTrainer's)
+    """A `transformers.TrainerCallback` that profiles a Trainer's (TRL's SFT, DPO, GRPO trainers')
     steps and writes one record when training ends. Made a TrainerCallback subclass when
     instantiated, so importing harness does not import transformers."""
 
@@ -186,7 +185,7 @@ class MemoryCallback:
                 self.name, self.out = name, out
                 self.prof: Profiler | None = None
                 self.record_path: Path | None = None
-                self._hook = self._eval_hook = None
+                self._hook = self._eval_hook = self._generate = None
                 self._step = self._micro = 0
 
             def on_train_begin(self, args, state, control, model=None, optimizer=None,
@@ -202,6 +201,32 @@ class MemoryCallback:
                 self.prof.start()
                 self._hook = model.register_forward_hook(self._forward_done, with_kwargs=True)
                 self._eval_hook = model.register_forward_pre_hook(self._forward_starts)
+                self._generating(model)
+
+            def _generating(self, model):
+                """A `generate` inside a step (TRL's GRPO and online trainers make their
+                completions there) is the phase generate, its KV cache named; the step's
+                forward resumes after it."""
+                own = model.generate
+                inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+                probe = self.prof.probe
+
+                def generate(*args, **kwargs):
+                    if self.prof.current != "forward":  # Trainer's evaluation: part of eval
+                        return own(*args, **kwargs)
+                    step, micro = self._step, self._micro
+                    hook = inner.register_forward_hook(lambda m, a, out: probe.sight_cache(
+                        next((out[k] for k in ("cache", "past_key_values")
+                              if out.get(k) is not None), None)))
+                    self.prof.enter("generate", step)
+                    try:
+                        return own(*args, **kwargs)
+                    finally:
+                        hook.remove()
+                        self.prof.enter("forward", step, micro)
+
+                model.generate = generate
+                self._generate = model
 
             def _forward_starts(self, module, args):
                 # A forward without grad outside any step: Trainer's evaluation, to on_evaluate.
@@ -268,6 +293,8 @@ class MemoryCallback:
                 if self._hook is not None:
                     self._hook.remove()
                     self._eval_hook.remove()
+                if self._generate is not None:
+                    vars(self._generate).pop("generate", None)  # the class's own again
                 self.prof.train["steps"] = state.global_step
                 self.record_path = self.prof.write(self.prof.stop())
 

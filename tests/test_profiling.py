@@ -1,5 +1,5 @@
 """Profiling your own training code: `harness.profile()` around a hand-written loop and
-`harness.MemoryCallback` in transformers' Trainer and TRL's SFTTrainer and DPOTrainer write
+`harness.MemoryCallback` in transformers' Trainer and TRL's SFT, DPO and GRPO trainers write
 the record `harness run` writes — and for the same shape, the same peak."""
 
 from __future__ import annotations
@@ -290,3 +290,50 @@ def test_the_callback_profiles_dpo_trainer_with_its_reference_forward_in_forward
     at_step = memory["phases"]["optimizer"]["breakdown_bytes"]
     assert 4 * lora <= at_step["grads"] <= 4 * lora + 512 * tensors
     assert 8 * lora <= memory["end_of_step_bytes"]["optimizer"] <= 8 * lora + 3 * 512 * tensors
+
+
+@pytest.mark.slow
+def test_the_callback_profiles_grpo_trainer_with_its_generation_a_phase(tmp_path):
+    """TRL's GRPOTrainer makes its completions inside the step: that `generate` is the phase
+    generate, holding the KV cache of prompts × num_generations sequences (each prompt's
+    positions and all but the last completion token's); the policy's forward over prompt +
+    completion follows, in forward."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    config = AutoConfig.from_pretrained(REPO / "scenarios" / "models" / "tiny-llama.json")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    prompt, completion, generations, completions = 16, 8, 2, 4  # 2 prompts a step
+
+    def text(n):
+        return " ".join(f"w{i}" for i in torch.randint(2, config.vocab_size, (n,), generator=g))
+
+    callback = harness.MemoryCallback("grpo", out=tmp_path)
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=completions,
+                      num_generations=generations, max_completion_length=completion,
+                      generation_kwargs={"min_new_tokens": completion}, max_steps=2,
+                      report_to="none", save_strategy="no", use_cpu=True, learning_rate=1e-4,
+                      logging_strategy="no", dataloader_num_workers=0, optim="adamw_torch")
+    trainer = GRPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list([{"prompt": text(prompt)}] * 8),
+        processing_class=word_tokenizer(config.vocab_size),
+        reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
+        peft_config=LoraConfig(r=8, lora_alpha=16), callbacks=[callback])
+    forwards = []
+    trainer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: forwards.append(
+            (torch.is_grad_enabled(), callback.prof.current, *kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    trainer.train()
+    assert forwards == [(True, "forward", completions, prompt + completion)] * 2
+    record = json.loads(callback.record_path.read_text())
+    memory = record["memory"]
+    assert record["status"] == "ok" and memory["phases"]["generate"] is not None
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * \
+        model.dtype.itemsize  # keys and values, every layer
+    assert memory["kv_cache_bytes"] == completions * (prompt + completion - 1) * per_position
