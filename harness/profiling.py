@@ -208,16 +208,12 @@ class MemoryCallback:
                 completions there) is the phase generate, its KV cache named; the step's
                 forward resumes after it."""
                 own = model.generate
-                inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-                probe = self.prof.probe
 
                 def generate(*args, **kwargs):
                     if self.prof.current != "forward":  # Trainer's evaluation: part of eval
                         return own(*args, **kwargs)
                     step, micro = self._step, self._micro
-                    hook = inner.register_forward_hook(lambda m, a, out: probe.sight_cache(
-                        next((out[k] for k in ("cache", "past_key_values")
-                              if out.get(k) is not None), None)))
+                    hook = self.prof.probe.watch_cache(model)
                     self.prof.enter("generate", step)
                     try:
                         return own(*args, **kwargs)
@@ -258,8 +254,7 @@ class MemoryCallback:
                 step, micro = self._step, self._micro
 
                 def backward_starts(grad):
-                    if self.prof.current == "forward" and (self._step, self._micro) == (step,
-                                                                                        micro):
+                    if self.prof.current == "forward":  # the first of the outputs reached
                         self.prof.enter("backward", step, micro)
 
                 for tensor in returned:

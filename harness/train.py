@@ -297,11 +297,7 @@ def generate(probe: Probe, model, spec: GenerateSpec, train: TrainSpec, device: 
     model's default KV cache, whose tensors are named as they are made (`Kind.KV_CACHE`)."""
     prompt = make_batch(train, model.config.vocab_size, device, micro=20_000,
                         shape=(spec.resolved(train)["batch_size"], spec.prompt_len))["input_ids"]
-    # The causal LM generate() calls (under PEFT's wrapper): its output carries the cache
-    # (`cache` from transformers 5.25, `past_key_values` before).
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hook = inner.register_forward_hook(lambda m, args, out: probe.sight_cache(
-        next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None), None)))
+    hook = probe.watch_cache(model)
     try:
         with probe.phase("generate", step), _inference(model), autocast:
             probe.sight(Kind.INPUT, prompt)

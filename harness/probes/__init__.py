@@ -108,6 +108,15 @@ class Probe(ABC):
                 seen.add(storage.data_ptr())
                 self._seeded.append((now, storage.data_ptr(), storage.nbytes()))
 
+    def watch_cache(self, model):
+        """While `model.generate` runs: each forward's KV cache named (sight_cache), from the
+        causal LM under PEFT's wrapper, whose output carries it (`cache` from transformers
+        5.25, `past_key_values` before). Returns the hook's handle, to remove after."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return inner.register_forward_hook(lambda module, args, out: self.sight_cache(
+            next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None),
+                 None)))
+
     def sight_cache(self, cache) -> None:
         """Name a KV cache's tensors (transformers' Cache: each layer's keys and values)."""
         if cache is None:

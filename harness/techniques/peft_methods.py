@@ -158,7 +158,7 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
         config = methods()[method](task_type="CAUSAL_LM", **args)
         ctx.model = peft.get_peft_model(ctx.model, config)
     except ImportError as e:  # a package the method needs (AdaMSS: scikit-learn)
-        raise Unsupported(f"peft {method}: {' '.join(str(e).split())}") from None
+        raise Unsupported(f"peft {method}: {said(e)}") from None
     except (ValueError, TypeError, RuntimeError) as e:  # NotImplementedError among them
         if quantized:
             # The arguments built a config (checked first): what fails now is the method on
