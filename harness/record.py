@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STATUSES = ("ok", "oom", "error", "unsupported")
 METHODS = ("measured-cpu", "measured-cuda", "simulated", "estimated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,13 @@ class Record:
     # peaks' p50/p99/max with the step and shapes of the maximum (the peaks themselves, and
     # reserved step by step, are memory's per_step_* lists). null: fixed-shape batches.
     data: dict | None = None
+    # `objective:` (harness/objectives.py): {name, args (TRL's config fields as given),
+    # reference (adapter_disabled | ref_adapter | copy | precomputed), prompt_len} and, once
+    # built, trainer (the TRL class whose compute_loss ran), trl_version, reference_params
+    # (copy: the second model's; else null), sequences_per_step (2 × batch × accumulation
+    # for pairs), completion_tokens_per_step (tokens with a label: what the fused LM head
+    # scores on CUDA). null: sft, the model's own loss.
+    objective: dict | None = None
 
 
     def as_dict(self) -> dict[str, Any]:
@@ -249,8 +256,14 @@ def _upgrade_3(record: dict) -> dict:
     return {**record, "schema_version": 4}
 
 
+def _upgrade_4(record: dict) -> dict:
+    """Schema 5 names the objective (`objective`; every step before was sft: null)."""
+    record.setdefault("objective", None)
+    return {**record, "schema_version": 5}
+
+
 # version → function upgrading a record of that version to the next
-_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3}
+_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4}
 
 
 def new_record(*, run_id: str, scenario, variant, device: str, method: str,
@@ -280,7 +293,20 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
         timing=Timing(None, None, None, None), env=env,
         eval=_resolved(variant, "eval"), generate=_resolved(variant, "generate"),
         save=[s.as_dict() for s in variant.save] if getattr(variant, "save", None) else None,
-        data={"spec": _data_spec(variant.data)} if getattr(variant, "data", None) else None)
+        data={"spec": _data_spec(variant.data)} if getattr(variant, "data", None) else None,
+        objective=_objective(variant))
+
+
+def _objective(variant) -> dict | None:
+    """The objective as asked, its reference resolved for the variant's stack."""
+    from harness.techniques import REGISTRY
+
+    spec = getattr(variant, "objective", None)
+    if spec is None:
+        return None
+    adapters = any(REGISTRY[u.name].adapters for u in variant.techniques)
+    return {"name": spec.name, "args": dict(spec.args), "reference": spec.reference_of(adapters),
+            "prompt_len": spec.prompt_tokens(variant.train.seq_len)}
 
 
 def _data_spec(spec) -> dict:

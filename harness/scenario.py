@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from harness.objectives import ObjectiveError, ObjectiveSpec
+from harness.objectives import parse as parse_objective
 from harness.optimizers import OPTIMIZERS
 from harness.techniques import REGISTRY, TechniqueArgError, TechniqueUse, check_stack, said
 
@@ -235,6 +237,7 @@ class Variant:
     generate: GenerateSpec | None = None  # None: no generation
     save: tuple[SaveSpec, ...] | None = None  # None: nothing saved
     data: DataSpec | None = None  # None: fixed-shape batches of train.seq_len
+    objective: ObjectiveSpec | None = None  # None: sft, the model's own loss (objectives.py)
 
     def __post_init__(self):
         if not self.declared:
@@ -758,7 +761,7 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
     if name in names:
         raise ScenarioError(path, "duplicate variant name", key=f"{key}.name", variant=name)
     _unknown_keys(path, variant, ["name", "description", "techniques", "train", "parallel",
-                                  *JOB_PARTS], key, name)
+                                  "objective", *JOB_PARTS], key, name)
     description = variant.get("description", "")
     if description:
         _check_type(path, f"{key}.description", description, "str", name)
@@ -785,8 +788,51 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
              if part in variant else job.get(part) for part in JOB_PARTS}
     _check_eval(path, parts["eval"], train, name)
     _check_save(path, parts["save"], uses, name)
+    # The variant's own replaces the scenario's; `sft`: the model's own loss.
+    objective = _parse_objective(path, variant["objective"], "objective", name) \
+        if "objective" in variant else job.get("objective")
+    _check_objective(path, objective, uses, train, parallel, parts, name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
-                   description=description, parallel=parallel, **parts)
+                   description=description, parallel=parallel, objective=objective, **parts)
+
+
+def _parse_objective(path, raw, key: str, variant=None) -> ObjectiveSpec | None:
+    try:
+        return parse_objective(raw)
+    except ObjectiveError as e:
+        raise ScenarioError(path, e.message, key=f"{key}.{e.key}" if e.key else key,
+                            variant=variant) from None
+
+
+def _check_objective(path, objective: ObjectiveSpec | None, uses, train: TrainSpec,
+                     parallel, parts: Mapping, variant: str) -> None:
+    """What an objective cannot be combined with (yet), and a prompt that leaves no
+    completion."""
+    if objective is None:
+        return
+    key = f"objective.{objective.name}"
+    adapters = any(REGISTRY[u.name].adapters for u in uses)
+    if objective.reference in ("adapter_disabled", "ref_adapter") and not adapters:
+        raise ScenarioError(path, f"reference: {objective.reference} needs a PEFT adapter in "
+                            "techniques (lora, qlora, peft); a full fine-tune's reference is a "
+                            "copy", key=f"{key}.reference", variant=variant)
+    loss = [u.name for u in uses if u.name == "chunked_nll"]
+    if loss:
+        raise ScenarioError(path, f"{objective.name} computes its own loss through TRL's fused "
+                            f"LM head; {loss[0]} replaces the model's loss", key="objective",
+                            variant=variant)
+    for part, what in (("data", "real lengths (data:)"), ("eval", "an evaluation (eval:)")):
+        if parts.get(part) is not None:
+            raise ScenarioError(path, f"{objective.name} with {what} is not built yet",
+                                key=part, variant=variant)
+    if parallel is not None:
+        raise ScenarioError(path, f"{objective.name} across processes is not built yet",
+                            key="parallel", variant=variant)
+    prompt = objective.prompt_tokens(train.seq_len)
+    if prompt > train.seq_len - 2:
+        raise ScenarioError(path, f"prompt_len {prompt} leaves seq_len {train.seq_len} no "
+                            "completion of at least a word and the EOS",
+                            key=f"{key}.prompt_len", variant=variant)
 
 
 def _check_optimizer(path, uses, train: TrainSpec, variant: str) -> None:
@@ -887,7 +933,7 @@ def _cached_meta_model(model: ModelSpec, source):
 def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     top = _require_mapping(path, raw, "scenario")
     _unknown_keys(path, top, ["name", "description", "model", "train", "parallel", "baseline",
-                              "variants", "sweep", *JOB_PARTS], "scenario")
+                              "variants", "sweep", "objective", *JOB_PARTS], "scenario")
     for key in ("name", "model", "variants"):
         if key not in top:
             raise ScenarioError(path, "missing", key=key)
@@ -907,6 +953,8 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
                             "train")
     parallel = _parse_parallel(path, top.get("parallel"), "parallel")
     job = {part: _parse_job_part(path, part, top.get(part), None) for part in JOB_PARTS}
+    job["objective"] = _parse_objective(path, top["objective"], "objective") \
+        if "objective" in top else None
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
         raise ScenarioError(path, "must be a non-empty list of variants", key="variants")
@@ -964,5 +1012,7 @@ def _at_point(path, variant: Variant, point) -> Variant:
     train = dataclasses.replace(variant.train, **dict(point))
     _check_warmup(path, variant.techniques, train, "sweep.warmup_steps", variant.name)
     _check_eval(path, variant.eval, train, variant.name)
+    _check_objective(path, variant.objective, variant.techniques, train, variant.parallel,
+                     {"data": variant.data, "eval": variant.eval}, variant.name)
     return dataclasses.replace(variant, name=f"{variant.declared}@{point_label(point)}",
                                train=train, sweep_point=tuple(point))

@@ -33,9 +33,10 @@ from torch._subclasses.fake_tensor import (
     DynamicOutputShapeException,
 )
 
-from harness import data
+from harness import data, objectives
 from harness import parallel as parallel_training
 from harness.models import ConfigSource, build_model, quantized_weights
+from harness.objectives import ObjectiveSpec
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
 from harness.scenario import (
@@ -64,6 +65,7 @@ class TrainResult:
     saves: list[dict[str, Any]] = field(default_factory=list)  # each `save:` entry, as it ran
     lengths: list[int] | None = None  # `data:`: the source's lengths, and the batches drawn
     drawn: list | None = None
+    objective: dict[str, Any] | None = None  # objectives.Preference.record
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
@@ -92,10 +94,16 @@ def label_count(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
           device: torch.device, parallel: ParallelSpec | None = None,
-          train: TrainSpec | None = None) -> BuildContext:
+          train: TrainSpec | None = None,
+          objective: ObjectiveSpec | None = None) -> BuildContext:
     """The model with the techniques applied; with `parallel`, sharded or wrapped for this
     rank (parallel.py; the process group is up). A simulation builds on meta. `train`: the
-    step whose micro-batches a data-driven initialisation runs on."""
+    step whose micro-batches a data-driven initialisation runs on. `objective`: TRL's
+    trainer around the finished model (`ctx.objective`, objectives.build) and, for a
+    reference `copy`, the second model (`ctx.reference`): the base as the policy's is loaded
+    (dtype, quantization), frozen, in eval mode."""
+    from harness.techniques import REGISTRY
+
     ctx = BuildContext(device=device)
     if train is not None:
         ctx.batches = lambda: [make_batch(train, ctx.model.config.vocab_size, device, micro)
@@ -104,12 +112,19 @@ def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
     on_meta = device.type != "meta" and parallel_training.build_on_meta(
         parallel, spec.weights, ctx.load.quantization is not None)
     ctx.model = build_model(spec, source, ctx.load, torch.device("meta") if on_meta else device)
+    adapters = any(REGISTRY[u.name].adapters for u in uses)
+    if objective is not None and objective.reference_of(adapters) == "copy":
+        ctx.reference = build_model(spec, source, ctx.load, device).requires_grad_(False).eval()
     apply_stage(Stage.MODEL, ctx, uses)
     apply_stage(Stage.STEP, ctx, uses)
     if parallel is not None:
         parallel_training.wrap(ctx, parallel, device)
         if on_meta:
             parallel_training.materialize(ctx.model, device)
+    if objective is not None:
+        ctx.objective = objectives.build(ctx, objective, train, device, _checkpointing(uses),
+                                         adapters)
+        ctx.loss_fn = ctx.objective.loss
     return ctx
 
 
@@ -146,16 +161,19 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               evaluation: EvalSpec | None = None,
               generation: GenerateSpec | None = None,
               saving: tuple[SaveSpec, ...] | None = None,
-              drawn: list | None = None) -> None:
+              drawn: list | None = None, objective: ObjectiveSpec | None = None) -> None:
     """Build, then run warm-up + measured steps under `probe`, evaluating after the steps
     `evaluation` says, generating after the last, then saving. `drawn` (data.plan): each
     step's micro-batches in their real shapes, fetched to the device as the step starts,
-    instead of fixed-shape ones made once. Fills `result` as it goes, so an OOM
+    instead of fixed-shape ones made once. `objective` (objectives.py): TRL's trainer's loss
+    on its own batches instead of the model's, its reference log-probs, if precomputed, in a
+    phase `reference` before the steps. Fills `result` as it goes, so an OOM
     midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     with probe.phase("load"):
-        ctx = probe.build(lambda where: build(spec, source, uses, where, parallel, train),
-                          device)
+        ctx = probe.build(
+            lambda where: build(spec, source, uses, where, parallel, train, objective), device)
+        preference = ctx.objective
         model = ctx.model
         for check in ctx.after_build:
             check(model)
@@ -168,10 +186,14 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         accumulation = train.gradient_accumulation_steps
         vocab = model.config.vocab_size
         batches, loss_kwargs = [], {}
-        if drawn is None:
+        if preference is not None:
+            batches = preference.batches(accumulation, device, probe.on_host)
+        elif drawn is None:
             batches, loss_kwargs = _step_batches(
                 [make_batch(train, vocab, device, micro) for micro in range(accumulation)])
         quantized = quantized_weights(model)
+        if ctx.reference is not None:
+            quantized += quantized_weights(ctx.reference) + list(ctx.reference.parameters())
         probe.sight(Kind.PARAM, list(model.parameters()) + quantized)
         probe.sight(Kind.BUFFER, list(model.buffers()))
         probe.sight(Kind.INPUT, [batches, loss_kwargs])
@@ -188,6 +210,10 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
     scaler = probe.grad_scaler() if ctx.grad_scaler else None
+    if preference is not None and objective.precomputed:
+        with probe.phase("reference"):
+            objectives.precompute(preference, batches, autocast, probe.known)
+            probe.sight(Kind.INPUT, batches)
     gathers = parallel_training.named_buffers(forward, probe.tracker)
     gathers.__enter__()
     try:
@@ -214,7 +240,13 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                             # unless saved.
                             del outputs
                         else:
+                            if preference is not None:  # what a simulation answers reads with
+                                probe.known.update(preference.counts[micro])
+                            counting = preference.watch_forwards(model) \
+                                if preference is not None and step == micro == 0 else []
                             loss = ctx.loss_fn(model, batch)
+                            for handle in counting:
+                                handle.remove()
                             if accumulation > 1:
                                 loss = loss / accumulation
                             probe.sight(Kind.OUTPUT, loss)
@@ -240,6 +272,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 if step == 0:  # again: FSDP2 re-allocates an uneven (padded) shard at its
                     probe.sight(Kind.PARAM, list(model.parameters()))  # first forward
             del loss  # (the last micro-batch's, kept to here as Trainer keeps its value)
+            if preference is not None and step == 0:
+                result.objective = preference.record(train)
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else
              result.warmup_times_s).append(elapsed)
@@ -261,6 +295,10 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         result.paged_optimizer_bytes = paged_state_bytes(optimizer)
         for handle in grad_hooks:
             handle.remove()
+
+
+def _checkpointing(uses: tuple[TechniqueUse, ...]) -> bool:
+    return any(u.name in ("gradient_checkpointing", "activation_offload") for u in uses)
 
 
 def evaluate(probe: Probe, forward, model, spec: EvalSpec, train: TrainSpec,
@@ -426,7 +464,7 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
             if outcome["status"] == "ok":
                 run_steps(probe, scenario.model, source, variant.techniques, train, device,
                           result, variant.parallel, variant.eval, variant.generate,
-                          variant.save, result.drawn)
+                          variant.save, result.drawn, variant.objective)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:

@@ -252,6 +252,8 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
         for entry, done in zip(record.save, result.saves, strict=False):
             entry.update(done, peak_allocated_bytes=None if "skipped" in done else
                          next(peaks, None))
+    if record.objective is not None and result.objective is not None:
+        record.objective.update(result.objective)
     if record.data is not None and result.drawn is not None:
         from harness.data import summary
 

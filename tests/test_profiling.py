@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import harness
+from harness.objectives import word_tokenizer
 from tests.conftest import REPO, last_json, write_scenario
 from tests.conftest import harness as cli
 
@@ -226,18 +227,6 @@ def test_the_callback_profiles_sft_trainer(tmp_path):
     assert memory["end_of_step_bytes"]["optimizer"] == pytest.approx(8 * trainable, rel=0.1)
     assert all(memory["phases"][p]["peak_allocated_bytes"] > memory["end_of_step_bytes"]["params"]
                for p in ("forward", "backward", "optimizer"))
-
-
-def word_tokenizer(vocab_size: int):
-    """A tokenizer in code (no files): `w<id>` words split on whitespace, ids 0 and 1 the
-    padding and end-of-sequence tokens (named apart: TRL appends the EOS's text unspaced)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ from harness.probes.timeline import (
 )
 from harness.probes.tracker import BudgetExceeded, Tracker
 
-PHASES = ("load", "forward", "backward", "optimizer", "eval", "generate", "save")
+PHASES = ("load", "reference", "forward", "backward", "optimizer", "eval", "generate",
+          "save")
 STEP_PHASES = ("forward", "backward", "optimizer")  # a training step's: per-step peaks
 
 __all__ = ["PHASES", "BudgetExceeded", "Kind", "Probe", "make_probe"]
@@ -57,6 +58,9 @@ class Probe(ABC):
         self.keep_snapshot = False
         self.snapshot: dict | None = None
         self._seeded: list[tuple[int, int, int]] = []  # see seed()
+        # What the harness knows of the values of its own inputs (an objective's token counts),
+        # which a simulation answers the libraries' reads with (simulate.library_values).
+        self.known: dict[str, Any] = {}
 
     enforces_budget_in_tracker = True
     traces_allocations = False  # True where no allocator exists to ask (simulation)
@@ -138,6 +142,11 @@ class Probe(ABC):
         from harness.optimizers import state_tensors
 
         self.sight(Kind.OPTIMIZER, state_tensors(optimizer))
+
+    def on_host(self) -> contextlib.AbstractContextManager[None]:
+        """Around what makes host tensors with values (a data collator's batch): real tensors
+        everywhere, fake ones in a simulation made outside it (moved to the device after)."""
+        return contextlib.nullcontext()
 
     def build(self, make, device: torch.device):
         """`make(device)` builds the model and applies the techniques; a probe may build

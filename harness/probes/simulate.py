@@ -65,7 +65,8 @@ class SimulateProbe(Probe):
             raise ValueError("a simulation on the fake CUDA device needs its card")
         if target == "cuda":
             self.tracker.scratch = self._cuda_scratch
-        self.tracker.values = functools.partial(library_values, liger=device.type == "cuda")
+        self.tracker.values = functools.partial(library_values, liger=device.type == "cuda",
+                                                known=self.known)
         if device.type == "cuda":
             self.tracker.device_type = "cuda"
         # cuBLAS handles' workspaces (CUDA target): one for the loop's thread, one for autograd's
@@ -116,6 +117,9 @@ class SimulateProbe(Probe):
             leaves.append(t)
         self.tracker.sight(kind, leaves)
 
+    def on_host(self):
+        return unset_fake_temporarily()
+
     def saving(self):
         """Fake tensors hold no bytes to write: see `unwritten_files`. The host holds nothing
         of the model either: no resident memory is sampled."""
@@ -145,6 +149,8 @@ class SimulateProbe(Probe):
             ctx = make(torch.device("meta"))
         layers = decoder_layers(ctx.model) if self.label_layers else None
         packed = _materialize(ctx.model, device)
+        if ctx.reference is not None:  # an objective's reference copy (objectives.py)
+            packed.update(_materialize(ctx.reference, device))
         if layers is not None and len(layers) == DEPTH:
             own_layers(self.tracker, ctx.model, layers)  # before the packed weights' stand-ins go
         _materialize_packed(packed, device, self._lifted)
@@ -330,7 +336,7 @@ def unwritten_files():
             setattr(module, name, value)
 
 
-def library_values(func, args, liger: bool = False):
+def library_values(func, args, liger: bool = False, known: dict | None = None):
     """The values the libraries' Python reads of fake tensors, which have none, where the
     answer is known and sizes no allocation. Liger (`liger`: on the fake CUDA device): fused
     linear cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor)
@@ -340,7 +346,9 @@ def library_values(func, args, liger: bool = False):
     done — once it has reached the loop's own `max_length`, as for a greedy run that never
     stops early. PEFT: the reads in _PEFT_VALUES below. A real tensor's value is its own
     (bitsandbytes' quantization state of packed weights, which stay real host tensors:
-    `offset.item()` as a 4-bit layer is saved). Reads from anyone else's code fail as ever."""
+    `offset.item()` as a 4-bit layer is saved). TRL: the reads in _trl_value, from `known`
+    (Probe.known: the counts of the harness's own batches). Reads from anyone else's code
+    fail as ever."""
     if func not in _VALUE_READS:
         return NOT_ANSWERED
     if not is_fake(args[0]):  # a real tensor's (bitsandbytes' packed quantization state)
@@ -351,7 +359,14 @@ def library_values(func, args, liger: bool = False):
         masks = [i for i in args[1] if i is not None]
         if not masks or any(m.dtype != torch.bool for m in masks):
             return NOT_ANSWERED
-        return _peft_masked(frame, args[0])
+        answer = _peft_masked(frame, args[0])
+        if answer is NOT_ANSWERED and known:
+            answer = _trl_value(frame, func, args, known)
+        return answer
+    if known:
+        value = _trl_value(frame, func, args, known)
+        if value is not NOT_ANSWERED:
+            return value
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if liger and module.startswith("liger_kernel."):
@@ -409,6 +424,45 @@ def _peft_masked(frame, tensor):
             return tensor.clone()
         frame = frame.f_back
     return NOT_ANSWERED
+
+
+def _trl_value(frame, func, args, known: dict):
+    """TRL's reads while its trainer computes a preference loss on the harness's batches,
+    whose completion masks the harness made (`known`: the batch's completion tokens, after
+    the shift: `labels`, and each half's, `chosen` and `rejected`). The fused LM head keeps
+    only the positions with a label on CUDA (`hidden_states[mask]`, `labels[mask]`): `labels`
+    rows. DPO's metrics select each half's completion positions (`chosen_…[chosen_mask]`):
+    that half's count; its `.item()`s and `total > 0` tests feed only logged metrics, sizing
+    nothing: answered 1 (true)."""
+    caller = next((f for f in _frames(frame)
+                   if not f.f_globals.get("__name__", "").startswith(("torch", "harness"))), None)
+    if caller is None:
+        return NOT_ANSWERED
+    module, code = caller.f_globals.get("__name__", ""), caller.f_code.co_name
+    if module == "trl.trainer.utils" and code == "_fused_forward" \
+            and func is torch.ops.aten.index.Tensor:
+        return _selected(args[0], known["labels"])
+    if module == "trl.trainer.dpo_trainer" and code == "_compute_loss":
+        if func is not torch.ops.aten.index.Tensor:
+            return True if args[0].dtype == torch.bool else \
+                1.0 if args[0].is_floating_point() else 1
+        for name, value in caller.f_locals.items():
+            if value is args[0] and name.split("_")[0] in ("chosen", "rejected"):
+                return _selected(args[0], known[name.split("_")[0]])
+    return NOT_ANSWERED
+
+
+def _frames(frame):
+    """The calling frames, innermost first: the first outside torch and the harness is the
+    library line that asked."""
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _selected(tensor, count: int):
+    """`tensor[mask]` of a 2-D mask over its leading dimensions with `count` true values."""
+    return tensor.new_empty((count, *tensor.shape[2:]))
 
 
 def _generation_value(frame):

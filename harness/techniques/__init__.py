@@ -87,6 +87,11 @@ class BuildContext:
     # The step's micro-batches (synthetic tokens of the training shape), for what needs data
     # to build (EVA's, CorDA's and LoRA-GA's initialisations); None where no step runs.
     batches: Callable[[], list[dict]] | None = None
+    # An objective's separate reference model (objectives.py, reference: copy): frozen, built
+    # as the policy's base is; None: none.
+    reference: Any = None
+    # An objective's TRL trainer and what it says of itself (objectives.Preference); None: sft.
+    objective: Any = None
 
 
 # What applies before what: every registered technique once, stages in order (LOAD, MODEL,
