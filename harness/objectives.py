@@ -32,6 +32,8 @@ import contextlib
 import dataclasses
 import difflib
 import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +146,11 @@ def _check_trl_args(name: str, args: dict) -> None:
                 f" (did you mean {close[0]!r}?)" if close else f"; its fields: {', '.join(own)}"),
                 key=f"{name}.{key}")
     fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(config)
     for key, value in args.items():
+        if not _fits(value, hints[key]):
+            raise ObjectiveError(f"must be {_spelled(hints[key])}, got {value!r}",
+                                 key=f"{name}.{key}")
         allowed = _choices(fields[key])
         for one in (value if isinstance(value, list) else [value]):
             if allowed and isinstance(one, str) and one not in allowed:
@@ -159,6 +165,35 @@ def _check_trl_args(name: str, args: dict) -> None:
         message = " ".join(str(e).split())[:300]
         raise ObjectiveError(f"{config.__name__} refuses it: {type(e).__name__}: {message}",
                              key=name) from None
+
+
+def _fits(value, hint) -> bool:
+    """Whether a YAML value is of a config field's annotated type (dataclasses do not check):
+    floats take integers, a list field its item alone (TRL's configs take one loss type)."""
+    origin, arms = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in arms)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) \
+            and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return (isinstance(value, list) and all(_fits(v, arms[0]) for v in value)) or \
+            (bool(arms) and _fits(value, arms[0]))
+    if origin is dict or hint is dict:
+        return isinstance(value, Mapping)
+    return True
+
+
+def _spelled(hint) -> str:
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
+                       for a in (typing.get_args(hint) if typing.get_origin(hint) in
+                                 (typing.Union, types.UnionType) else (hint,)))
 
 
 def _choices(field) -> list[str]:
@@ -247,8 +282,10 @@ class Preference:
                     [rows[i] for i in range(index * size, (index + 1) * size)])
                 shifted = batch["completion_mask"][:, 1:]
                 chosen, rejected = (int(half.sum()) for half in shifted.chunk(2))
+                unpadded = bool(batch["attention_mask"].all())
             self.counts.append({"labels": chosen + rejected, "chosen": chosen,
-                                "rejected": rejected, "sequences": len(shifted)})
+                                "rejected": rejected, "sequences": len(shifted),
+                                "unpadded": unpadded})
             out.append({k: v.to(device) for k, v in batch.items()})
         return out
 
@@ -293,6 +330,9 @@ def build(ctx, spec: ObjectiveSpec, train, device, gradient_checkpointing: bool,
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0,
         **{"max_length": train.seq_len, **spec.args})
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # its preparation's maps: a bar each, on a few rows
     count = train.batch_size * train.gradient_accumulation_steps
     data = preference_pairs(count, prompt, train.seq_len - prompt, model.config.vocab_size,
                             train.seed)

@@ -37,6 +37,7 @@ class Patch:
 
 
 FIND_PACKED = "transformers.masking_utils:find_packed_sequence_indices"
+IGNORE_CAUSAL = "transformers.masking_utils:_ignore_causal_mask_sdpa"
 MAYBE_OPT_STEP = "torch.amp.grad_scaler:GradScaler._maybe_opt_step"
 _FSDP = "torch.distributed.fsdp._fully_shard."
 ALLOC_STORAGE = _FSDP + "_fsdp_param:alloc_storage"
@@ -75,6 +76,12 @@ PATCHES: tuple[Patch, ...] = (
     Patch("unpacked_batches", {FIND_PACKED: ("position_ids",)}, {"transformers": "5.24.0"},
           "fake position ids cannot say whether a row packs several sequences; unanswered, "
           "transformers builds a full [B, 1, S, S] mask a real run of these batches never has"),
+    Patch("unpadded_masks",
+          {IGNORE_CAUSAL: ("padding_mask", "q_length", "kv_length", "q_offset", "kv_offset",
+                           "local_attention_size")}, {"transformers": "5.25.0"},
+          "transformers treats a fake attention mask as traced and never skips it; a batch "
+          "the harness knows has no padding (an objective's) is skipped in a real run, SDPA "
+          "then causal with no [B, 1, S, S] mask"),
     Patch("SteppingScaler",
           {MAYBE_OPT_STEP: ("self", "optimizer", "optimizer_state", "*args", "**kwargs")},
           {"torch": "2.13.0"},
@@ -241,6 +248,23 @@ def unpacked_batches() -> contextlib.AbstractContextManager[None]:
         return original(position_ids)
 
     return _replaced({FIND_PACKED: find_packed_sequence_indices})
+
+
+def unpadded_masks(known: Mapping) -> contextlib.AbstractContextManager[None]:
+    """transformers skips the causal mask under SDPA when the attention mask pads nothing
+    (`padding_mask.all()`), a question about values it does not ask of fake tensors: it
+    builds the mask. Where the harness knows its batch pads nothing (`known["unpadded"]`, set
+    from the host batch's values: objectives.Preference.batches) the fake mask is answered as
+    no mask, the answer the real run finds."""
+    _, _, original = resolve(IGNORE_CAUSAL)
+
+    def ignore_causal_mask_sdpa(padding_mask, *args, **kwargs):
+        if padding_mask is not None and is_fake(padding_mask) and known.get("unpadded") \
+                and not torch.compiler.is_compiling():
+            padding_mask = None
+        return original(padding_mask, *args, **kwargs)
+
+    return _replaced({IGNORE_CAUSAL: ignore_causal_mask_sdpa})
 
 
 class SteppingScaler(torch.amp.GradScaler):

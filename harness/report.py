@@ -22,7 +22,8 @@ from harness.techniques import stack_label
 from harness.units import CATEGORIES, GIB, unit_for
 
 BREAKDOWN = (*CATEGORIES, "unattributed")
-PHASE_NAMES = ("load", "forward", "backward", "optimizer", "eval", "generate", "save")
+PHASE_NAMES = ("load", "reference", "forward", "backward", "optimizer", "eval", "generate",
+               "save")
 
 
 def _record_paths(path: Path) -> list[Path]:
@@ -52,6 +53,8 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "baseline": record["scenario"].get("baseline"),
         "techniques": stack_label(record["variant"]["techniques"],
                                   (record.get("train") or {}).get("optimizer")),
+        "objective": objective_label(record.get("objective")),
+        "sequences_per_step": (record.get("objective") or {}).get("sequences_per_step"),
         "parallel": parallel_label(record.get("parallel")),
         "world_size": (record.get("parallel") or {}).get("world_size"),
         "max_rank": memory.get("rank"),  # a parallel record's figures are this rank's
@@ -106,6 +109,19 @@ def seq_label(train: dict[str, Any], virtual: dict | None) -> str:
         return seq
     return f"{seq} + {virtual['count']}" if virtual["where"] == "sequence" else \
         f"{seq} (+{virtual['count']} kv)"
+
+
+def objective_label(objective: dict[str, Any] | None) -> str | None:
+    """`dpo · copy`: the objective and what serves as its reference; None: sft."""
+    if not objective:
+        return None
+    reference = objective.get("reference")
+    return objective["name"] + (f" · {reference}" if reference else "")
+
+
+def _objective_column(table: pd.DataFrame) -> bool:
+    """Whether the tables show each row's objective: some row's is not sft."""
+    return "objective" in table and bool(table["objective"].notna().any())
 
 
 def parallel_label(parallel: dict[str, Any] | None) -> str | None:
@@ -255,6 +271,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
     batches = _batch_column(table)
     virtual = _virtual_column(table)
+    objective = _objective_column(table)
     rows = []
     for _, r in table.iterrows():
         ok = r["status"] == "ok"
@@ -266,6 +283,8 @@ def narrow_markdown(table: pd.DataFrame) -> str:
             **({"point": r["sweep_point"] or "—"} if swept else {}),
             **({"batch": r["batch"]} if batches else {}),
             **({"seq": r["seq"]} if virtual else {}),
+            **({"objective": r["objective"] if isinstance(r["objective"], str) else "sft"}
+               if objective else {}),
             "status": r["status"],
             "peak": _short(r["peak_allocated_bytes"] if shown else pd.NA, scale),
             "reserved": _short(r["peak_reserved_bytes"] if shown else pd.NA, scale),
@@ -319,6 +338,7 @@ def markdown(table: pd.DataFrame) -> str:
     parallel = "parallel" in table and table["parallel"].notna().any()
     batches = _batch_column(table)
     virtual = _virtual_column(table)
+    objective = _objective_column(table)
     categories = _categories(table)
     rows = []
     for _, r in table.iterrows():
@@ -329,6 +349,9 @@ def markdown(table: pd.DataFrame) -> str:
             **({"batch": r["batch"]} if batches else {}),
             **({"seq": r["seq"]} if virtual else {}),
             "techniques": r["techniques"],
+            **({"objective": r["objective"] if isinstance(r["objective"], str) else "sft",
+                "seqs/step": "—" if pd.isna(r["sequences_per_step"])
+                else str(int(r["sequences_per_step"]))} if objective else {}),
             **({"parallel": r["parallel"] if isinstance(r["parallel"], str) else "—",
                 "imbalance": _pct(r["imbalance"] * 100 if pd.notna(r["imbalance"]) else pd.NA)}
                if parallel else {}),
@@ -357,7 +380,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "gradient_accumulation_steps",
-               "effective_batch_size", "seq_len", "virtual_tokens", "techniques", "parallel",
+               "effective_batch_size", "seq_len", "virtual_tokens", "techniques", "objective",
+               "sequences_per_step", "parallel",
                "world_size", "max_rank", "imbalance", "status",
                "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",
                "vs_previous_pct", *[f"{k}_bytes" for k in BREAKDOWN],

@@ -18,6 +18,10 @@ every_steps, keep_logits}`, `generate: {batch_size, prompt_len, max_new_tokens}`
 [adapters | merged | full, …]` (EvalSpec, GenerateSpec, SaveSpec). A variant's own `eval:` or
 `generate:` keys go on top of the scenario's, its `save:` list replaces the scenario's; null:
 that variant has none.
+
+`objective: dpo` (or `{dpo: {TRL's DPOConfig fields}}`) at the top or in a variant replaces the
+step's loss with TRL's trainer's (objectives.py); a variant's own replaces the scenario's, `sft`
+is the model's own loss.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import itertools
 import math
 import re
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -887,6 +892,36 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
             key = "model.config" if use is None else \
                 f"variants[{at}].techniques[{variant.techniques.index(use)}].{use.name}"
             raise ScenarioError(path, problem, key=key, variant=variant.name)
+        if variant.objective is not None:
+            problem = _objective_failure(model, source, variant)
+            if problem:
+                raise ScenarioError(path, problem, variant=variant.name,
+                                    key=f"variants[{at}].objective.{variant.objective.name}")
+
+
+def _objective_failure(model: ModelSpec, source, variant: Variant) -> str | None:
+    """What TRL's trainer refuses as it is built around the variant's model on meta (its
+    checks of arguments together: a loss type that needs label smoothing, …); None when it
+    builds or only a run can tell (a missing package)."""
+    import torch
+
+    from harness.techniques import Unsupported, not_simulated, ordered
+    from harness.train import build
+
+    if torch.cuda.is_available() and any(t.load is not None for t, _ in ordered(
+            variant.techniques)):
+        return None
+    uses = tuple(u for t, u in ordered(variant.techniques) if not not_simulated(t, u))
+    try:
+        with warnings.catch_warnings():  # the run records what the libraries warn of
+            warnings.simplefilter("ignore")
+            build(model, dataclasses.replace(source, layers=2), uses, torch.device("meta"),
+                  train=variant.train, objective=variant.objective)
+    except (Unsupported, ImportError):
+        return None
+    except Exception as e:  # noqa: BLE001 - TRL's refusal, in its words
+        return f"TRL's trainer refuses it: {said(e)}"
+    return None
 
 
 def _meta_build_failure(model: ModelSpec, source, uses) -> tuple[TechniqueUse | None, str] | None:

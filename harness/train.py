@@ -191,6 +191,9 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         elif drawn is None:
             batches, loss_kwargs = _step_batches(
                 [make_batch(train, vocab, device, micro) for micro in range(accumulation)])
+            # Every token but each row's first has a label, no row pads: what TRL's fused head
+            # selects (chunked_nll impl: trl), answered so in a simulation.
+            probe.known.update(labels=train.batch_size * (train.seq_len - 1), unpadded=True)
         quantized = quantized_weights(model)
         if ctx.reference is not None:
             quantized += quantized_weights(ctx.reference) + list(ctx.reference.parameters())

@@ -35,6 +35,7 @@ from harness.patches import (
     cuda_attention,
     real_tensors_lifted,
     unpacked_batches,
+    unpadded_masks,
 )
 from harness.probes import Kind, Probe
 from harness.probes.allocator import replay
@@ -96,6 +97,7 @@ class SimulateProbe(Probe):
         self._lifted: dict[int, tuple] = {}  # packed 4-bit host tensors → their fake device
         self._device_modes.enter_context(self._fake)
         self._device_modes.enter_context(unpacked_batches())
+        self._device_modes.enter_context(unpadded_masks(self.known))
         self._device_modes.enter_context(compiled_code_traced(self.card))
         if self.device.type == "cuda":
             _lift_on_backward_thread(self.device)
