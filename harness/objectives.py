@@ -1,8 +1,9 @@
 """Objectives beyond the supervised step: TRL's preference losses, run by TRL's own code.
 
-`objective: dpo` (or `{dpo: {beta: 0.1, precompute_ref_log_probs: true}}`) at the top of a
-scenario or in a variant replaces the step's loss with TRL's trainer's: the harness builds
-`trl.DPOTrainer` around the model its techniques made (the trainer never trains: its
+`objective: dpo` (or `{dpo: {beta: 0.1, precompute_ref_log_probs: true}}`; `orpo`) at the top
+of a scenario or in a variant replaces the step's loss with TRL's trainer's: the harness builds
+`trl.DPOTrainer` (`trl.experimental.orpo.ORPOTrainer`) around the model its techniques made
+(the trainer never trains: its
 `compute_loss` is the step's loss, called on batches its own data collator makes from
 synthetic pairs, tokenized by its own dataset preparation), and runs the step, the probe and
 the optimizer as for `sft`. A TRL upgrade therefore shows in the figures.
@@ -16,8 +17,9 @@ What sets the memory of a preference step, and the record's `objective` says:
                                 full fine-tune)
               precomputed       `precompute_ref_log_probs: true`: the reference forwards run
                                 once before training (phase `reference`); the step has none
-  completion  TRL's fused LM head scores only completion positions (on CUDA) in tiles, never
-              the [sequences, length, vocabulary] logits
+              none              ORPO: an odds-ratio term beside the NLL, no reference
+  completion  DPO: TRL's fused LM head scores only completion positions (on CUDA) in tiles,
+              never the [sequences, length, vocabulary] logits; ORPO: the model's full logits
 
 Arguments are TRL's config fields, checked against its config class (`beta`, `loss_type`,
 `precompute_ref_log_probs`, `max_length`, …); what the scenario's `train:` and techniques say
@@ -40,8 +42,10 @@ from typing import Any
 
 SFT = "sft"
 # name → (TRL config class, trainer class), as importable paths
-TRAINERS = {"dpo": ("trl.DPOConfig", "trl.DPOTrainer")}
-NOT_BUILT = ("orpo", "kto", "reward", "grpo")  # named by the issue tracker, not run yet
+TRAINERS = {"dpo": ("trl.DPOConfig", "trl.DPOTrainer"),
+            "orpo": ("trl.experimental.orpo.ORPOConfig", "trl.experimental.orpo.ORPOTrainer")}
+WITH_REFERENCE = ("dpo",)  # objectives whose loss compares with a reference model
+NOT_BUILT = ("kto", "reward", "grpo")
 REFERENCES = ("adapter_disabled", "ref_adapter", "copy")
 OWN_KEYS = ("reference", "prompt_len")  # the harness's, beside TRL's config fields
 # TrainingArguments fields the scenario sets through train: and the techniques.
@@ -76,6 +80,8 @@ class ObjectiveSpec:
 
     def reference_of(self, adapters: bool) -> str:
         """What serves as the reference for a stack with (or without) PEFT adapters."""
+        if self.name not in WITH_REFERENCE:
+            return "none"
         if self.precomputed:
             return "precomputed"
         return self.reference or ("adapter_disabled" if adapters else "copy")
@@ -109,6 +115,9 @@ def parse(value: Any) -> ObjectiveSpec | None:
     _check_trl_args(name, args)
     reference = own.get("reference")
     if reference is not None:
+        if name not in WITH_REFERENCE:
+            raise ObjectiveError(f"{name} compares with no reference model",
+                                 key=f"{name}.reference")
         if reference not in REFERENCES:
             raise ObjectiveError(f"must be one of {', '.join(REFERENCES)}, got {reference!r}",
                                  key=f"{name}.reference")
@@ -245,6 +254,23 @@ def preference_pairs(count: int, prompt: int, completion: int, vocab_size: int, 
                                "rejected": text(completion - 1)} for _ in range(count)])
 
 
+def _counts(batch: dict) -> dict[str, Any]:
+    """A collated batch's completion tokens after the shift (`labels`: both halves; `chosen`,
+    `rejected`), its sequences and whether its attention mask pads nothing: DPO's collator
+    stacks the halves with a `completion_mask`, ORPO's keeps them apart with their labels."""
+    if "completion_mask" in batch:
+        shifted = batch["completion_mask"][:, 1:]
+        chosen, rejected = (int(half.sum()) for half in shifted.chunk(2))
+        masks = [batch["attention_mask"]]
+    else:
+        chosen, rejected = (int((batch[f"{half}_labels"][:, 1:] != -100).sum())
+                            for half in ("chosen", "rejected"))
+        masks = [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
+        shifted = masks[0].repeat(2, 1)
+    return {"labels": chosen + rejected, "chosen": chosen, "rejected": rejected,
+            "sequences": len(shifted), "unpadded": all(bool(m.all()) for m in masks)}
+
+
 @dataclass
 class Preference:
     """A built objective: TRL's trainer around the model, and what the record says of it."""
@@ -280,13 +306,8 @@ class Preference:
             with host():
                 batch = self.trainer.data_collator(
                     [rows[i] for i in range(index * size, (index + 1) * size)])
-                shifted = batch["completion_mask"][:, 1:]
-                chosen, rejected = (int(half.sum()) for half in shifted.chunk(2))
-                unpadded = bool(batch["attention_mask"].all())
-            self.counts.append({"labels": chosen + rejected, "chosen": chosen,
-                                "rejected": rejected, "sequences": len(shifted),
-                                "unpadded": unpadded})
-            out.append({k: v.to(device) for k, v in batch.items()})
+                self.counts.append(_counts(batch))
+            out.append({k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
         return out
 
     def loss(self, model, batch: dict):
@@ -297,7 +318,7 @@ class Preference:
         import trl
 
         return {
-            "name": self.spec.name, "trainer": f"trl.{type(self.trainer).__mro__[1].__name__}",
+            "name": self.spec.name, "trainer": TRAINERS[self.spec.name][1],
             "trl_version": trl.__version__, "args": dict(self.spec.args),
             "reference": self.reference,
             "reference_params": (sum(p.numel() for p in self.reference_model.parameters())
@@ -342,12 +363,13 @@ def build(ctx, spec: ObjectiveSpec, train, device, gradient_checkpointing: bool,
 
     # TRL given a PeftModel adds a "ref" adapter; the harness removes it below unless it is the
     # reference. Made on meta there (as on a simulation's meta build): nothing allocated for it.
-    where = torch.device("meta") if device.type == "meta" or reference != "ref_adapter" \
-        else contextlib.nullcontext()
+    where = torch.device("meta") if device.type == "meta" or (
+        spec.name in WITH_REFERENCE and reference != "ref_adapter") else contextlib.nullcontext()
     with reference_unhashed(), where:
         trainer = _deferred(trainer_class)(
-            model=model, ref_model=ctx.reference, args=args, train_dataset=data,
-            processing_class=word_tokenizer(model.config.vocab_size))
+            model=model, args=args, train_dataset=data,
+            processing_class=word_tokenizer(model.config.vocab_size),
+            **({"ref_model": ctx.reference} if spec.name in WITH_REFERENCE else {}))
     if reference != "ref_adapter" and "ref" in getattr(model, "peft_config", {}):
         # TRL given a PeftModel copies its adapter as the reference; given a `peft_config` it
         # wraps the model itself and disables the adapter instead: the latter, here (and for

