@@ -179,8 +179,9 @@ def test_fsdp2_accumulation_holds_unsharded_grads_until_the_last_micro_batch(run
         for rank, base in zip(accum["memory"]["ranks"], plain["memory"]["ranks"], strict=True):
             held = rank["breakdown_bytes"]["other"] - base["breakdown_bytes"]["other"]
             assert held == pytest.approx(full_grads, rel=0.01), (device, rank["rank"], held)
-            assert rank["peak_allocated_bytes"] - base["peak_allocated_bytes"] == \
-                pytest.approx(full_grads, rel=0.01)
+            # (Attributed: a layer's gathered parameters freed unseen by gloo's thread may
+            # still look allocated in either run, differently each run.)
+            assert _attributed(rank) - _attributed(base) == pytest.approx(full_grads, rel=0.01)
             for category in ("params", "grads", "optimizer"):
                 assert rank["end_of_step_bytes"][category] == \
                     base["end_of_step_bytes"][category]
