@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from harness.techniques import LoadOptions
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "scenarios" / "models"
+# LoadOptions.head → transformers' auto class. A sequence classifier (a reward model) has one
+# label: a score head of hidden × 1 in place of the LM head, one score a sequence.
+HEADS = {"causal_lm": "AutoModelForCausalLM",
+         "sequence_classification": "AutoModelForSequenceClassification"}
 _BARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -152,8 +156,8 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
     """The model, on `device`, weights in `load.dtype` (fp32 when None), in train mode. On meta
     (simulation) pretrained weights are not read: their values do not change memory."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    auto = _auto_class(load.head)
     dtype = load.dtype or torch.float32
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
@@ -162,17 +166,19 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
         where = source.location if source.kind == "hub" else str(Path(source.location).parent)
         if load.quantization is not None:
             common["quantization_config"] = load.quantization
-        model = AutoModelForCausalLM.from_pretrained(where, device_map=str(device), **common)
+        if load.head == "sequence_classification":
+            common["num_labels"] = 1
+        model = auto.from_pretrained(where, device_map=str(device), **common)
         if torch.device(device).type == "cpu":
             _own_memory(model)
     elif load.quantization is not None:
-        model = _random_quantized(load_config(source, spec.trust_remote_code), load.quantization,
-                                  torch.device(device), common)
+        model = _random_quantized(_headed(load_config(source, spec.trust_remote_code), load),
+                                  load.quantization, torch.device(device), common, auto)
     else:
-        config = load_config(source, spec.trust_remote_code)
+        config = _headed(load_config(source, spec.trust_remote_code), load)
         # Under torch.device(...) every parameter is allocated where it will live.
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, **common)
+            model = auto.from_config(config, **common)
     model.config.use_cache = False  # a KV cache is inference memory, not training memory
     model.train()
     return model
@@ -181,16 +187,30 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
 def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None = None):
     """The model on the meta device: real structure and shapes, no memory, no download."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     dtype = (load.dtype if load else None) or torch.float32
     config = load_config(source, spec.trust_remote_code)
+    auto = _auto_class(load.head if load else "causal_lm")
+    if load is not None:
+        config = _headed(config, load)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                trust_remote_code=spec.trust_remote_code)
+        return auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
 
 
-def _random_quantized(config, quantization, device, common: dict):
+def _auto_class(head: str):
+    import transformers
+
+    return getattr(transformers, HEADS[head])
+
+
+def _headed(config, load: LoadOptions):
+    """The config for `load.head`: a sequence classifier scores with one label."""
+    if load.head == "sequence_classification":
+        config.num_labels = 1
+    return config
+
+
+def _random_quantized(config, quantization, device, common: dict, auto):
     """A bitsandbytes-quantized model with random weights, nothing downloaded, as
     `from_pretrained(quantization_config=...)` lays it out: transformers' own quantizer swaps
     the linear layers on a meta skeleton, then each weight is drawn in the compute dtype and
@@ -199,12 +219,11 @@ def _random_quantized(config, quantization, device, common: dict):
     import bitsandbytes as bnb
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed
-        model = AutoModelForCausalLM.from_config(config, **common)
+        model = auto.from_config(config, **common)
     model.tie_weights()  # from_config under init_empty_weights leaves tied weights apart
     quantizer.preprocess_model(model, device_map={"": device}, dtype=common["dtype"])
     std = getattr(config, "initializer_range", 0.02)

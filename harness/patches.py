@@ -68,7 +68,7 @@ CUDA_INTERFACE: dict[str, tuple[str, ...]] = {_INTERFACE + name: params for name
     ("set_device", ("device",)), ("synchronize", ("device",)),
     ("exchange_device", ("device",)), ("maybe_exchange_device", ("device",)),
     ("is_bf16_supported", ("including_emulation",)))}
-HASH_MODULE = "trl.trainer.dpo_trainer:hash_module"
+HASH_MODULE = {f"trl.trainer.{name}_trainer:hash_module": ("module",) for name in ("dpo", "kto")}
 AVOID_DEVICE_INIT = "torch._subclasses.fake_tensor:FakeTensorMode.avoid_device_init"
 FROM_REAL = "torch._subclasses.fake_tensor:FakeTensorConverter.from_real_tensor"
 
@@ -114,7 +114,7 @@ PATCHES: tuple[Patch, ...] = (
           {"torch": "2.13.0"},
           "bitsandbytes' packed 4-bit weights are host tensors standing for fake CUDA ones; "
           "Dynamo's own fake mode, under torch.compile, would fake them on the CPU"),
-    Patch("reference_unhashed", {HASH_MODULE: ("module",)}, {"trl": "1.16.0"},
+    Patch("reference_unhashed", HASH_MODULE, {"trl": "1.16.0"},
           "with precompute_ref_log_probs TRL hashes every weight's bytes (an fp32 host copy "
           "of each) to name the cache file of a pass the harness runs itself, writing none; "
           "fake tensors have no bytes"),
@@ -218,12 +218,12 @@ def _replaced(replacements: dict[str, Any]) -> Iterator[None]:
 
 
 def reference_unhashed() -> contextlib.AbstractContextManager[None]:
-    """DPOTrainer, built with `precompute_ref_log_probs`, hashes the reference's weights (each
-    copied to the host, bf16 ones up-cast to fp32) for the name of the cache file its pass
-    writes — a pass the harness runs itself (objectives.precompute), writing no file. Not
-    hashed: on the CPU the copies would count as device memory, and fake tensors have no
-    bytes."""
-    return _replaced({HASH_MODULE: lambda module: "simulated"})
+    """DPOTrainer and KTOTrainer, built with `precompute_ref_log_probs`, hash the reference's
+    weights (each copied to the host, bf16 ones up-cast to fp32) for the name of the cache file
+    their pass writes — a pass the harness runs itself (objectives.precompute), writing no
+    file. Not hashed: on the CPU the copies would count as device memory, and fake tensors
+    have no bytes."""
+    return _replaced({target: lambda module: "simulated" for target in HASH_MODULE})
 
 
 def unpacked_batches() -> contextlib.AbstractContextManager[None]:

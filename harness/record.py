@@ -179,11 +179,17 @@ class Record:
     # reserved step by step, are memory's per_step_* lists). null: fixed-shape batches.
     data: dict | None = None
     # `objective:` (harness/objectives.py): {name, args (TRL's config fields as given),
-    # reference (adapter_disabled | ref_adapter | copy | precomputed), prompt_len} and, once
-    # built, trainer (the TRL class whose compute_loss ran), trl_version, reference_params
-    # (copy: the second model's; else null), sequences_per_step (2 × batch × accumulation
-    # for pairs), completion_tokens_per_step (tokens with a label: what the fused LM head
-    # scores on CUDA). null: sft, the model's own loss.
+    # reference (adapter_disabled | ref_adapter | copy | precomputed | none), prompt_len}
+    # and, once built, trainer (the TRL class whose compute_loss ran), trl_version, head
+    # (causal_lm | sequence_classification: a reward model), reference_params (copy: the
+    # second model's; else null), sequences_per_step (2 × batch × accumulation for pairs;
+    # GRPO: prompts_per_step × num_generations), completion_tokens_per_step (tokens with a
+    # label: what the fused LM head scores on CUDA; null for a reward model, which scores
+    # sequences), forwards_per_micro_batch ({with_grad, without_grad} in the loss); KTO:
+    # kl_sequences_per_step, desirable_per_step; GRPO: num_generations, prompts_per_step,
+    # max_completion_length, generation_batch_size (completions generated at once),
+    # forwards_per_generation ({generate: one a token, reference: scoring passes}).
+    # null: sft, the model's own loss.
     objective: dict | None = None
 
 

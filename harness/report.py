@@ -112,11 +112,15 @@ def seq_label(train: dict[str, Any], virtual: dict | None) -> str:
 
 
 def objective_label(objective: dict[str, Any] | None) -> str | None:
-    """`dpo · copy`: the objective and what serves as its reference; None: sft."""
+    """`dpo · copy`: the objective and what serves as its reference (GRPO's with its
+    completions a prompt: `grpo ×8 · none`); None: sft."""
     if not objective:
         return None
     reference = objective.get("reference")
-    return objective["name"] + (f" · {reference}" if reference else "")
+    generations = objective.get("num_generations") or \
+        (objective.get("args") or {}).get("num_generations")
+    name = objective["name"] + (f" ×{generations}" if generations else "")
+    return name + (f" · {reference}" if reference else "")
 
 
 def _objective_column(table: pd.DataFrame) -> bool:

@@ -19,9 +19,9 @@ every_steps, keep_logits}`, `generate: {batch_size, prompt_len, max_new_tokens}`
 `generate:` keys go on top of the scenario's, its `save:` list replaces the scenario's; null:
 that variant has none.
 
-`objective: dpo` (or `{dpo: {TRL's DPOConfig fields}}`) at the top or in a variant replaces the
-step's loss with TRL's trainer's (objectives.py); a variant's own replaces the scenario's, `sft`
-is the model's own loss.
+`objective: dpo` (or `{dpo: {TRL's DPOConfig fields}}`; orpo, kto, reward, grpo) at the top or
+in a variant replaces the step's loss with TRL's trainer's (objectives.py); a variant's own
+replaces the scenario's, `sft` is the model's own loss.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from harness.objectives import ObjectiveError, ObjectiveSpec
+from harness.objectives import check as check_objective
 from harness.objectives import parse as parse_objective
 from harness.optimizers import OPTIMIZERS
 from harness.techniques import REGISTRY, TechniqueArgError, TechniqueUse, check_stack, said
@@ -811,8 +812,8 @@ def _parse_objective(path, raw, key: str, variant=None) -> ObjectiveSpec | None:
 
 def _check_objective(path, objective: ObjectiveSpec | None, uses, train: TrainSpec,
                      parallel, parts: Mapping, variant: str) -> None:
-    """What an objective cannot be combined with (yet), and a prompt that leaves no
-    completion."""
+    """What an objective cannot be combined with (yet), and what TRL refuses of its arguments
+    with the step's batch and length (objectives.check)."""
     if objective is None:
         return
     key = f"objective.{objective.name}"
@@ -823,8 +824,8 @@ def _check_objective(path, objective: ObjectiveSpec | None, uses, train: TrainSp
                             "copy", key=f"{key}.reference", variant=variant)
     loss = [u.name for u in uses if u.name == "chunked_nll"]
     if loss:
-        raise ScenarioError(path, f"{objective.name} computes its own loss through TRL's fused "
-                            f"LM head; {loss[0]} replaces the model's loss", key="objective",
+        raise ScenarioError(path, f"{objective.name} computes its own loss (TRL's trainer's); "
+                            f"{loss[0]} replaces the model's loss", key="objective",
                             variant=variant)
     for part, what in (("data", "real lengths (data:)"), ("eval", "an evaluation (eval:)")):
         if parts.get(part) is not None:
@@ -833,11 +834,10 @@ def _check_objective(path, objective: ObjectiveSpec | None, uses, train: TrainSp
     if parallel is not None:
         raise ScenarioError(path, f"{objective.name} across processes is not built yet",
                             key="parallel", variant=variant)
-    prompt = objective.prompt_tokens(train.seq_len)
-    if prompt > train.seq_len - 2:
-        raise ScenarioError(path, f"prompt_len {prompt} leaves seq_len {train.seq_len} no "
-                            "completion of at least a word and the EOS",
-                            key=f"{key}.prompt_len", variant=variant)
+    try:
+        check_objective(objective, train)
+    except ObjectiveError as e:
+        raise ScenarioError(path, e.message, key=f"objective.{e.key}", variant=variant) from None
 
 
 def _check_optimizer(path, uses, train: TrainSpec, variant: str) -> None:

@@ -65,7 +65,7 @@ class TrainResult:
     saves: list[dict[str, Any]] = field(default_factory=list)  # each `save:` entry, as it ran
     lengths: list[int] | None = None  # `data:`: the source's lengths, and the batches drawn
     drawn: list | None = None
-    objective: dict[str, Any] | None = None  # objectives.Preference.record
+    objective: dict[str, Any] | None = None  # objectives.Objective.record
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
@@ -109,6 +109,8 @@ def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
         ctx.batches = lambda: [make_batch(train, ctx.model.config.vocab_size, device, micro)
                                for micro in range(train.gradient_accumulation_steps)]
     apply_stage(Stage.LOAD, ctx, uses)
+    if objective is not None:  # a reward model is a sequence classifier
+        ctx.load.head = objective.method.head
     on_meta = device.type != "meta" and parallel_training.build_on_meta(
         parallel, spec.weights, ctx.load.quantization is not None)
     ctx.model = build_model(spec, source, ctx.load, torch.device("meta") if on_meta else device)
@@ -173,7 +175,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     with probe.phase("load"):
         ctx = probe.build(
             lambda where: build(spec, source, uses, where, parallel, train, objective), device)
-        preference = ctx.objective
+        trl_objective = ctx.objective
         model = ctx.model
         for check in ctx.after_build:
             check(model)
@@ -186,8 +188,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         accumulation = train.gradient_accumulation_steps
         vocab = model.config.vocab_size
         batches, loss_kwargs = [], {}
-        if preference is not None:
-            batches = preference.batches(accumulation, device, probe.on_host)
+        if trl_objective is not None:
+            batches = trl_objective.batches(accumulation, device, probe.on_host)
         elif drawn is None:
             batches, loss_kwargs = _step_batches(
                 [make_batch(train, vocab, device, micro) for micro in range(accumulation)])
@@ -213,9 +215,9 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
     scaler = probe.grad_scaler() if ctx.grad_scaler else None
-    if preference is not None and objective.precomputed:
+    if trl_objective is not None and objective.precomputed:
         with probe.phase("reference"):
-            objectives.precompute(preference, batches, autocast, probe.known)
+            objectives.precompute(trl_objective, batches, autocast, probe.known)
             probe.sight(Kind.INPUT, batches)
     gathers = parallel_training.named_buffers(forward, probe.tracker)
     gathers.__enter__()
@@ -224,6 +226,14 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
             started = time.perf_counter()
             for micro in range(accumulation):
                 last = micro == accumulation - 1
+                prepared = None
+                if trl_objective is not None and trl_objective.generates:
+                    if micro == 0:  # Trainer releases the grads right after its optimizer step
+                        optimizer.zero_grad(set_to_none=True)
+                    probe.known.update(trl_objective.counts[micro])
+                    prepared = trl_objective.prepare(probe, model, step, micro, accumulation,
+                                                     autocast, batches[micro])
+                    probe.sight(Kind.INPUT, prepared)
                 with probe.phase("forward", step, micro):
                     if micro == 0:
                         optimizer.zero_grad(set_to_none=True)
@@ -233,7 +243,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                                 [data.make_batch(m, vocab, device, train.seed + 1000 * step + i)
                                  for i, m in enumerate(drawn[step])])
                             probe.sight(Kind.INPUT, [batches, loss_kwargs])
-                    batch = batches[micro]
+                    batch = batches[micro] if prepared is None else prepared
                     with autocast, probe.tracker.saved_tensors():
                         if ctx.loss_fn is None:
                             outputs = forward(**batch, use_cache=False, **loss_kwargs)
@@ -243,14 +253,15 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                             # unless saved.
                             del outputs
                         else:
-                            if preference is not None:  # what a simulation answers reads with
-                                probe.known.update(preference.counts[micro])
-                            counting = preference.watch_forwards(model) \
-                                if preference is not None and step == micro == 0 else []
+                            if trl_objective is not None:  # what a simulation answers reads with
+                                probe.known.update(trl_objective.counts[micro])
+                            counting = trl_objective.watch_forwards(model) \
+                                if trl_objective is not None and step == micro == 0 else []
                             loss = ctx.loss_fn(model, batch)
                             for handle in counting:
                                 handle.remove()
-                            if accumulation > 1:
+                            if accumulation > 1 and not (trl_objective is not None
+                                                         and trl_objective.scales_loss):
                                 loss = loss / accumulation
                             probe.sight(Kind.OUTPUT, loss)
                 with probe.phase("backward", step, micro), \
@@ -275,8 +286,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                 if step == 0:  # again: FSDP2 re-allocates an uneven (padded) shard at its
                     probe.sight(Kind.PARAM, list(model.parameters()))  # first forward
             del loss  # (the last micro-batch's, kept to here as Trainer keeps its value)
-            if preference is not None and step == 0:
-                result.objective = preference.record(train)
+            if trl_objective is not None and step == 0:
+                result.objective = trl_objective.record(train)
             elapsed = time.perf_counter() - started
             (result.step_times_s if step >= train.warmup_steps else
              result.warmup_times_s).append(elapsed)

@@ -1,7 +1,9 @@
-"""objective: TRL's DPO loss in the harness's step (harness/objectives.py).
+"""objective: TRL's DPO, ORPO, KTO, reward and GRPO losses in the harness's step
+(harness/objectives.py).
 
-Fast: what a scenario may say (TRL's spelling, checked against its config class; what
-contradicts itself). Slow: real CPU steps through TRL's own trainer, and their simulation.
+Fast: what a scenario may say (TRL's spelling, checked against its config class and, with the
+step's batch, by the class itself; what contradicts itself). Slow: real CPU steps through TRL's
+own trainers, and their simulation.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.scenario import ScenarioError, load_scenario
-from tests.conftest import harness, last_json, measured_variants, write_scenario
+from tests.conftest import REPO, harness, last_json, measured_variants, write_scenario
 
 LORA = {"lora": {"r": 8}}
 STACK = ["bf16", LORA]
@@ -44,7 +46,23 @@ def _error(folder, variants, **scenario) -> str:
     ({"orpo": {"max_completion_len": 8}}, "objective.orpo.max_completion_len",
      "did you mean 'max_completion_length'?"),
     ("dpx", "objective", "did you mean 'dpo'?"),
-    ("grpo", "objective", "not built yet"),
+    ("ktoo", "objective", "did you mean 'kto'?"),
+    ({"kto": {"desirable_wieght": 1.0}}, "objective.kto.desirable_wieght",
+     "did you mean 'desirable_weight'?"),
+    ({"kto": {"loss_type": "apo_zero"}}, "objective.kto.loss_type",
+     "did you mean 'apo_zero_unpaired'?"),
+    ({"reward": {"reference": "copy"}}, "objective.reward.reference", "no reference model"),
+    ({"reward": {"center_rewards": 0.01}}, "objective.reward.center_rewards",
+     "did you mean 'center_rewards_coefficient'?"),
+    ({"grpo": {"num_generation": 2}}, "objective.grpo.num_generation",
+     "did you mean 'num_generations'?"),
+    ({"grpo": {"num_generations": 2, "reference": "copy"}}, "objective.grpo.reference",
+     "beta 0 has no KL term"),
+    ({"grpo": {"num_generations": 2, "prompt_len": 8, "max_completion_length": 8}},
+     "objective.grpo.prompt_len", "not seq_len 32"),
+    ({"grpo": {"num_generations": 1}}, "objective.grpo", "at least 2 generations"),
+    # GRPOConfig's own check, with the step's batch: whole prompt groups of completions
+    ("grpo", "objective.grpo", "must be divisible by num_generations (8)"),
     ({"sft": {"beta": 0.1}}, "objective.sft", "no arguments"),
 ])
 def test_bad_objectives_name_the_key_in_trl_spelling(tmp_path, objective, key, says):
@@ -100,14 +118,30 @@ RUNS = [
     {"name": "dpo-pre", "techniques": STACK,
      "objective": {"dpo": {"precompute_ref_log_probs": True}}},
     {"name": "orpo", "techniques": STACK, "objective": "orpo"},
+    # SFT at the batch, through the same fused head: what KTO's policy forward sees
+    {"name": "sft-b", "techniques": [*STACK, {"chunked_nll": {"impl": "trl"}}]},
+    {"name": "kto", "techniques": STACK, "objective": "kto"},
+    {"name": "kto-pre", "techniques": STACK,
+     "objective": {"kto": {"precompute_ref_log_probs": True}}},
+    {"name": "reward", "techniques": STACK, "objective": "reward"},
+    # GRPO in fp32: on this CPU a bf16 generation's LM head expands its weight inside the
+    # kernel (8 MiB no op returns), which a simulation does not see
+    {"name": "grpo", "techniques": [LORA], "objective": {"grpo": {"num_generations": 2}}},
+    {"name": "grpo-kl", "techniques": [LORA],
+     "objective": {"grpo": {"num_generations": 2, "beta": 0.04}}},
+    {"name": "grpo-acc", "techniques": [LORA], "objective": {"grpo": {"num_generations": 2}},
+     "train": {"gradient_accumulation_steps": 2}},
+    {"name": "grpo-copy", "techniques": [],
+     "objective": {"grpo": {"num_generations": 2, "beta": 0.04}}},
 ]
+SIMULATED = ("dpo", "orpo", "kto", "reward", "grpo")
 
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
     _, got = measured_variants(
         tmp_path_factory.mktemp("dpo"), "dpo", RUNS,
-        modes=lambda name: (False, True) if name.startswith(("dpo", "orpo")) else (False,),
+        modes=lambda name: (False, True) if name.startswith(SIMULATED) else (False,),
         train={"batch_size": BATCH, "seq_len": SEQ, "steps": 1, "warmup_steps": 0})
     return got
 
@@ -174,7 +208,118 @@ def test_orpo_runs_both_halves_through_one_forward_and_no_reference(steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dpo", "dpo-copy", "dpo-pre", "orpo"])
+def test_kto_trains_on_the_batch_and_scores_its_kl_sequences_without_grad(steps):
+    """KTO's rows are unpaired: the policy's forward with grad sees the batch, as SFT's does
+    through the same fused head — within the per-token outputs its metrics ask the head for
+    (entropy, mean logit: 2 × B × 63 × 4 bytes) and a few loss scalars. Each row's mismatched
+    KL sequence runs without grad, through the policy and the reference, as does the
+    reference's forward of the batch: three forwards that save nothing. Precomputed, only the
+    policy's KL forward stays."""
+    kto, sft = steps["kto", False], steps["sft-b", False]
+    objective = kto.result.objective
+    assert objective["trainer"] == "trl.KTOTrainer" and objective["reference"] == \
+        "adapter_disabled"
+    assert objective["sequences_per_step"] == objective["kl_sequences_per_step"] == BATCH
+    assert objective["desirable_per_step"] == BATCH // 2
+    assert objective["forwards_per_micro_batch"] == {"with_grad": 1, "without_grad": 3}
+    saved = _phase(kto, "forward")["breakdown_bytes"]["activations"]
+    sft_saved = _phase(sft, "forward")["breakdown_bytes"]["activations"]
+    assert abs(saved - sft_saved) <= 2 * BATCH * (SEQ - 1) * 4 + 16 * 512, (saved, sft_saved)
+    pre = steps["kto-pre", False]
+    assert pre.result.objective["reference"] == "precomputed"
+    assert pre.result.objective["forwards_per_micro_batch"] == {"with_grad": 1,
+                                                               "without_grad": 1}
+    assert _phase(pre, "reference")["breakdown_bytes"]["activations"] == 0
+
+
+@pytest.mark.slow
+def test_a_reward_model_scores_each_sequence_with_no_lm_head(steps):
+    """RewardTrainer trains a sequence classifier: a score head of hidden × 1 in place of the
+    LM head (PEFT keeps a trainable copy of it beside the frozen one), one score a sequence,
+    chosen and rejected: 2 × batch sequences and never a [sequences, length, vocabulary]
+    tensor — what the forward holds besides weights and activations is under one such
+    tensor's size in bf16."""
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    reward, dpo = steps["reward", False], steps["dpo", False]
+    objective = reward.result.objective
+    assert objective["trainer"] == "trl.RewardTrainer" and objective["reference"] == "none"
+    assert objective["head"] == "sequence_classification"
+    assert objective["sequences_per_step"] == 2 * BATCH
+    assert objective["completion_tokens_per_step"] is None  # no token is scored
+    # the score head twice: the frozen one and PEFT's trainable copy (modules_to_save)
+    assert reward.result.params_total == dpo.result.params_total - vocab * hidden + 2 * hidden
+    assert reward.result.params_trainable == dpo.result.params_trainable + hidden
+    params = _phase(reward, "load")["breakdown_bytes"]["params"]
+    assert params == _phase(dpo, "load")["breakdown_bytes"]["params"] - 2 * vocab * hidden \
+        + 2 * 2 * hidden
+    logits = 2 * BATCH * SEQ * vocab * 2
+    assert _phase(reward, "forward")["breakdown_bytes"]["other"] < logits
+
+
+def _per_position(config: dict, itemsize: int = 4) -> int:
+    """A KV cache's bytes per position: keys and values of every layer."""
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * \
+        config["head_dim"] * itemsize
+
+
+@pytest.mark.slow
+def test_grpo_generates_its_completions_first_holding_their_kv_cache(steps):
+    """GRPO's batch is completions: prompts × num_generations sequences, generated at the
+    step's start (phase generate, one forward a completion token; every completion runs to
+    max_completion_length), so the KV cache holds each sequence's prompt and all but its last
+    token. With beta above 0 the reference (the adapter disabled) scores them without grad
+    (phase reference, nothing saved) before the policy's forward with grad."""
+    config = json.loads((REPO / "scenarios" / "models" / "tiny-llama.json").read_text())
+    prompt = completion = SEQ // 2
+    grpo, kl = steps["grpo", False], steps["grpo-kl", False]
+    objective = grpo.result.objective
+    assert objective["trainer"] == "trl.GRPOTrainer" and objective["reference"] == "none"
+    assert objective["sequences_per_step"] == BATCH and objective["num_generations"] == 2
+    assert objective["prompts_per_step"] == BATCH // 2
+    assert objective["max_completion_length"] == completion
+    assert objective["completion_tokens_per_step"] == BATCH * completion
+    assert objective["forwards_per_generation"] == {"generate": completion}
+    assert grpo.memory["kv_cache_bytes"] == BATCH * (prompt + completion - 1) * \
+        _per_position(config)
+    generation = _phase(grpo, "generate")["breakdown_bytes"]
+    assert generation["kv_cache"] > 0 and generation["grads"] == generation["activations"] == 0
+    assert "reference" not in grpo.memory["phases"]
+    assert kl.result.objective["reference"] == "adapter_disabled"
+    assert kl.result.objective["forwards_per_generation"] == {"generate": completion,
+                                                             "reference": 1}
+    assert _phase(kl, "reference")["breakdown_bytes"]["activations"] == 0
+
+
+@pytest.mark.slow
+def test_grpo_generates_for_the_whole_step_and_trains_a_micro_batch_at_a_time(steps):
+    """With gradient accumulation TRL generates once a step, for every micro-batch's
+    completions (steps_per_generation = the accumulation): the KV cache of B × A sequences,
+    while each forward trains on B of them — saving what the step without accumulation
+    saves."""
+    plain, accumulated = steps["grpo", False], steps["grpo-acc", False]
+    objective = accumulated.result.objective
+    assert objective["generation_batch_size"] == objective["sequences_per_step"] == 2 * BATCH
+    assert accumulated.memory["kv_cache_bytes"] == 2 * plain.memory["kv_cache_bytes"]
+    assert _phase(accumulated, "forward")["breakdown_bytes"]["activations"] == pytest.approx(
+        _phase(plain, "forward")["breakdown_bytes"]["activations"], abs=4 * 512)  # scalars
+
+
+@pytest.mark.slow
+def test_grpo_s_reference_copy_for_a_full_fine_tune_adds_its_parameters(steps):
+    """GRPOTrainer takes no ref_model; for a full fine-tune with beta above 0 the harness
+    hands it the copy TRL would load: the model's parameters once more, frozen."""
+    copy = steps["grpo-copy", False]
+    assert copy.result.objective["reference"] == "copy"
+    assert copy.result.objective["reference_params"] == copy.result.params_total
+    params = _phase(copy, "load")["breakdown_bytes"]["params"]
+    assert params == 2 * 4 * copy.result.params_total  # fp32, twice
+    assert copy.memory["end_of_step_bytes"]["optimizer"] >= 8 * copy.result.params_total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpo", "dpo-copy", "dpo-pre", "orpo", "kto", "kto-pre",
+                                  "reward", "grpo", "grpo-kl", "grpo-acc", "grpo-copy"])
 def test_simulated_objectives_agree_with_the_real_cpu_step_within_one_percent(steps, name):
     """Per phase. What no tensor explains in the real run (`unattributed`: a CPU kernel's own
     scratch: ORPO's step here allocates 1 MiB that no op returns) is not an op's output, which

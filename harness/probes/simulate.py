@@ -288,7 +288,11 @@ def cuda_scratch(func, args) -> list[int]:
 
 
 _VALUE_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
-                torch.ops.aten.index.Tensor)
+                torch.ops.aten.index.Tensor, torch.ops.aten.nonzero.default,
+                torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
+# Ops whose output's shape, or whether they write at all, hangs on a boolean mask's values.
+_MASKED = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default,
+           torch.ops.aten.index_put.default)
 
 
 @contextlib.contextmanager
@@ -342,11 +346,12 @@ def library_values(func, args, liger: bool = False, known: dict | None = None):
     """The values the libraries' Python reads of fake tensors, which have none, where the
     answer is known and sizes no allocation. Liger (`liger`: on the fake CUDA device): fused
     linear cross-entropy's count of non-ignored tokens (`target_mask.sum().item()`, a divisor)
-    and an `equal` test. `generate()`: whether the prompt's attention mask is all ones (it is:
-    no padding), whether any prompt token id is negative (none is), the special-token checks
-    that decide only warnings (answered no) and, after each token, whether every sequence is
-    done — once it has reached the loop's own `max_length`, as for a greedy run that never
-    stops early. PEFT: the reads in _PEFT_VALUES below. A real tensor's value is its own
+    and an `equal` test. `generate()`: whether any prompt is right-padded and whether the
+    prompt's attention mask is all ones (no padding: no, yes), whether any prompt token id is
+    negative (none is), the special-token checks that decide only warnings (answered no) and,
+    after each token, whether every sequence is done — once it has reached the loop's own
+    `max_length`, as for a run that never stops early (greedy, or GRPO's sampling with
+    `min_new_tokens` its maximum). PEFT: the reads in _PEFT_VALUES below. A real tensor's value is its own
     (bitsandbytes' quantization state of packed weights, which stay real host tensors:
     `offset.item()` as a 4-bit layer is saved). TRL: the reads in _trl_value, from `known`
     (Probe.known: the counts of the harness's own batches). Reads from anyone else's code
@@ -357,11 +362,12 @@ def library_values(func, args, liger: bool = False, known: dict | None = None):
         with unset_fake_temporarily():
             return func(*args)
     frame = sys._getframe(1)
-    if func is torch.ops.aten.index.Tensor:  # a shape that hangs on values: a boolean mask's
+    if func in _MASKED:  # a shape, or a write, that hangs on values: a boolean mask's
         masks = [i for i in args[1] if i is not None]
         if not masks or any(m.dtype != torch.bool for m in masks):
             return NOT_ANSWERED
-        answer = _peft_masked(frame, args[0])
+        answer = _peft_masked(frame, args[0]) if func is torch.ops.aten.index.Tensor \
+            else NOT_ANSWERED
         if answer is NOT_ANSWERED and known:
             answer = _trl_value(frame, func, args, known)
         return answer
@@ -429,32 +435,80 @@ def _peft_masked(frame, tensor):
 
 
 def _trl_value(frame, func, args, known: dict):
-    """TRL's reads while its trainer computes a preference loss on the harness's batches,
-    whose completion masks the harness made (`known`: the batch's completion tokens, after
-    the shift: `labels`, and each half's, `chosen` and `rejected`). The fused LM head keeps
-    only the positions with a label on CUDA (`hidden_states[mask]`, `labels[mask]`): `labels`
-    rows. DPO's metrics select each half's completion positions (`chosen_…[chosen_mask]`):
-    that half's count; its `.item()`s and `total > 0` tests feed only logged metrics, sizing
-    nothing: answered 1 (true), as are ORPO's metrics' `.item()`s."""
+    """TRL's reads while its trainer computes a loss on the harness's batches, whose values the
+    harness made (`known`: the micro-batch's counts, objectives._counts). None sizes anything
+    but as the batch's counts say:
+    - the fused LM head keeps only the positions with a label on CUDA (`hidden_states[mask]`,
+      `labels[mask]`): `labels` rows;
+    - DPO's and KTO's metrics select each half's completion positions (`chosen_…[chosen_mask]`:
+      that half's count, KTO's desirable rows' for `chosen`); KTO picks its desirable and
+      undesirable rows (`nonzero(bool_labels)`, `nonzero(~bool_labels)`);
+    - GRPO's completions never stop early (min_new_tokens: max_completion_length): no row has
+      an EOS (`eos_idx[is_eos.any(dim=1)]`: none), each keeps every token (`c[m]`, whose
+      `.tolist()` is answered with a word's id), no reward is missing (`rewards[unscorable_mask]
+      = nan`: no row; `isnan(rewards).all(dim=1).any()`: no); NaN-aware metrics keep every
+      value;
+    - every `.item()`, `.tolist()` and `total > 0` feeds only logged metrics, texts or rewards
+      (which size nothing): answered 1 (true).
+    """
     caller = next((f for f in _frames(frame)
                    if not f.f_globals.get("__name__", "").startswith(("torch", "harness"))), None)
     if caller is None:
         return NOT_ANSWERED
-    module, code = caller.f_globals.get("__name__", ""), caller.f_code.co_name
-    if module == "trl.trainer.utils" and code == "_fused_forward" \
-            and func is torch.ops.aten.index.Tensor:
-        return _selected(args[0], known["labels"])
-    if module == "trl.experimental.orpo.orpo_trainer" and code == "get_batch_loss_metrics" \
-            and func is not torch.ops.aten.index.Tensor:  # its metrics' `.item()`s
-        return 1.0 if args[0].is_floating_point() else 1
-    if module == "trl.trainer.dpo_trainer" and code == "_compute_loss":
-        if func is not torch.ops.aten.index.Tensor:
-            return True if args[0].dtype == torch.bool else \
-                1.0 if args[0].is_floating_point() else 1
+    module, code = caller.f_globals.get("__name__", ""), _function(caller)
+    if not module.startswith("trl."):
+        return NOT_ANSWERED
+    index = func is torch.ops.aten.index.Tensor
+    if func in (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default):
+        if module == "trl.trainer.grpo_trainer":  # writes into rows no mask selects
+            return args[0] if func is torch.ops.aten.index_put_.default else args[0].clone()
+        return NOT_ANSWERED
+    if module == "trl.trainer.utils" and code == "_fused_forward" and index:
+        return _selected(args[0], known["labels"], args[1])
+    if module == "trl.trainer.utils" and code in ("nanmin", "nanmax") and index:
+        return _selected(args[0], args[0].numel(), args[1])  # no NaN: every value
+    if module == "trl.trainer.kto_trainer" and code == "_compute_loss" \
+            and func is torch.ops.aten.nonzero.default:
+        rows = known["desirable"] if args[0] is caller.f_locals.get("bool_labels") \
+            else known["undesirable"]
+        return args[0].new_empty((rows, args[0].dim()), dtype=torch.int64)
+    if module in ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer") \
+            and code == "_compute_loss" and index:
         for name, value in caller.f_locals.items():
             if value is args[0] and name.split("_")[0] in ("chosen", "rejected"):
-                return _selected(args[0], known[name.split("_")[0]])
+                return _selected(args[0], known[name.split("_")[0]], args[1])
+        return NOT_ANSWERED
+    if module == "trl.trainer.grpo_trainer" and index:
+        if code == "_generate_single_turn" and args[0].dim() == 1 and \
+                args[0].dtype == torch.int64 and "eos_idx" in caller.f_locals:
+            return _selected(args[0], 0, args[1])  # rows with an EOS: none
+        return _selected(args[0], args[1][0].numel(), args[1])  # every token kept
+    if func is torch.ops.aten.nonzero.default or index:
+        return NOT_ANSWERED
+    if module == "trl.trainer.grpo_trainer" and code == "_generate_single_turn" \
+            and not args[0].is_floating_point():
+        return known["word"]  # the completions' `.tolist()`: a word, no EOS, no padding
+    if module == "trl.trainer.grpo_trainer" and code == "_calculate_rewards":
+        return False  # `isnan(rewards).all(dim=1).any()`: every completion has its reward
+    if module in _TRL_READS:  # its metrics' `.item()`s, texts' `.tolist()`s, `total > 0`
+        return True if args[0].dtype == torch.bool else \
+            1.0 if args[0].is_floating_point() else 1
     return NOT_ANSWERED
+
+
+# TRL's modules whose reads of values (other than those sized above) feed only metrics,
+# decoded texts and rewards.
+_TRL_READS = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer",
+              "trl.trainer.reward_trainer", "trl.trainer.grpo_trainer",
+              "trl.experimental.orpo.orpo_trainer", "trl.trainer.utils")
+
+
+def _function(frame) -> str:
+    """The name of the function a frame runs in: a comprehension's (its own frame before
+    Python 3.12) is its enclosing function's."""
+    while frame.f_code.co_name.startswith("<") and frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_code.co_name
 
 
 def _frames(frame):
@@ -465,15 +519,19 @@ def _frames(frame):
         frame = frame.f_back
 
 
-def _selected(tensor, count: int):
-    """`tensor[mask]` of a 2-D mask over its leading dimensions with `count` true values."""
-    return tensor.new_empty((count, *tensor.shape[2:]))
+def _selected(tensor, count: int, indices=None):
+    """`tensor[mask]` of a boolean mask over its leading dimensions (a 2-D one where
+    `indices`, the index op's, are not given) with `count` true values."""
+    dims = sum(i.dim() for i in indices if i is not None) if indices is not None else 2
+    return tensor.new_empty((count, *tensor.shape[dims:]))
 
 
 def _generation_value(frame):
     code = frame.f_code.co_name
-    if code == "generate":  # `(attention_mask == 1).all()`
-        return True
+    if code == "generate":
+        # First whether any prompt is right-padded (only a warning hangs on it; none is),
+        # then `(attention_mask == 1).all()` (it is).
+        return "has_right_padding" in frame.f_locals
     if code == "_get_logits_processor":  # `(encoder_input_ids < 0).any()`: token ids are not
         return False
     if code == "_prepare_special_tokens":  # eos among pad, eos negative: only warnings hang on it

@@ -62,6 +62,14 @@ class TechniqueUse:
 class LoadOptions:
     dtype: torch.dtype | None = None  # None: float32
     quantization: Any = None  # a transformers BitsAndBytesConfig: weights quantized at load
+    # transformers' auto class (models.HEADS): an objective's (a reward model is a sequence
+    # classifier, one score a sequence)
+    head: str = "causal_lm"
+
+    @property
+    def task_type(self) -> str:
+        """PEFT's task type for this head (a classifier's score head then trains too)."""
+        return "SEQ_CLS" if self.head == "sequence_classification" else "CAUSAL_LM"
 
 
 @dataclass

@@ -176,7 +176,7 @@ def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lor
         ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
                                                          use_gradient_checkpointing=False)
     try:
-        config = peft.LoraConfig(task_type="CAUSAL_LM", **args)
+        config = peft.LoraConfig(task_type=ctx.load.task_type, **args)
         if init in DATA_DRIVEN:
             ctx.model = _from_data(ctx, config, init)
         else:
