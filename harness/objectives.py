@@ -65,6 +65,8 @@ class Method:
     head: str = "causal_lm"  # the model's head: "sequence_classification" for a reward model
     # The batch keys TRL's precompute pass fills (`precompute_ref_log_probs`); () where none.
     precomputed_keys: tuple[str, ...] = ()
+    # Config fields that, set, take a path the harness has not built: field → what it is.
+    not_built: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def generates(self) -> bool:
@@ -80,7 +82,12 @@ METHODS = {
                   precomputed_keys=("ref_logps", "ref_KL_logps")),
     "reward": Method("trl.RewardConfig", "trl.RewardTrainer", "pairs",
                      head="sequence_classification"),
-    "grpo": Method("trl.GRPOConfig", "trl.GRPOTrainer", "prompts", reference=True),
+    "grpo": Method("trl.GRPOConfig", "trl.GRPOTrainer", "prompts", reference=True,
+                   not_built={"use_vllm": "generation with vLLM",
+                              "use_transformers_continuous_batching":
+                                  "generation with transformers' continuous batching",
+                              "use_transformers_paged":
+                                  "generation with transformers' continuous batching"}),
 }
 REFERENCES = ("adapter_disabled", "ref_adapter", "copy")
 OWN_KEYS = ("reference", "prompt_len")  # the harness's, beside TRL's config fields
@@ -114,7 +121,7 @@ class ObjectiveSpec:
     def prompt_tokens(self, seq_len: int) -> int:
         if self.prompt_len is not None:
             return self.prompt_len
-        if self.method.generates and "max_completion_length" in self.args:
+        if self.method.generates and self.args.get("max_completion_length") is not None:
             return seq_len - self.args["max_completion_length"]
         return seq_len // 2
 
@@ -166,6 +173,9 @@ def parse(value: Any) -> ObjectiveSpec | None:
     args = dict(args)
     own = {key: args.pop(key) for key in OWN_KEYS if key in args}
     _check_trl_args(name, args)
+    for key, what in METHODS[name].not_built.items():
+        if args.get(key):
+            raise ObjectiveError(f"{name} with {what} is not built yet", key=f"{name}.{key}")
     prompt_len = own.get("prompt_len")
     if prompt_len is not None and (not isinstance(prompt_len, int) or isinstance(prompt_len, bool)
                                    or prompt_len < 1):
@@ -207,6 +217,9 @@ def check(spec: ObjectiveSpec, train) -> None:
         raise ObjectiveError(f"prompt_len {prompt} leaves seq_len {train.seq_len} no "
                              "completion of at least a word and the EOS",
                              key=f"{spec.name}.prompt_len")
+    if prompt < 1:
+        raise ObjectiveError(f"max_completion_length {completion} leaves seq_len "
+                             f"{train.seq_len} no prompt", key=f"{spec.name}.max_completion_length")
     try:
         with tempfile.TemporaryDirectory() as out:
             config(spec, train, out, use_cpu=True)
@@ -223,20 +236,20 @@ def config(spec: ObjectiveSpec, train, output_dir: str, use_cpu: bool, **more):
     off; then the objective's own arguments."""
     cls = _config_class(spec.name)
     own = {f.name for f in dataclasses.fields(cls)}
-    lengths = {"max_length": train.seq_len} if "max_length" in own else {}
+    args = {**({"max_length": train.seq_len} if "max_length" in own else {}), **spec.args}
     if spec.method.generates:
         # Every completion runs to its maximum length, as a step of long answers does (random
         # weights would stop anywhere): the step's memory at its worst, the same every run.
         completion = train.seq_len - spec.prompt_tokens(train.seq_len)
-        lengths["max_completion_length"] = completion
-        lengths["generation_kwargs"] = {**(spec.args.get("generation_kwargs") or {}),
-                                        "min_new_tokens": completion}
+        args["max_completion_length"] = completion
+        args["generation_kwargs"] = {**(spec.args.get("generation_kwargs") or {}),
+                                     "min_new_tokens": completion}
     return cls(output_dir=output_dir, report_to="none", save_strategy="no",
                logging_strategy="no", use_cpu=use_cpu,
                per_device_train_batch_size=train.batch_size,
                gradient_accumulation_steps=train.gradient_accumulation_steps,
                learning_rate=train.lr, seed=train.seed, bf16=False, fp16=False,
-               dataloader_num_workers=0, **more, **{**lengths, **spec.args})
+               dataloader_num_workers=0, **more, **args)
 
 
 def _config_class(name: str):
@@ -458,7 +471,6 @@ class Objective:
                          for i in range(args.generation_batch_size)]
             stops = {*self.trainer.eos_token_ids, self.trainer.processing_class.pad_token_id}
             self.counts = [{"labels": size * completion, "sequences": size,
-                            "prompts": size // self.trainer.num_generations,
                             "unpadded": True,  # prompts of one length, completions too
                             # a token a completion may hold: a word, no EOS, no padding
                             "word": next(i for i in range(2, 2 + len(stops) + 1)
@@ -530,7 +542,7 @@ class Objective:
         if self.generates:
             args = self.trainer.args
             out.update(num_generations=self.trainer.num_generations,
-                       prompts_per_step=sum(c["prompts"] for c in self.counts),
+                       prompts_per_step=out["sequences_per_step"] // self.trainer.num_generations,
                        max_completion_length=args.max_completion_length,
                        generation_batch_size=args.generation_batch_size,
                        forwards_per_generation=dict(self.generation or {}))

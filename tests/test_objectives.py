@@ -61,6 +61,10 @@ def _error(folder, variants, **scenario) -> str:
     ({"grpo": {"num_generations": 2, "prompt_len": 8, "max_completion_length": 8}},
      "objective.grpo.prompt_len", "not seq_len 32"),
     ({"grpo": {"num_generations": 1}}, "objective.grpo", "at least 2 generations"),
+    ({"grpo": {"num_generations": 2, "use_vllm": True}}, "objective.grpo.use_vllm",
+     "vLLM is not built yet"),
+    ({"grpo": {"num_generations": 2, "max_completion_length": 32}},
+     "objective.grpo.max_completion_length", "no prompt"),
     # GRPOConfig's own check, with the step's batch: whole prompt groups of completions
     ("grpo", "objective.grpo", "must be divisible by num_generations (8)"),
     ({"sft": {"beta": 0.1}}, "objective.sft", "no arguments"),
@@ -300,6 +304,7 @@ def test_grpo_generates_for_the_whole_step_and_trains_a_micro_batch_at_a_time(st
     plain, accumulated = steps["grpo", False], steps["grpo-acc", False]
     objective = accumulated.result.objective
     assert objective["generation_batch_size"] == objective["sequences_per_step"] == 2 * BATCH
+    assert objective["prompts_per_step"] == 2 * BATCH // 2  # num_generations 2
     assert accumulated.memory["kv_cache_bytes"] == 2 * plain.memory["kv_cache_bytes"]
     assert _phase(accumulated, "forward")["breakdown_bytes"]["activations"] == pytest.approx(
         _phase(plain, "forward")["breakdown_bytes"]["activations"], abs=4 * 512)  # scalars
