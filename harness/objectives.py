@@ -347,14 +347,20 @@ def _load(path: str):
     return getattr(importlib.import_module(module), attr)
 
 
+# The words a synthetic text is made of: ids 2 … WORDS − 1 (or the vocabulary's end). Which ids
+# a text holds changes no memory; a tokenizer of a 150k-word vocabulary takes a second to build.
+WORDS = 4096
+
+
 def word_tokenizer(vocab_size: int):
     """A tokenizer built in code (no files): `w<id>` words split on whitespace, ids 0 and 1 the
-    padding and end-of-sequence tokens, every other id its own word, so a text of n words is
-    exactly n tokens."""
+    padding and end-of-sequence tokens, ids 2 … min(vocab_size, WORDS) − 1 a word each, so a
+    text of n words is exactly n tokens. Decoding skips the ids past those (a generated token
+    of a large vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, min(vocab_size, WORDS))}}
     words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
@@ -371,7 +377,8 @@ def rows(data: str, count: int, prompt: int, completion: int, vocab_size: int, s
     generator = torch.Generator().manual_seed(seed)
 
     def text(n: int) -> str:
-        return " ".join(f"w{i}" for i in torch.randint(2, vocab_size, (n,), generator=generator))
+        return " ".join(f"w{i}" for i in torch.randint(2, min(vocab_size, WORDS), (n,),
+                                                      generator=generator))
 
     def row(index: int) -> dict:
         if data == "prompts":

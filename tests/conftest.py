@@ -7,6 +7,7 @@ marked `slow`; `make test-fast` runs the rest (`-m "not slow and not gpu"`), `ma
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -40,6 +41,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@functools.cache
+def shipped(path: Path):
+    """A shipped scenario, loaded (validated against its model: meta builds, TRL's trainers)
+    once per test process: several tests read each one."""
+    from harness.scenario import load_scenario
+
+    return load_scenario(path)
 
 
 def write_scenario(folder: Path, name: str, variants: list[dict], *, train: dict | None = None,

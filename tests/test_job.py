@@ -10,7 +10,7 @@ import pytest
 
 from harness.job import Job, RunOptions
 from harness.scenario import list_scenarios, load_scenario
-from tests.conftest import write_scenario
+from tests.conftest import shipped, write_scenario
 
 ALL_FLAGS = RunOptions("cpu", steps=2, budget_bytes=3 << 30, timeout_s=60.0, full_depth=True,
                        target="cpu", snapshot=True)
@@ -18,7 +18,7 @@ ALL_FLAGS = RunOptions("cpu", steps=2, budget_bytes=3 << 30, timeout_s=60.0, ful
 
 @pytest.mark.parametrize("path", list_scenarios(), ids=lambda p: p.stem)
 def test_every_committed_variant_survives_its_job_file(path, tmp_path):
-    scenario = load_scenario(path)
+    scenario = shipped(path)
     for variant in scenario.variants:
         for options in (RunOptions("simulate"), ALL_FLAGS):
             job = Job.make(scenario, variant, options, run_id="r", result=tmp_path / "r.json",
