@@ -161,6 +161,8 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
     dtype = load.dtype or torch.float32
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
+    if spec.experts is not None:
+        common["experts_implementation"] = spec.experts
     if spec.weights == "pretrained" and torch.device(device).type != "meta":
         # A hub id, or the folder holding config.json and the weights.
         where = source.location if source.kind == "hub" else str(Path(source.location).parent)
@@ -193,8 +195,40 @@ def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None =
     auto = _auto_class(load.head if load else "causal_lm")
     if load is not None:
         config = _headed(config, load)
+    more = {"experts_implementation": spec.experts} if spec.experts is not None else {}
     with torch.device("meta"):
-        return auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+        return auto.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                **more)
+
+
+def expert_count(config) -> int | None:
+    """A mixture of experts' experts a layer (Mixtral's `num_local_experts`, Qwen-MoE's
+    `num_experts`, …), or None for a dense model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        count = getattr(text, name, None)
+        if isinstance(count, int) and count > 1:
+            return count
+    return None
+
+
+def experts_of(model, routing: str | None = None) -> dict | None:
+    """The record's `model.experts` for a mixture of experts (None for a dense model): experts
+    a layer, the top_k each token goes to, transformers' implementation, and what its memory
+    assumes of routing — nothing for grouped_mm and batched_mm (every buffer holds tokens ×
+    top_k rows); eager experts each take only the tokens routed to them: `routing` where a
+    simulation had to choose, "as routed" where the router ran on real values."""
+    config = model.config
+    count = expert_count(config)
+    if count is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = getattr(config, "_experts_implementation", None) or "eager"
+    if isinstance(implementation, dict):  # per sub-config
+        implementation = next(iter(implementation.values()), "eager")
+    return {"count": count, "top_k": getattr(text, "num_experts_per_tok", None),
+            "implementation": implementation,
+            "routing": (routing or "as routed") if implementation == "eager" else "any"}
 
 
 def _auto_class(head: str):

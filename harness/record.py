@@ -71,6 +71,10 @@ class ModelPart:
     #   "attention" (prefix tuning: keys and values each layer attends to beside the
     #   sequence, as cartridges; adaption prompt: its own attention over them, in `layers`
     #   layers); null: none
+    experts: dict | None = None  # a mixture of experts (models.experts_of): {count, top_k,
+    #   implementation (transformers': grouped_mm, batched_mm, eager), routing (what the
+    #   figures assume of it: "any" where no buffer depends on it; eager: balanced | worst in
+    #   a simulation, "as routed" where it ran)}; null: a dense model
 
 
 @dataclass

@@ -53,6 +53,10 @@ MODEL_DIR = SCENARIO_DIR / "models"
 
 WEIGHTS = ("random", "pretrained")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# transformers' implementations of a mixture of experts' layers that run on any device
+# (`experts_implementation`); how a simulation routes tokens where that decides memory (eager)
+EXPERTS = ("grouped_mm", "batched_mm", "eager")
+ROUTINGS = ("balanced", "worst")
 # Scenario and variant names name folders and files (with suffixes such as a sweep point and
 # `.rank3.snapshot.pickle`): one safe path component, never `.` or `..`, well under 255 bytes.
 MAX_NAME = 100
@@ -88,6 +92,12 @@ class ModelSpec:
     weights: str = setting("random", choices=WEIGHTS)
     attn_implementation: str = setting("sdpa", choices=ATTN_IMPLEMENTATIONS)
     trust_remote_code: bool = setting(False)
+    # A mixture of experts (models.experts_of): transformers' experts implementation (null:
+    # its own default, grouped_mm where the kernel exists) and, for eager experts in a
+    # simulation, how the router spreads tokens (balanced: each expert tokens × top_k /
+    # experts; worst: every token to the same top_k experts).
+    experts: str | None = setting(None, choices=EXPERTS)
+    routing: str = setting("balanced", choices=ROUTINGS)
 
 
 @dataclass(frozen=True)
@@ -541,6 +551,19 @@ def _parse_model(path, raw) -> ModelSpec:
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ScenarioError(path, f"{source.location}: {size} must be ≥ 1, got {value}",
                                     key="model.config")
+        from harness.models import expert_count
+
+        if expert_count(config) is None:
+            for key in ("experts", "routing"):
+                if key in values:
+                    raise ScenarioError(path, f"{spec.config} has no mixture of experts: "
+                                        f"{key} applies to none of its layers",
+                                        key=f"model.{key}")
+    if "routing" in values and spec.experts != "eager":
+        raise ScenarioError(path, f"routing decides what eager experts hold; with "
+                            f"{spec.experts or 'grouped_mm (the default)'} every expert buffer "
+                            "holds tokens × top_k rows however tokens are routed",
+                            key="model.routing")
     return spec
 
 

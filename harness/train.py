@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import (
 
 from harness import data, objectives
 from harness import parallel as parallel_training
-from harness.models import ConfigSource, build_model, quantized_weights
+from harness.models import ConfigSource, build_model, experts_of, quantized_weights
 from harness.objectives import ObjectiveSpec
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
@@ -61,6 +61,7 @@ class TrainResult:
     paged_optimizer_bytes: int | None = None  # state in unified memory: no allocator sees it
     quantized_weight_bytes: int | None = None  # bitsandbytes weights + their quantization state
     virtual_tokens: dict | None = None  # record.ModelPart.virtual_tokens
+    experts: dict | None = None  # record.ModelPart.experts
     quantized_params: int | None = None  # how many original weights those hold
     saves: list[dict[str, Any]] = field(default_factory=list)  # each `save:` entry, as it ran
     lengths: list[int] | None = None  # `data:`: the source's lengths, and the batches drawn
@@ -210,6 +211,9 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                                       if id(p) in ids)
     result.params_trainable = sum(p.numel() for p in params)
     result.virtual_tokens = virtual_tokens(model)
+    result.experts = experts_of(model, spec.routing if probe.method == "simulated" else None)
+    if result.experts is not None and result.experts["implementation"] == "eager":
+        probe.known["routing"] = spec.routing  # what a simulation's eager experts receive
     result.resolved = ctx.resolved
     grad_hooks = probe.tracker.watch_grads(model)
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype

@@ -242,6 +242,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.memory = Memory.of(memory)  # one process: no rank, ranks or imbalance
     record.model.quantized_params = result.quantized_params
     record.model.virtual_tokens = result.virtual_tokens
+    record.model.experts = result.experts
     record.model.params_total = result.params_total or None
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:

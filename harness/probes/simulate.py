@@ -68,6 +68,7 @@ class SimulateProbe(Probe):
             self.tracker.scratch = self._cuda_scratch
         self.tracker.values = functools.partial(library_values, liger=device.type == "cuda",
                                                 known=self.known)
+        self.tracker.kernels = device_kernels
         if device.type == "cuda":
             self.tracker.device_type = "cuda"
         # cuBLAS handles' workspaces (CUDA target): one for the loop's thread, one for autograd's
@@ -342,6 +343,32 @@ def unwritten_files():
             setattr(module, name, value)
 
 
+def device_kernels(func, args, kwargs):
+    """The output of a device kernel whose fake (meta) kernel refuses inputs the device takes.
+    `_grouped_mm` (transformers' grouped_mm experts, a mixture of experts' layers): its meta
+    kernel checks CUDA's bf16 fast path only, while CPU's kernel, and CUDA's fallback for any
+    other dtype (`_grouped_mm_fallback`: a matmul a group, into the one output), multiply fp32
+    or fp16 groups too (QLoRA's k-bit preparation makes the experts fp32). The output as the
+    kernel makes it (create_grouped_gemm_output_tensor): on CUDA each row padded to 16 bytes.
+    Else NOT_ANSWERED."""
+    if func is not torch.ops.aten._grouped_mm.default:
+        return NOT_ANSWERED
+    a, b = args[0], args[1]
+    if a.dtype == b.dtype == torch.bfloat16 or not is_fake(a):
+        return NOT_ANSWERED
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    if a.dim() == 2:
+        shape = (offs.size(0), a.size(0), b.size(1)) if b.dim() == 2 else (a.size(0), b.size(-1))
+    else:
+        shape = (a.size(1), b.size(1)) if b.dim() == 2 else (a.size(0), a.size(1), b.size(-1))
+    dtype = kwargs.get("out_dtype") or a.dtype
+    align = 16 // dtype.itemsize if a.device.type == "cuda" else 1
+    stride = [-(-shape[-1] // align) * align, 1]
+    if len(shape) == 3:
+        stride.insert(0, shape[1] * stride[0])
+    return torch.empty_strided(shape, stride, dtype=dtype, device=a.device)
+
+
 def library_values(func, args, liger: bool = False, known: dict | None = None):
     """The values the libraries' Python reads of fake tensors, which have none, where the
     answer is known and sizes no allocation. Liger (`liger`: on the fake CUDA device): fused
@@ -373,6 +400,10 @@ def library_values(func, args, liger: bool = False, known: dict | None = None):
         return answer
     if known:
         value = _trl_value(frame, func, args, known)
+        if value is not NOT_ANSWERED:
+            return value
+    if known and "routing" in known:
+        value = _expert_value(frame, func, args, known)
         if value is not NOT_ANSWERED:
             return value
     while frame is not None:
@@ -432,6 +463,38 @@ def _peft_masked(frame, tensor):
             return tensor.clone()
         frame = frame.f_back
     return NOT_ANSWERED
+
+
+def _expert_value(frame, func, args, known: dict):
+    """Eager experts' loop (transformers' `*Experts.forward`, one generated pattern for every
+    mixture-of-experts family): which experts the router chose (`expert_mask…nonzero()`), then
+    for each the (slot, token) pairs routed to it (`torch.where(expert_mask[i])`) — the rows
+    every expert's matmuls hold — and whether it is the padding expert (never). As
+    `known["routing"]` says: balanced, every expert tokens × top_k / experts pairs (the first
+    ones one more, to make the total); worst, every token to the same top_k experts. Either
+    way tokens × top_k rows in all, what a layer saves for backward; worst makes each expert's
+    temporaries largest."""
+    loop = next((f for f in _frames(frame) if "expert_mask" in f.f_locals
+                 and hasattr(f.f_locals.get("self"), "num_experts")), None)
+    if loop is None:
+        return NOT_ANSWERED
+    if func is torch.ops.aten._local_scalar_dense.default:
+        return False  # `expert_idx == self.num_experts`: a real expert
+    if func is not torch.ops.aten.nonzero.default:
+        return NOT_ANSWERED
+    experts, (_, top_k, tokens) = loop.f_locals["self"].num_experts, \
+        loop.f_locals["expert_mask"].shape
+    pairs = tokens * top_k
+    worst = known["routing"] == "worst"
+    counted = known.setdefault("expert_calls", {})
+    if args[0].dim() == 1:  # the experts hit: their indices, one a row
+        counted[id(loop)] = 0
+        return args[0].new_empty((top_k if worst else min(experts, pairs), 1),
+                                 dtype=torch.int64)
+    index = counted.get(id(loop), 0)
+    counted[id(loop)] = index + 1
+    rows = tokens if worst else pairs // experts + (index < pairs % experts)
+    return args[0].new_empty((rows, args[0].dim()), dtype=torch.int64)
 
 
 def _trl_value(frame, func, args, known: dict):

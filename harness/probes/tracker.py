@@ -222,6 +222,9 @@ class Tracker(TorchDispatchMode):
     # func, args → the value a read of a fake tensor's value (which it does not have) returns,
     # or NOT_ANSWERED to let the read fail as it would; None: none answered.
     values = None
+    # func, args, kwargs → the output the device's kernel returns where the fake kernel refuses
+    # inputs that kernel takes, or NOT_ANSWERED; None: none answered.
+    kernels = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.values is not None:
@@ -230,6 +233,11 @@ class Tracker(TorchDispatchMode):
                 if isinstance(value, torch.Tensor):  # an answered selection (simulate._peft_masked)
                     self.sight(Kind.TENSOR, value)
                 return value
+        if self.kernels is not None:
+            out = self.kernels(func, args, kwargs or {})
+            if out is not NOT_ANSWERED:
+                self.sight(Kind.TENSOR, out)
+                return out
         sizes = self.scratch(func, args) if self.scratch is not None else ()
         # Inside this method the mode is off: these go to the fake mode below, as fake tensors.
         held = [torch.empty(n, dtype=torch.uint8, device=self.device_type or "cpu")
