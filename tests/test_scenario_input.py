@@ -233,3 +233,27 @@ def test_validation_leaves_nothing_behind_in_the_process():
     after = vars(modeling_mistral)
     assert [k for k in before if after.get(k) is not before[k]] == []
 
+
+
+def test_a_hub_id_resolves_to_its_config_in_the_hub_cache_layout(tmp_path, monkeypatch):
+    """`config: org/name` with random weights needs the config only: found in a cache laid out
+    as the hub library lays it out (models--org--name/snapshots/<sha>/, refs/main naming the
+    snapshot), offline, and the model built from it trains."""
+    from huggingface_hub import constants
+
+    from tests.conftest import REPO, measured_variants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--acme--tiny-moe"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha / "config.json").write_text(
+        (REPO / "scenarios" / "models" / "tiny-mixtral.json").read_text())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _, got = measured_variants(tmp_path, "hub", [{"name": "bf16", "techniques": ["bf16"]}],
+                               modes=lambda name: (False,), model={"config": "acme/tiny-moe"},
+                               train={"batch_size": 1, "seq_len": 16, "steps": 1,
+                                      "warmup_steps": 0})
+    assert got["bf16", False].result.experts["count"] == 4  # the cached config's, built
