@@ -115,9 +115,10 @@ def _warn_positions(scenario, variants) -> None:
     too): a warning, not bad input — the memory of that many tokens is still a question."""
     from harness.models import beyond_positions, resolve_config
 
-    source = resolve_config(scenario.model, scenario.path)
-    for seq_len in sorted({v.train.seq_len for v in variants}):
-        warning = beyond_positions(source, seq_len, scenario.model.trust_remote_code)
+    for model, seq_len in sorted({(scenario.model_of(v), v.train.seq_len) for v in variants},
+                                 key=lambda pair: (pair[0].config, pair[1])):
+        warning = beyond_positions(resolve_config(model, scenario.path), seq_len,
+                                   model.trust_remote_code)
         if warning:
             print(f"harness: warning: {scenario.path}: {warning}", file=sys.stderr)
 
@@ -293,6 +294,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.what == "peft":
         print(_peft_listing())
         return 0
+    if args.what == "models":
+        print(_model_listing())
+        return 0
     print("scenarios:")
     for path in list_scenarios():
         print(_listing(path))
@@ -300,12 +304,45 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for name, tech in sorted(REGISTRY.items()):
         print(f"  {name:<24} {tech.stage.name.lower():<6} {tech.doc}")
     print("peft methods (harness ls peft: those the installed PEFT has, from its registry)")
-    print("models (scenarios/models):")
-    for path in sorted(MODEL_DIR.glob("*.json")):
-        print(f"  {path.stem}")
+    print("models (scenarios/models; harness ls models: parameters, layers, experts):")
+    print("  " + " ".join(path.stem for path in sorted(MODEL_DIR.glob("*.json"))))
     print("gpus (harness ls gpus: their figures and sources):")
     print("  " + " ".join(_gpus.PRESETS))
     return 0
+
+
+def _model_listing() -> str:
+    """Each committed config: its family, parameters (built on meta, tied ones once), layers
+    (alike, or the period of their kinds), experts, and its hub id with the published count."""
+    from harness.models import (
+        MODEL_DIR,
+        ConfigSource,
+        describe_layers,
+        expert_count,
+        load_config,
+        parameter_count,
+        published,
+    )
+
+    known = published()
+    rows = ["| model | family | parameters | published | layers | experts | hub id |",
+            "|:--|:--|--:|--:|:--|:--|:--|"]
+    for path in sorted(MODEL_DIR.glob("*.json")):
+        config = load_config(ConfigSource("file", str(path), path.stem))
+        text = config.get_text_config()
+        experts = expert_count(config)
+        entry = known.get(path.stem, {})
+        rows.append(
+            f"| {path.stem} | {config.model_type} | {_count(parameter_count(config))} | "
+            f"{_count(entry['params']) if 'params' in entry else '—'} | "
+            f"{describe_layers(config)} | "
+            f"{f'{experts} × top {text.num_experts_per_tok}' if experts else '—'} | "
+            f"{entry.get('hub', '—')} |")
+    return "\n".join(rows)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def _peft_listing() -> str:
@@ -694,8 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list scenarios, techniques and model configs (ls gpus: the "
                         "GPU presets, their memory and what a process can use of it)")
-    ls.add_argument("what", nargs="?", choices=("gpus", "peft"),
-                    help="gpus: the GPU presets only; peft: the PEFT methods installed")
+    ls.add_argument("what", nargs="?", choices=("gpus", "peft", "models"),
+                    help="gpus: the GPU presets only; peft: the PEFT methods installed; models: "
+                    "each committed config's parameters, layers and experts")
     ls.set_defaults(fn=cmd_ls)
 
     plot = sub.add_parser("plot", help="PNGs of a run folder (breakdown per variant; peak against "

@@ -491,7 +491,8 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
     variant = dataclasses.replace(variant, train=train)
     record = new_record(run_id=run_id, scenario=scenario, variant=variant, device="estimate",
                         method="estimated", index=scenario.index(variant), env=collect_env("cpu"))
-    source = resolve_config(scenario.model, scenario.path)
+    model = scenario.model_of(variant)
+    source = resolve_config(model, scenario.path)
     try:
         if source.kind != "file":
             raise NotModelled("the config of a hub id not in the local cache cannot be read")
@@ -507,7 +508,7 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
             raise NotModelled(f"{variant.parallel.label()}: the closed form has no sharding or "
                               "collective buffers; simulate it (--device simulate)")
         shapes = read_shapes(source.location)
-        stack = read_stack(variant.techniques, train, scenario.model.attn_implementation)
+        stack = read_stack(variant.techniques, train, model.attn_implementation)
         result = estimate(shapes, stack, train.batch_size, train.seq_len, train.warmup_steps,
                           train.steps, target, train.gradient_accumulation_steps)
     except NotModelled as e:

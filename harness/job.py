@@ -73,7 +73,11 @@ class Job:
         if options.steps is not None:
             variant = dataclasses.replace(
                 variant, train=dataclasses.replace(variant.train, steps=options.steps))
-        return cls(scenario=dataclasses.replace(scenario, variants=(variant,)), variant=variant,
+        # The job's scenario header names the variant's own model, if it has one: the worker
+        # reads `scenario.model`.
+        header = dataclasses.replace(scenario, model=scenario.model_of(variant),
+                                     variants=(variant,))
+        return cls(scenario=header, variant=variant,
                    index=index, device=options.device, run_id=run_id, result=result, budget_bytes=options.budget_bytes,
                    target=options.target, full_depth=options.full_depth,
                    snapshot=snapshot if options.snapshot else None, gpu=options.gpu)

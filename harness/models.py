@@ -142,6 +142,67 @@ def custom_code_reason(source: ConfigSource, trust_remote_code: bool) -> str | N
             "to run it")
 
 
+def layer_pattern(config) -> tuple[list[str], int]:
+    """(one period of the decoder layers' kinds, the number of layers): Gemma-3's 5 sliding-
+    window layers to 1 global is (sliding_attention × 5, full_attention), 26 layers deep; a
+    model whose layers are all alike is (its one kind, or "same")."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or 0
+    kinds = list(getattr(text, "layer_types", None) or ["same"] * layers)
+    if len(set(kinds)) <= 1:
+        return kinds[:1] or ["same"], layers
+    period = next(p for p in range(1, len(kinds) + 1)
+                  if all(kinds[i] == kinds[i % p] for i in range(len(kinds))))
+    return kinds[:period], layers
+
+
+def describe_layers(config) -> str:
+    """`28 alike`, or `26: (5 sliding, 1 full) ×4 + 2 sliding` (the period's runs of kinds)."""
+    period, layers = layer_pattern(config)
+    if len(period) == 1:
+        return f"{layers} alike"
+
+    def runs(kinds: list[str]) -> str:
+        out: list[list] = []
+        for kind in kinds:
+            short = kind.removesuffix("_attention")
+            if out and out[-1][0] == short:
+                out[-1][1] += 1
+            else:
+                out.append([short, 1])
+        return ", ".join(f"{n} {kind}" for kind, n in out)
+
+    whole, tail = divmod(layers, len(period))
+    return f"{layers}: ({runs(period)}) ×{whole}" + (f" + {runs(period[:tail])}" if tail else "")
+
+
+def parameter_count(config) -> int:
+    """Every parameter of the model a config builds (on meta: nothing allocated), tied ones
+    once: a causal LM's, or an image-text-to-text model's (a vision-language model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            with torch.device("meta"):
+                model = auto.from_config(config)
+        except ValueError:  # not a model this auto class maps
+            continue
+        return sum(p.numel() for p in model.parameters())
+    raise ModelConfigError(f"no causal LM or image-text-to-text model for {config.model_type}")
+
+
+PUBLISHED = MODEL_DIR / "published.yaml"
+
+
+def published() -> dict[str, dict]:
+    """scenarios/models/published.yaml: each committed real-size config's hub id, its published
+    parameter count and where that figure is from."""
+    import yaml
+
+    return yaml.safe_load(PUBLISHED.read_text()) or {}
+
+
 def identical_layers(source: ConfigSource, trust_remote_code: bool = False) -> int | None:
     """The number of decoder layers if they are all alike (no mix of sliding-window and full
     attention layers, say), else None."""

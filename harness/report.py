@@ -213,7 +213,8 @@ def header_line(frame: pd.DataFrame) -> str:
              f"batch {first['batch_size']} × seq {first['seq_len']}")
     if not swept and _batch_column(frame):
         shape = f"seq {first['seq_len']} · batch: see each row"
-    return (f"{first['scenario']} · model {first['model_config']} · {shape} · "
+    model = "model: see each row" if _model_column(frame) else f"model {first['model_config']}"
+    return (f"{first['scenario']} · {model} · {shape} · "
             f"{first['optimizer']} lr {first['lr']:g} · "
             f"{first['steps']} steps (+{first['warmup_steps']} warm-up) · device {first['device']} · "
             f"{first['method']} · run {first['run_id']}")
@@ -227,6 +228,11 @@ def _batch_column(table: pd.DataFrame) -> bool:
     swept = "sweep_point" in table and table["sweep_point"].notna().any()
     return bool((table["gradient_accumulation_steps"] > 1).any()) or \
         (not swept and table["batch"].nunique() > 1)
+
+
+def _model_column(table: pd.DataFrame) -> bool:
+    """Whether the tables show each row's model: the variants train different ones."""
+    return "model_config" in table and table["model_config"].nunique() > 1
 
 
 def _virtual_column(table: pd.DataFrame) -> bool:
@@ -276,6 +282,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
     batches = _batch_column(table)
     virtual = _virtual_column(table)
     objective = _objective_column(table)
+    models = _model_column(table)
     rows = []
     for _, r in table.iterrows():
         ok = r["status"] == "ok"
@@ -284,6 +291,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
                       r[f"{k}_bytes"])
         rows.append({
             "variant": r["variant"],
+            **({"model": r["model_config"]} if models else {}),
             **({"point": r["sweep_point"] or "—"} if swept else {}),
             **({"batch": r["batch"]} if batches else {}),
             **({"seq": r["seq"]} if virtual else {}),
@@ -343,12 +351,14 @@ def markdown(table: pd.DataFrame) -> str:
     batches = _batch_column(table)
     virtual = _virtual_column(table)
     objective = _objective_column(table)
+    models = _model_column(table)
     categories = _categories(table)
     rows = []
     for _, r in table.iterrows():
         shown = r["status"] in ("ok", "oom")  # an error's partial figures are not a result
         rows.append({
             "variant": r["variant"],
+            **({"model": r["model_config"]} if models else {}),
             **({"sweep point": r["sweep_point"] or "—"} if swept else {}),
             **({"batch": r["batch"]} if batches else {}),
             **({"seq": r["seq"]} if virtual else {}),

@@ -48,10 +48,11 @@ def answers(scenario, variant, reference: dict | None, gpu) -> dict[str, dict[st
     from harness.models import meta_model, resolve_config
 
     stored, computed, quantized = dtypes(variant.techniques)
-    source = resolve_config(scenario.model, scenario.path)
+    spec = scenario.model_of(variant)
+    source = resolve_config(spec, scenario.path)
     out: dict[str, dict[str, Any]] = {}
     try:
-        model = meta_model(scenario.model, source)
+        model = meta_model(spec, source)
     except Exception as e:  # noqa: BLE001 - no model, no answer from either tool
         reason = f"the model does not build on meta: {type(e).__name__}: {e}"
         none = {"status": "unsupported", "peak_allocated_bytes": None, "error": reason}

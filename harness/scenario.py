@@ -254,6 +254,8 @@ class Variant:
     save: tuple[SaveSpec, ...] | None = None  # None: nothing saved
     data: DataSpec | None = None  # None: fixed-shape batches of train.seq_len
     objective: ObjectiveSpec | None = None  # None: sft, the model's own loss (objectives.py)
+    # The variant's own model (its `model:` keys on top of the scenario's); None: the scenario's.
+    model: ModelSpec | None = None
 
     def __post_init__(self):
         if not self.declared:
@@ -276,6 +278,10 @@ class Scenario:
     baseline: str
     variants: tuple[Variant, ...]  # with a sweep: one per (declared variant, point)
     sweep: tuple[tuple[str, tuple], ...] = ()  # (train key, values), as written
+
+    def model_of(self, variant: Variant) -> ModelSpec:
+        """The model a variant trains: its own, else the scenario's."""
+        return variant.model or self.model
 
     def variant(self, name: str) -> Variant:
         """By name: a declared variant's, or one sweep point's (`<declared>@<key>=<value>,…`)."""
@@ -526,44 +532,50 @@ def _did_you_mean(value, names) -> str:
     return f" (did you mean {next(n for n in names if n.lower() == hint[0].lower())!r}?)"
 
 
-def _parse_model(path, raw) -> ModelSpec:
-    values = _parse_fields(path, ModelSpec, _require_mapping(path, raw, "model"), "model")
+def _parse_model(path, raw, variant: str | None = None) -> ModelSpec:
+    """`model:` — the scenario's, or a variant's own keys on top of it (`variant`: its name,
+    which its errors carry)."""
+    values = _parse_fields(path, ModelSpec, _require_mapping(path, raw, "model", variant),
+                           "model", variant)
     if "config" not in values:
         raise ScenarioError(path, "missing (a name under scenarios/models, a config path or a hub id)",
-                            key="model.config")
+                            key="model.config", variant=variant)
     spec = ModelSpec(**values)
     # Imported here: models.py pulls in transformers, which validation of the rest does not need.
-    from harness.models import ModelConfigError, custom_code_reason, load_config, resolve_config
+    from harness.models import (
+        ModelConfigError,
+        custom_code_reason,
+        expert_count,
+        load_config,
+        resolve_config,
+    )
 
     try:
         source = resolve_config(spec, path)
     except ModelConfigError as e:
-        raise ScenarioError(path, str(e), key="model.config") from None
+        raise ScenarioError(path, str(e), key="model.config", variant=variant) from None
     if source.kind == "file":
         try:
             config = load_config(source, spec.trust_remote_code)
         except Exception as e:  # noqa: BLE001 - transformers' own complaint, on one line
             raise ScenarioError(path, custom_code_reason(source, spec.trust_remote_code) or
                                 f"cannot read model config {source.location}: " +
-                                " ".join(str(e).split())[:300], key="model.config") from None
+                                " ".join(str(e).split())[:300], key="model.config",
+                                variant=variant) from None
         for size in _MODEL_SIZES:  # what transformers builds without complaint, and trains wrong
             value = getattr(config, size, None)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ScenarioError(path, f"{source.location}: {size} must be ≥ 1, got {value}",
-                                    key="model.config")
-        from harness.models import expert_count
-
-        if expert_count(config) is None:
-            for key in ("experts", "routing"):
-                if key in values:
-                    raise ScenarioError(path, f"{spec.config} has no mixture of experts: "
-                                        f"{key} applies to none of its layers",
-                                        key=f"model.{key}")
+                                    key="model.config", variant=variant)
+        if expert_count(config) is None and spec.experts is not None:
+            raise ScenarioError(path, f"{spec.config} has no mixture of experts: experts "
+                                "applies to none of its layers", key="model.experts",
+                                variant=variant)
     if "routing" in values and spec.experts != "eager":
         raise ScenarioError(path, f"routing decides what eager experts hold; with "
                             f"{spec.experts or 'grouped_mm (the default)'} every expert buffer "
                             "holds tokens × top_k rows however tokens are routed",
-                            key="model.routing")
+                            key="model.routing", variant=variant)
     return spec
 
 
@@ -789,8 +801,12 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
                                   f". _ + - (it names a file), got {name!r}", key=f"{key}.name")
     if name in names:
         raise ScenarioError(path, "duplicate variant name", key=f"{key}.name", variant=name)
-    _unknown_keys(path, variant, ["name", "description", "techniques", "train", "parallel",
-                                  "objective", *JOB_PARTS], key, name)
+    _unknown_keys(path, variant, ["name", "description", "model", "techniques", "train",
+                                  "parallel", "objective", *JOB_PARTS], key, name)
+    model = None
+    if "model" in variant:  # its keys on top of the scenario's
+        model = _parse_model(path, {**job.get("model", {}), **_require_mapping(
+            path, variant["model"], "model", name)}, name)
     description = variant.get("description", "")
     if description:
         _check_type(path, f"{key}.description", description, "str", name)
@@ -822,7 +838,8 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
         if "objective" in variant else job.get("objective")
     _check_objective(path, objective, uses, train, parallel, parts, name)
     return Variant(name=name, techniques=uses, train=train, train_overrides=overrides,
-                   description=description, parallel=parallel, objective=objective, **parts)
+                   description=description, parallel=parallel, objective=objective,
+                   model=model, **parts)
 
 
 def _parse_objective(path, raw, key: str, variant=None) -> ObjectiveSpec | None:
@@ -891,11 +908,13 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
     the run, where it is an `unsupported` result."""
     from harness.models import resolve_config
 
-    source = resolve_config(model, path)
-    if source.kind != "file":
-        return  # a hub config we may not fetch here; the run reports what is missing
-    built: dict[str, Any] = {}
+    scenario_model = model
+    built: dict[tuple, Any] = {}
     for at, variant in enumerate(variants):
+        model = variant.model or scenario_model
+        source = resolve_config(model, path)
+        if source.kind != "file":
+            continue  # a hub config we may not fetch here; the run reports what is missing
         for index, use in enumerate(variant.techniques):
             if REGISTRY[use.name].check_model is None:
                 continue
@@ -907,7 +926,7 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
             if problem:
                 raise ScenarioError(path, problem, key=f"variants[{at}].techniques[{index}]."
                                     f"{use.name}", variant=variant.name)
-        stack = repr(variant.techniques)
+        stack = (model, repr(variant.techniques))
         if stack not in built:
             built[stack] = _meta_build_failure(model, source, variant.techniques)
         if built[stack] is not None:
@@ -1013,6 +1032,7 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     job = {part: _parse_job_part(path, part, top.get(part), None) for part in JOB_PARTS}
     job["objective"] = _parse_objective(path, top["objective"], "objective") \
         if "objective" in top else None
+    job["model"] = top["model"]  # a variant's own model keys go on top of these
     raw_variants = top["variants"]
     if not isinstance(raw_variants, list) or not raw_variants:
         raise ScenarioError(path, "must be a non-empty list of variants", key="variants")

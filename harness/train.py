@@ -480,7 +480,8 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
         probe.start()
         try:
             if outcome["status"] == "ok":
-                run_steps(probe, scenario.model, source, variant.techniques, train, device,
+                run_steps(probe, scenario.model_of(variant), source, variant.techniques, train,
+                          device,
                           result, variant.parallel, variant.eval, variant.generate,
                           variant.save, result.drawn, variant.objective)
         except torch.OutOfMemoryError as e:
