@@ -334,7 +334,7 @@ def _model_listing() -> str:
         entry = known.get(path.stem, {})
         rows.append(
             f"| {path.stem} | {config.model_type} | {_count(parameter_count(config))} | "
-            f"{_count(entry['params']) if 'params' in entry else '—'} | "
+            f"{_count(entry['params'] - entry.get('tied_stored', 0)) if 'params' in entry else '—'} | "
             f"{describe_layers(config)} | "
             f"{f'{experts} × top {text.num_experts_per_tok}' if experts else '—'} | "
             f"{entry.get('hub', '—')} |")

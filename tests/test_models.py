@@ -74,7 +74,8 @@ def test_interleaved_layers_are_described_by_their_period():
 @pytest.mark.slow
 def test_every_real_size_config_has_its_published_parameter_count_within_half_a_percent():
     """Each committed config but the tiny test models, built on meta, against the count its
-    publisher states (scenarios/models/published.yaml says where)."""
+    publisher states (scenarios/models/published.yaml says where; a checkpoint that stores a
+    tied output embedding again, as Qwen3's smallest do, counts it twice: `tied_stored`)."""
     from harness.models import ConfigSource, load_config, parameter_count, published
 
     known = published()
@@ -85,7 +86,8 @@ def test_every_real_size_config_has_its_published_parameter_count_within_half_a_
         assert entry["hub"] and entry["source"], name
         built = parameter_count(load_config(ConfigSource("file", str(MODELS / f"{name}.json"),
                                                          name)))
-        assert built == pytest.approx(entry["params"], rel=0.005), (name, built)
+        assert built == pytest.approx(entry["params"] - entry.get("tied_stored", 0),
+                                      rel=0.005), (name, built)
 
 
 @pytest.mark.slow
