@@ -931,7 +931,8 @@ def _check_against_model(path: Path, model: ModelSpec, variants: list[Variant]) 
             built[stack] = _meta_build_failure(model, source, variant.techniques)
         if built[stack] is not None:
             use, problem = built[stack]
-            key = "model.config" if use is None else \
+            key = ((f"variants[{at}]." if variant.model else "") + "model.config") \
+                if use is None else \
                 f"variants[{at}].techniques[{variant.techniques.index(use)}].{use.name}"
             raise ScenarioError(path, problem, key=key, variant=variant.name)
         if variant.objective is not None:

@@ -43,6 +43,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def shipped_scenarios() -> list:
+    """Every shipped scenario as a test parameter: validating one of many models (a model
+    built on meta for each variant: models_24gb's 33 take 17 s) is the slow tier's."""
+    from harness.scenario import list_scenarios, outline
+
+    def models(path) -> int:
+        return len({v.get("model", {}).get("config") for v in
+                    yaml.safe_load(path.read_text())["variants"] if isinstance(v, dict)})
+
+    return [pytest.param(p, id=p.stem, marks=pytest.mark.slow) if models(p) > 3 or
+            outline(p)[2] > 40 else pytest.param(p, id=p.stem) for p in list_scenarios()]
+
+
 @functools.cache
 def shipped(path: Path):
     """A shipped scenario, loaded (validated against its model: meta builds, TRL's trainers)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from harness.job import Job, RunOptions
-from harness.scenario import list_scenarios, load_scenario
-from tests.conftest import shipped, write_scenario
+from harness.scenario import load_scenario
+from tests.conftest import shipped, shipped_scenarios, write_scenario
 
 ALL_FLAGS = RunOptions("cpu", steps=2, budget_bytes=3 << 30, timeout_s=60.0, full_depth=True,
                        target="cpu", snapshot=True)
 
 
-@pytest.mark.parametrize("path", list_scenarios(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", shipped_scenarios())
 def test_every_committed_variant_survives_its_job_file(path, tmp_path):
     scenario = shipped(path)
     for variant in scenario.variants:

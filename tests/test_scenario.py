@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from harness.scenario import ScenarioError, list_scenarios, load_scenario
 from harness.techniques import ordered
-from tests.conftest import harness, shipped, write_scenario
+from tests.conftest import harness, shipped, shipped_scenarios, write_scenario
 
 GOOD = {
     "name": "s",
@@ -37,11 +37,10 @@ def _write(folder: Path, body, name: str = "s") -> Path:
     return path
 
 
-def test_every_shipped_scenario_is_valid():
-    paths = list_scenarios()
-    assert paths, "no scenarios shipped"
-    for path in paths:
-        shipped(path)  # raises ScenarioError where one is not
+@pytest.mark.parametrize("path", shipped_scenarios())
+def test_every_shipped_scenario_is_valid(path):
+    assert list_scenarios(), "no scenarios shipped"
+    shipped(path)  # raises ScenarioError where one is not
 
 
 def test_good_scenario_loads_with_resolved_arguments_and_overrides(tmp_path):
