@@ -262,6 +262,13 @@ def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None =
                                 **more)
 
 
+def vocab_size(model) -> int:
+    """The vocabulary a model's inputs index: its text model's (a multimodal config keeps it
+    in `text_config`)."""
+    config = model.config
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+
+
 def expert_count(config) -> int | None:
     """A mixture of experts' experts a layer (Mixtral's `num_local_experts`, Qwen-MoE's
     `num_experts`, …), or None for a dense model."""

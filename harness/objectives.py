@@ -593,6 +593,7 @@ def build(ctx, spec: ObjectiveSpec, train, device, gradient_checkpointing: bool,
     import torch
     from datasets.utils.logging import disable_progress_bar
 
+    from harness.models import vocab_size
     from harness.patches import reference_unhashed
 
     method = spec.method
@@ -609,7 +610,7 @@ def build(ctx, spec: ObjectiveSpec, train, device, gradient_checkpointing: bool,
     count = train.batch_size * train.gradient_accumulation_steps
     if method.generates:  # prompts: each makes num_generations completions
         count = max(args.generation_batch_size // args.num_generations, 1)
-    data = rows(method.data, count, prompt, train.seq_len - prompt, model.config.vocab_size,
+    data = rows(method.data, count, prompt, train.seq_len - prompt, vocab_size(model),
                 train.seed)
     beta = getattr(args, "beta", None)
     handed = method.generates and reference == "copy"
@@ -625,7 +626,7 @@ def build(ctx, spec: ObjectiveSpec, train, device, gradient_checkpointing: bool,
     with reference_unhashed(), where:
         trainer = _deferred(trainer_class)(
             model=model, args=args, train_dataset=data,
-            processing_class=word_tokenizer(model.config.vocab_size), **extra)
+            processing_class=word_tokenizer(vocab_size(model)), **extra)
     if handed:
         _hand_reference(trainer, ctx.reference, beta)
     if method.generates and trainer.reward_weights.is_meta:  # made under `where`: as TRL does

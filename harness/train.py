@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import (
 
 from harness import data, objectives
 from harness import parallel as parallel_training
-from harness.models import ConfigSource, build_model, experts_of, quantized_weights
+from harness.models import ConfigSource, build_model, experts_of, quantized_weights, vocab_size
 from harness.objectives import ObjectiveSpec
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
@@ -107,7 +107,7 @@ def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
 
     ctx = BuildContext(device=device)
     if train is not None:
-        ctx.batches = lambda: [make_batch(train, ctx.model.config.vocab_size, device, micro)
+        ctx.batches = lambda: [make_batch(train, vocab_size(ctx.model), device, micro)
                                for micro in range(train.gradient_accumulation_steps)]
     apply_stage(Stage.LOAD, ctx, uses)
     if objective is not None:  # a reward model is a sequence classifier
@@ -187,7 +187,7 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         params = [p for p in model.parameters() if p.requires_grad]
         # A step's micro-batches are on the device together, as Trainer fetches them.
         accumulation = train.gradient_accumulation_steps
-        vocab = model.config.vocab_size
+        vocab = vocab_size(model)
         batches, loss_kwargs = [], {}
         if trl_objective is not None:
             batches = trl_objective.batches(accumulation, device, probe.on_host)
@@ -332,7 +332,7 @@ def evaluate(probe: Probe, forward, model, spec: EvalSpec, train: TrainSpec,
     labels = EvalLoopContainer(do_nested_concat=True, padding_index=-100)
     with probe.phase("eval", step), _inference(model), autocast:
         for index in range(spec.batches):
-            batch = make_batch(train, model.config.vocab_size, device, shape=shape,
+            batch = make_batch(train, vocab_size(model), device, shape=shape,
                                micro=10_000 + index)  # not a training batch's seed
             probe.sight(Kind.INPUT, batch)
             outputs = forward(**batch, use_cache=False)
@@ -351,7 +351,7 @@ def generate(probe: Probe, model, spec: GenerateSpec, train: TrainSpec, device: 
     """`model.generate`: greedy, exactly `max_new_tokens` after a prompt of `prompt_len`
     (no early stop at an end-of-sequence token: random weights would stop anywhere), with the
     model's default KV cache, whose tensors are named as they are made (`Kind.KV_CACHE`)."""
-    prompt = make_batch(train, model.config.vocab_size, device, micro=20_000,
+    prompt = make_batch(train, vocab_size(model), device, micro=20_000,
                         shape=(spec.resolved(train)["batch_size"], spec.prompt_len))["input_ids"]
     hook = probe.watch_cache(model)
     try:

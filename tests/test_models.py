@@ -123,3 +123,30 @@ def test_a_run_over_two_models_records_each_variant_s_and_tables_them(tmp_path):
                                            if line.startswith("| "))}
     assert "model: see each row" in proc.stdout
     assert table["mixtral"][1] == "tiny-mixtral" and table["llama"][1] == "tiny-llama"
+
+
+@pytest.mark.slow
+def test_a_multimodal_config_trains_on_text_its_vocabulary_in_its_text_config(tmp_path):
+    """Gemma-3 4B and up are multimodal (Gemma3ForConditionalGeneration): their vocabulary
+    lives in `text_config`. Trained on text, the vision tower is built beside the language
+    model, frozen or not as the techniques say; measured and simulated alike."""
+    from transformers import Gemma3Config
+
+    from tests.conftest import measured_variants
+
+    config = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         vocab_size=1024, sliding_window=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4)
+    config.save_pretrained(tmp_path / "gemma3")
+    _, got = measured_variants(tmp_path, "vlm", [{"name": "bf16", "techniques": ["bf16"]}],
+                               model={"config": "./gemma3"},
+                               train={"batch_size": 1, "seq_len": 32, "steps": 1,
+                                      "warmup_steps": 0})
+    real, sim = got["bf16", False], got["bf16", True]
+    assert real.result.params_total == sim.result.params_total > 0
+    assert sim.memory["peak_allocated_bytes"] == pytest.approx(
+        real.memory["peak_allocated_bytes"], rel=0.01)
