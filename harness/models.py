@@ -218,7 +218,7 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
     (simulation) pretrained weights are not read: their values do not change memory."""
     import torch
 
-    auto = _auto_class(load.head)
+    auto = _auto_class(load.head, load_config(source, spec.trust_remote_code))
     dtype = load.dtype or torch.float32
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
@@ -253,7 +253,7 @@ def meta_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions | None =
 
     dtype = (load.dtype if load else None) or torch.float32
     config = load_config(source, spec.trust_remote_code)
-    auto = _auto_class(load.head if load else "causal_lm")
+    auto = _auto_class(load.head if load else "causal_lm", config)
     if load is not None:
         config = _headed(config, load)
     more = {"experts_implementation": spec.experts} if spec.experts is not None else {}
@@ -299,10 +299,18 @@ def experts_of(model, routing: str | None = None) -> dict | None:
             "routing": (routing or "as routed") if implementation == "eager" else "any"}
 
 
-def _auto_class(head: str):
+def _auto_class(head: str, config=None):
+    """transformers' auto class for `head`; for a causal LM whose config only an
+    image-text-to-text class builds (Qwen2.5-VL), that one: the whole vision-language model,
+    which trains on text as its language model does, its vision tower beside it."""
     import transformers
 
-    return getattr(transformers, HEADS[head])
+    auto = getattr(transformers, HEADS[head])
+    if head == "causal_lm" and config is not None and \
+            type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING and \
+            type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return transformers.AutoModelForImageTextToText
+    return auto
 
 
 def _headed(config, load: LoadOptions):
