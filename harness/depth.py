@@ -1,7 +1,9 @@
 """A deep model from shallow simulations: `simulate_deep` is the one entry.
 
 A model whose decoder layers are all alike is simulated at EXTRAPOLATE_FROM[1] layers with each
-allocation event labelled by its layer, and the `layers`-deep step is assembled from that trace
+allocation event labelled by its layer — one whose layers' kinds repeat (Gemma's sliding and
+global layers) at as many periods of them, each event labelled by its period (models.Units) —
+and the `layers`-deep step is assembled from that trace
 (probes/layers.py: the trace, its peaks, breakdown and reserved memory). It is simulated at
 EXTRAPOLATE_FROM[0] layers too, to check the assembly against what one layer adds, and to carry
 every allocated byte count to `layers` where the step cannot be assembled (reserved memory is
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from harness.models import Units
 from harness.probes.layers import NotAssembled
 from harness.train import Measured, measure
 
@@ -22,35 +25,50 @@ class NotExtrapolated(Exception):
     what went wrong of the whole model."""
 
 
-def layers_to_extrapolate(scenario, source) -> int | None:
-    """The depth to extrapolate to, or None to simulate every layer (layers not all alike, or
-    too few to gain anything)."""
-    from harness.models import identical_layers
+def layers_to_extrapolate(scenario, source) -> Units | None:
+    """The model's decoder layers as units (models.Units: one layer each where they are all
+    alike, a period of their kinds where those repeat), or None to simulate every layer (too
+    few units to gain anything)."""
+    from harness.models import layer_units
     from harness.probes.simulate import EXTRAPOLATE_FROM
 
-    layers = identical_layers(source, scenario.model.trust_remote_code)
-    return layers if layers is not None and layers > EXTRAPOLATE_FROM[1] + 1 else None
+    units = layer_units(source, scenario.model.trust_remote_code)
+    if units is None or units.count <= EXTRAPOLATE_FROM[1] + 1:
+        return None
+    if units.size > 1 and sum(map(units.layers, EXTRAPOLATE_FROM)) >= units.layers(units.count):
+        return None  # periods of many layers: the two shallow runs would cost more than all
+    return units
 
 
-def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
+def simulate_deep(scenario, source, variant, train, torch_device, units: Units | int,
                   target: str = "cuda", snapshot_path: Path | None = None,
                   card=None) -> Measured:
-    """The `layers`-deep step from two shallow simulations, as `train.measure` would give it;
-    its first note says how it was obtained. Raises NotExtrapolated."""
+    """The step of the model `units` units deep (an int: that many identical layers) from two
+    shallow simulations, as `train.measure` would give it; its first note says how it was
+    obtained. Raises NotExtrapolated."""
     from harness.probes import make_probe
     from harness.probes.simulate import EXTRAPOLATE_FROM, extrapolate, repeak
 
+    if isinstance(units, int):
+        units = Units(1, 0, units)
+    layers = units.count
     probes = {depth: make_probe(torch_device, None, simulate=True, target=target, card=card)
               for depth in EXTRAPOLATE_FROM}
     deep = probes[EXTRAPOLATE_FROM[1]]
-    deep.label_layers, deep.assemble_to = True, layers
+    deep.label_layers, deep.assemble_to, deep.units = True, layers, units
     (low_outcome, shallow, low, _), (outcome, deeper, result, notes) = (
-        measure(scenario, dataclasses.replace(source, layers=depth), variant, train,
-                torch_device, None, True, target, probes[depth]) for depth in EXTRAPOLATE_FROM)
+        measure(scenario, dataclasses.replace(source, layers=units.layers(depth)), variant,
+                train, torch_device, None, True, target, probes[depth])
+        for depth in EXTRAPOLATE_FROM)
     if low_outcome["status"] != "ok" or outcome["status"] != "ok":
         raise NotExtrapolated(low_outcome["error"] or outcome["error"])
     memory = extrapolate(shallow, deeper, layers)
     shallow_depth, deep_depth = EXTRAPOLATE_FROM
+    # How the notes name what was simulated: layers, or periods of layers.
+    of = (f"{deep_depth} of the {layers} identical decoder layers" if units.size == 1 else
+          f"{deep_depth} of the {layers} periods of {units.size} decoder layers "
+          f"({units.layers(deep_depth)} of {units.layers(layers)} layers)")
+    what = "layer" if units.size == 1 else "period"
     try:
         assembled, trace = deep.assembly()
         _check(assembled, trace, memory, [len(p.tracker.allocations) for p in probes.values()],
@@ -60,10 +78,9 @@ def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
             if phase:
                 phase["peak_reserved_bytes"] = None
         memory = repeak({**memory, "reserved_model": None})
-        note = (f"simulated with {shallow_depth} and {deep_depth} of the {layers} identical "
-                "decoder layers, every allocated byte count extrapolated one layer at a time; "
-                f"reserved memory needs --full-depth, which simulates every layer (not "
-                f"assembled: {why})")
+        note = (f"simulated with {shallow_depth} and {of}, every allocated byte count "
+                f"extrapolated one {what} at a time; reserved memory needs --full-depth, which "
+                f"simulates every layer (not assembled: {why})")
     else:
         affine = ("paged_optimizer_bytes", "quantized_weight_bytes", "kv_cache_bytes")
         memory = {**assembled, **{key: memory[key] for key in affine  # not in the trace
@@ -75,9 +92,9 @@ def simulate_deep(scenario, source, variant, train, torch_device, layers: int,
             snapshot = snapshot_of(trace)
             if snapshot is not None:
                 write(snapshot_path, snapshot)
-        note = (f"simulated with {deep_depth} of the {layers} identical decoder layers, the "
-                f"{layers}-layer step assembled from them layer by layer (allocation trace, "
-                f"peaks, breakdown, reserved memory) and checked against {shallow_depth} layers")
+        note = (f"simulated with {of}, the {units.layers(layers)}-layer step assembled from "
+                f"them {what} by {what} (allocation trace, peaks, breakdown, reserved memory) "
+                f"and checked against {shallow_depth} {what}s")
     for key in ("params_total", "params_trainable", "quantized_params", "quantized_weight_bytes",
                 "saves"):  # a save's written bytes too
         setattr(result, key, extrapolate(getattr(low, key), getattr(result, key), layers))

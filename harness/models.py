@@ -116,10 +116,11 @@ def load_config(source: ConfigSource, trust_remote_code: bool = False):
     if source.kind == "file" and Path(where).name == "config.json":
         where = str(Path(where).parent)  # the folder: custom code lies beside config.json
     config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-    if source.layers is not None:
-        config.num_hidden_layers = source.layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:source.layers]
+    if source.layers is not None:  # the text model's layers (a multimodal config nests them)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text.num_hidden_layers = source.layers
+        if isinstance(getattr(text, "layer_types", None), list):
+            text.layer_types = text.layer_types[:source.layers]
     return config
 
 
@@ -203,13 +204,40 @@ def published() -> dict[str, dict]:
     return yaml.safe_load(PUBLISHED.read_text()) or {}
 
 
+@dataclass(frozen=True)
+class Units:
+    """A model's decoder layers as alike units, what a simulation assembles a deep model from:
+    one layer where the layers are all alike; where their kinds repeat (Gemma-3's 5 sliding-
+    window layers to 1 global), one period of them — the last unit then also holds the layers
+    past the last whole period (`tail`), which begin the pattern again, as every unit does."""
+
+    size: int  # layers a unit: the period of the layers' kinds
+    tail: int  # layers the last unit holds beyond `size`
+    count: int  # units in the model
+
+    def layers(self, units: int) -> int:
+        """Decoder layers of the same model `units` units deep."""
+        return units * self.size + self.tail
+
+    def of(self, layer: int, units: int) -> int:
+        """The unit a layer belongs to, in a model `units` units deep."""
+        return min(layer // self.size, units - 1)
+
+
+def layer_units(source: ConfigSource, trust_remote_code: bool = False) -> Units | None:
+    """The model's decoder layers as units (Units), or None where it has no layer count."""
+    config = load_config(source, trust_remote_code)
+    period, layers = layer_pattern(config)
+    if not isinstance(layers, int) or layers < 1:
+        return None
+    return Units(len(period), layers % len(period), layers // len(period))
+
+
 def identical_layers(source: ConfigSource, trust_remote_code: bool = False) -> int | None:
     """The number of decoder layers if they are all alike (no mix of sliding-window and full
     attention layers, say), else None."""
-    config = load_config(source, trust_remote_code)
-    layers = getattr(config, "num_hidden_layers", None)
-    kinds = getattr(config, "layer_types", None) or ["same"]
-    return layers if isinstance(layers, int) and len(set(kinds)) == 1 else None
+    units = layer_units(source, trust_remote_code)
+    return units.count if units is not None and units.size == 1 else None
 
 
 def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,

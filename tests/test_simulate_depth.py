@@ -120,3 +120,39 @@ def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
         assert params["qlora", simulate] - 4 * embedding < 4 * embedding / 2
     for name in ("bf16", "qlora"):
         assert params[name, True] == params[name, False], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "layers", "period"), [("gemma2", 14, 2), ("gemma3", 44, 6)])
+def test_interleaved_layers_assembled_from_periods_equal_every_layer(tmp_path, family, layers,
+                                                                     period):
+    """Layers whose kinds repeat (Gemma-2: sliding and global in turn; Gemma-3: 5 sliding to 1
+    global, 44 layers: 7 periods and 2 layers more, which the last period holds) are assembled
+    period by period from 3 of them (and 2, to check) into the record simulating every layer
+    gives, reserved memory included. (Where the two shallow runs would hold as many layers as
+    the model, every layer is simulated: a 34-layer Gemma-3.)"""
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048,
+                 sliding_window=16)
+    config = Gemma2Config(**shape, query_pre_attn_scalar=32) if family == "gemma2" else \
+        Gemma3TextConfig(**shape)
+    config.save_pretrained(tmp_path / family)
+    path = write_scenario(tmp_path, "pattern", [
+        {"name": "lora-gc", "techniques": ["bf16", {"lora": {"r": 8, "target_modules": [
+            "q_proj", "v_proj"]}}, "gradient_checkpointing"]}],
+        model={"config": f"./{family}",
+               **({"attn_implementation": "eager"} if family == "gemma2" else {})},
+        train={"batch_size": 2, "seq_len": 64, "steps": 1, "warmup_steps": 1})
+    got = {}
+    for mode in ("assembled", "full"):
+        proc = harness("run", str(path), "--device", "simulate", "--out", str(tmp_path / mode),
+                       *(["--full-depth"] if mode == "full" else []))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[mode] = records(Path(last_json(proc.stdout)["run_dir"]))["lora-gc"]
+    fast, full = got["assembled"], got["full"]
+    assert f"3 of the {layers // period} periods of {period} decoder layers" in fast["notes"][0]
+    assert "assembled from them period by period" in fast["notes"][0], fast["notes"][0]
+    assert fast["memory"] == full["memory"]
+    assert fast["memory"]["peak_reserved_bytes"] is not None

@@ -41,7 +41,9 @@ class NotAssembled(ValueError):
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The model's list of decoder layers (under PEFT's wrappers too): the list of
     `num_hidden_layers` modules of one class (Llama's `model.layers`, GPT-2's `transformer.h`)."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text, "num_hidden_layers", None)  # a multimodal model's language model's
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count and \
                 len({type(layer) for layer in module}) == 1:
@@ -50,9 +52,10 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 
 
 def own_layers(tracker, model: torch.nn.Module, layers: torch.nn.ModuleList,
-               copy_of=lambda t: t) -> None:
-    """Each layer's parameters, buffers and quantization state belong to it; the model's
-    others (embedding, final norm, head) to no layer."""
+               copy_of=lambda t: t, unit_of=lambda layer: layer) -> None:
+    """Each layer's parameters, buffers and quantization state belong to it (to its unit,
+    `unit_of`: a period of layers where their kinds repeat); the model's others (embedding,
+    final norm, head) to no layer."""
     from harness.models import quantized_weights
 
     if tracker.labels is None:
@@ -61,16 +64,18 @@ def own_layers(tracker, model: torch.nn.Module, layers: torch.nn.ModuleList,
         tracker.own(copy_of(t), None)
     for index, layer in enumerate(layers):
         for t in itertools.chain(layer.parameters(), layer.buffers(), quantized_weights(layer)):
-            tracker.own(copy_of(t), index)
+            tracker.own(copy_of(t), unit_of(index))
 
 
 def label_layers(tracker, model: torch.nn.Module, layers: torch.nn.ModuleList,
-                 copy_of=lambda t: t) -> list:
-    """Label `tracker`'s trace by decoder layer: each layer's parameters and buffers belong to
-    it (`copy_of` gives the fake tensor the tracker counts for a real one), and hooks set
-    `tracker.layer` while its forward runs and from the moment the gradient of its output
-    exists (its backward starts) until the next layer's does. Returns the hook handles."""
-    own_layers(tracker, model, layers, copy_of)
+                 copy_of=lambda t: t, unit_of=lambda layer: layer) -> list:
+    """Label `tracker`'s trace by decoder layer — by unit, `unit_of`, where a period of layers
+    repeats: the layers of one unit share its label — each layer's parameters and buffers
+    belong to it (`copy_of` gives the fake tensor the tracker counts for a real one), and
+    hooks set `tracker.layer` while its forward runs and from the moment the gradient of its
+    output exists (its backward starts) until the next layer's does. Returns the hook
+    handles."""
+    own_layers(tracker, model, layers, copy_of, unit_of)
     handles = []
 
     def enter_backward(index):
@@ -80,7 +85,7 @@ def label_layers(tracker, model: torch.nn.Module, layers: torch.nn.ModuleList,
 
     for index, layer in enumerate(layers):
         def pre(module, args, kwargs, index=index):
-            tracker.layer = index
+            tracker.layer = unit_of(index)
             hidden = args[0] if args else kwargs.get("hidden_states")
             # Below layer 0 no layer runs: its input's gradient ends the last layer backward.
             if index == 0 and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
@@ -94,7 +99,7 @@ def label_layers(tracker, model: torch.nn.Module, layers: torch.nn.ModuleList,
             # label backward gave it.)
             hidden = output[0] if isinstance(output, tuple) else output
             if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-                hidden.register_hook(enter_backward(index))
+                hidden.register_hook(enter_backward(unit_of(index)))
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
@@ -243,7 +248,11 @@ def _directions(runs: list[_Run]) -> dict[int, int]:
 
 def _partners(runs: list[_Run], allocations) -> dict[int, int]:
     """A block of layer 0 or 2 → the block of the template layer made at the same place: the
-    same allocation, by order, in the nearest run of the template's."""
+    same allocation, by order, in the nearest run of the template's. Where the run is longer
+    than the template's (the last unit of a repeating pattern also holds the layers past its
+    last whole period, which run after its period in forward and before it in backward), the
+    order is counted from the side the two runs share: the start where the template's run
+    comes first, the end where it follows."""
     template = [r for r, run in enumerate(runs) if run.label == TEMPLATE]
     partner = {}
     for r, run in enumerate(runs):
@@ -252,6 +261,8 @@ def _partners(runs: list[_Run], allocations) -> dict[int, int]:
         near = min(template, key=lambda t: abs(t - r))
         mine = [allocations[i] for i in run.events if allocations[i][2] > 0]
         theirs = [allocations[i] for i in runs[near].events if allocations[i][2] > 0]
+        if len(mine) != len(theirs) and near > r:
+            mine, theirs = mine[::-1], theirs[::-1]
         for a, b in zip(mine, theirs, strict=False):
             if a[2] == b[2]:
                 partner[a[1]] = b[1]

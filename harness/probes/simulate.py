@@ -80,6 +80,8 @@ class SimulateProbe(Probe):
         # With `assemble_to` too, `assembly()` is then (memory section, trace) of a model that
         # many layers deep, from the assembled trace — or raises why it could not be.
         self.label_layers = False
+        # What a label is (models.Units): a decoder layer, or a period of several.
+        self.units = None
         self.labelled: tuple | str | None = None
         self.assemble_to: int | None = None
         self._assembled_at: tuple | NotAssembled | None = None
@@ -154,8 +156,9 @@ class SimulateProbe(Probe):
         packed = _materialize(ctx.model, device)
         if ctx.reference is not None:  # an objective's reference copy (objectives.py)
             packed.update(_materialize(ctx.reference, device))
-        if layers is not None and len(layers) == DEPTH:
-            own_layers(self.tracker, ctx.model, layers)  # before the packed weights' stand-ins go
+        if layers is not None and len(layers) == self._labelled_layers():
+            # before the packed weights' stand-ins go
+            own_layers(self.tracker, ctx.model, layers, unit_of=self._unit_of)
         _materialize_packed(packed, device, self._lifted)
         ctx.device = device
         self._model = ctx.model
@@ -197,12 +200,22 @@ class SimulateProbe(Probe):
         if phase.name != "load" or not self.label_layers or self._model is None:
             return
         layers = decoder_layers(self._model)
-        if layers is None or len(layers) != DEPTH:
-            self.labelled = f"no list of {DEPTH} decoder layers found in the model"
+        if layers is None or len(layers) != self._labelled_layers():
+            self.labelled = (f"no list of {self._labelled_layers()} decoder layers found in "
+                             "the model")
             return
         # Parameters are sighted by now: a real (packed 4-bit) one has its memoised fake copy.
         self._hooks = label_layers(self.tracker, self._model, layers,
-                                   lambda t: t if is_fake(t) else self._fake.from_tensor(t))
+                                   lambda t: t if is_fake(t) else self._fake.from_tensor(t),
+                                   unit_of=self._unit_of)
+
+    def _labelled_layers(self) -> int:
+        """The decoder layers of the model whose trace is labelled: DEPTH units'."""
+        return DEPTH if self.units is None else self.units.layers(DEPTH)
+
+    def _unit_of(self, layer: int) -> int:
+        """The label of a decoder layer: its unit (a period of layers, where they repeat)."""
+        return layer if self.units is None else self.units.of(layer, DEPTH)
 
     def _memory(self) -> dict[str, Any]:
         self._device_modes.close()
