@@ -123,21 +123,23 @@ def test_tied_weights_stay_one_tensor_in_real_and_simulated_builds(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "layers", "period"), [("gemma2", 14, 2), ("gemma3", 44, 6)])
+@pytest.mark.parametrize(("family", "layers", "period"), [("gemma2", 14, 2), ("gemma3", 19, 3)])
 def test_interleaved_layers_assembled_from_periods_equal_every_layer(tmp_path, family, layers,
                                                                      period):
-    """Layers whose kinds repeat (Gemma-2: sliding and global in turn; Gemma-3: 5 sliding to 1
-    global, 44 layers: 7 periods and 2 layers more, which the last period holds) are assembled
-    period by period from 3 of them (and 2, to check) into the record simulating every layer
-    gives, reserved memory included. (Where the two shallow runs would hold as many layers as
-    the model, every layer is simulated: a 34-layer Gemma-3.)"""
+    """Layers whose kinds repeat (Gemma-2: sliding and global in turn; a Gemma-3 of 2 sliding
+    to 1 global, 19 layers: 6 periods and 1 layer more, which the last period holds) are
+    assembled period by period from 3 of them (and 2, to check) into the record simulating
+    every layer gives, reserved memory included. (Where the two shallow runs would hold as
+    many layers as the model, every layer is simulated: a 34-layer Gemma-3 of 5 to 1.)"""
     from transformers import Gemma2Config, Gemma3TextConfig
 
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=2048,
                  sliding_window=16)
     config = Gemma2Config(**shape, query_pre_attn_scalar=32) if family == "gemma2" else \
-        Gemma3TextConfig(**shape)
+        Gemma3TextConfig(**shape, layer_types=[
+            "full_attention" if i % period == period - 1 else "sliding_attention"
+            for i in range(layers)])
     config.save_pretrained(tmp_path / family)
     path = write_scenario(tmp_path, "pattern", [
         {"name": "lora-gc", "techniques": ["bf16", {"lora": {"r": 8, "target_modules": [
