@@ -233,20 +233,14 @@ def layer_units(source: ConfigSource, trust_remote_code: bool = False) -> Units 
     return Units(len(period), layers % len(period), layers // len(period))
 
 
-def identical_layers(source: ConfigSource, trust_remote_code: bool = False) -> int | None:
-    """The number of decoder layers if they are all alike (no mix of sliding-window and full
-    attention layers, say), else None."""
-    units = layer_units(source, trust_remote_code)
-    return units.count if units is not None and units.size == 1 else None
-
-
 def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
                 device: torch.device | str):
     """The model, on `device`, weights in `load.dtype` (fp32 when None), in train mode. On meta
     (simulation) pretrained weights are not read: their values do not change memory."""
     import torch
 
-    auto = _auto_class(load.head, load_config(source, spec.trust_remote_code))
+    config = _headed(load_config(source, spec.trust_remote_code), load)
+    auto = _auto_class(load.head, config)
     dtype = load.dtype or torch.float32
     common = dict(dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
@@ -263,10 +257,9 @@ def build_model(spec: ModelSpec, source: ConfigSource, load: LoadOptions,
         if torch.device(device).type == "cpu":
             _own_memory(model)
     elif load.quantization is not None:
-        model = _random_quantized(_headed(load_config(source, spec.trust_remote_code), load),
-                                  load.quantization, torch.device(device), common, auto)
+        model = _random_quantized(config, load.quantization, torch.device(device), common,
+                                  auto)
     else:
-        config = _headed(load_config(source, spec.trust_remote_code), load)
         # Under torch.device(...) every parameter is allocated where it will live.
         with torch.device(device):
             model = auto.from_config(config, **common)

@@ -35,7 +35,13 @@ from torch._subclasses.fake_tensor import (
 
 from harness import data, objectives
 from harness import parallel as parallel_training
-from harness.models import ConfigSource, build_model, experts_of, quantized_weights, vocab_size
+from harness.models import (
+    ConfigSource,
+    build_model,
+    experts_of,
+    quantized_weights,
+    vocab_size,
+)
 from harness.objectives import ObjectiveSpec
 from harness.optimizers import make_optimizer, paged_state_bytes
 from harness.probes import Kind, Probe
@@ -231,10 +237,11 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
             for micro in range(accumulation):
                 last = micro == accumulation - 1
                 prepared = None
+                if trl_objective is not None:  # what a simulation answers reads with
+                    probe.known.update(trl_objective.counts[micro])
                 if trl_objective is not None and trl_objective.generates:
                     if micro == 0:  # Trainer releases the grads right after its optimizer step
                         optimizer.zero_grad(set_to_none=True)
-                    probe.known.update(trl_objective.counts[micro])
                     prepared = trl_objective.prepare(probe, model, step, micro, accumulation,
                                                      autocast, batches[micro])
                     probe.sight(Kind.INPUT, prepared)
@@ -257,8 +264,6 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                             # unless saved.
                             del outputs
                         else:
-                            if trl_objective is not None:  # what a simulation answers reads with
-                                probe.known.update(trl_objective.counts[micro])
                             counting = trl_objective.watch_forwards(model) \
                                 if trl_objective is not None and step == micro == 0 else []
                             loss = ctx.loss_fn(model, batch)
@@ -481,8 +486,7 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
         try:
             if outcome["status"] == "ok":
                 run_steps(probe, scenario.model_of(variant), source, variant.techniques, train,
-                          device,
-                          result, variant.parallel, variant.eval, variant.generate,
+                          device, result, variant.parallel, variant.eval, variant.generate,
                           variant.save, result.drawn, variant.objective)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
