@@ -20,7 +20,8 @@ from harness.gpus import PRESETS
 from harness.report import BREAKDOWN, _unit, load_results_in
 
 COLOURS = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868",
-           "activations": "#c44e52", "kv_cache": "#da8bc3", "other": "#8172b3",
+           "activations": "#c44e52", "vision_activations": "#ccb974",
+           "kv_cache": "#da8bc3", "other": "#8172b3",
            "unattributed": "#937860"}
 
 

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATUSES = ("ok", "oom", "error", "unsupported")
 METHODS = ("measured-cpu", "measured-cuda", "simulated", "estimated")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +75,8 @@ class ModelPart:
     #   implementation (transformers': grouped_mm, batched_mm, eager), routing (what the
     #   figures assume of it: "any" where no buffer depends on it; eager: balanced | worst in
     #   a simulation, "as routed" where it ran)}; null: a dense model
+    vision: dict | None = None  # a vision-language model's image encoder (images.py):
+    #   {module (its path), params, trained (model.train_vision)}; null: a text-only model
 
 
 @dataclass
@@ -195,6 +197,11 @@ class Record:
     # forwards_per_generation ({generate: one a token, reference: scoring passes}).
     # null: sft, the model's own loss.
     objective: dict | None = None
+    # `images:` (harness/images.py): {count, height, width} per sample as asked and, once
+    # made, processor (the image processor's class), tokens_per_image (placeholders each
+    # image takes in the text), tokens_per_sample (with each image's start and end tokens:
+    # of seq_len, the rest is text), pixel_values_shape (a micro-batch's). null: text only.
+    images: dict | None = None
 
 
     def as_dict(self) -> dict[str, Any]:
@@ -272,8 +279,20 @@ def _upgrade_4(record: dict) -> dict:
     return {**record, "schema_version": 5}
 
 
+def _upgrade_5(record: dict) -> dict:
+    """Schema 6 says what images each sample held (`images`; none before: null) and names a
+    model's image encoder (`model.vision`; null before). Breakdowns gain
+    `vision_activations`, which older ones lack: they counted the encoder's activations in
+    `activations`."""
+    record.setdefault("images", None)
+    if isinstance(record.get("model"), dict):
+        record["model"].setdefault("vision", None)
+    return {**record, "schema_version": 6}
+
+
 # version → function upgrading a record of that version to the next
-_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4}
+_UPGRADES: dict[int, Any] = {1: _upgrade_1, 2: _upgrade_2, 3: _upgrade_3, 4: _upgrade_4,
+                             5: _upgrade_5}
 
 
 def new_record(*, run_id: str, scenario, variant, device: str, method: str,
@@ -304,7 +323,8 @@ def new_record(*, run_id: str, scenario, variant, device: str, method: str,
         eval=_resolved(variant, "eval"), generate=_resolved(variant, "generate"),
         save=[s.as_dict() for s in variant.save] if getattr(variant, "save", None) else None,
         data={"spec": _data_spec(variant.data)} if getattr(variant, "data", None) else None,
-        objective=_objective(variant))
+        objective=_objective(variant),
+        images=dataclasses.asdict(variant.images) if getattr(variant, "images", None) else None)
 
 
 def _objective(variant) -> dict | None:

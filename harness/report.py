@@ -55,6 +55,7 @@ def _flatten(record: dict[str, Any], path: Path) -> dict[str, Any]:
                                   (record.get("train") or {}).get("optimizer")),
         "objective": objective_label(record.get("objective")),
         "sequences_per_step": (record.get("objective") or {}).get("sequences_per_step"),
+        "images": images_label(record.get("images")),
         "parallel": parallel_label(record.get("parallel")),
         "world_size": (record.get("parallel") or {}).get("world_size"),
         "max_rank": memory.get("rank"),  # a parallel record's figures are this rank's
@@ -121,6 +122,20 @@ def objective_label(objective: dict[str, Any] | None) -> str | None:
         (objective.get("args") or {}).get("num_generations")
     name = objective["name"] + (f" ×{generations}" if generations else "")
     return name + (f" · {reference}" if reference else "")
+
+
+def images_label(images: dict[str, Any] | None) -> str | None:
+    """`1 × 1024×1024 (1227 tok)`: images a sample, their size, and the tokens they take of
+    the sequence; None: text only."""
+    if not images:
+        return None
+    tokens = images.get("tokens_per_sample")
+    return f"{images['count']} × {images['height']}×{images['width']}" + \
+        (f" ({tokens} tok)" if tokens is not None else "")
+
+
+def _images_column(table: pd.DataFrame) -> bool:
+    return "images" in table and bool(table["images"].notna().any())
 
 
 def _objective_column(table: pd.DataFrame) -> bool:
@@ -283,6 +298,7 @@ def narrow_markdown(table: pd.DataFrame) -> str:
     virtual = _virtual_column(table)
     objective = _objective_column(table)
     models = _model_column(table)
+    images = _images_column(table)
     rows = []
     for _, r in table.iterrows():
         ok = r["status"] == "ok"
@@ -297,6 +313,8 @@ def narrow_markdown(table: pd.DataFrame) -> str:
             **({"seq": r["seq"]} if virtual else {}),
             **({"objective": r["objective"] if isinstance(r["objective"], str) else "sft"}
                if objective else {}),
+            **({"images": r["images"] if isinstance(r["images"], str) else "—"}
+               if images else {}),
             "status": r["status"],
             "peak": _short(r["peak_allocated_bytes"] if shown else pd.NA, scale),
             "reserved": _short(r["peak_reserved_bytes"] if shown else pd.NA, scale),
@@ -316,14 +334,18 @@ def narrow_markdown(table: pd.DataFrame) -> str:
 
 
 _SHORT = {"params": "params", "grads": "grads", "optimizer": "optim", "activations": "activ",
-          "kv_cache": "kv", "other": "other"}
+          "vision_activations": "vision", "kv_cache": "kv", "other": "other"}
+# Columns a table shows only where some row's peak holds them.
+_OPTIONAL = ("vision_activations", "kv_cache")
 
 
 def _categories(table: pd.DataFrame) -> tuple[str, ...]:
-    """The breakdown's columns: kv_cache only where some row's peak holds a KV cache."""
-    kv = table["kv_cache_bytes"] if "kv_cache_bytes" in table else pd.Series(dtype=float)
-    return BREAKDOWN if (kv.fillna(0) > 0).any() else \
-        tuple(k for k in BREAKDOWN if k != "kv_cache")
+    """The breakdown's columns: vision_activations and kv_cache only where some row's peak
+    holds an image encoder's activations or a KV cache."""
+    def held(k: str) -> bool:
+        return f"{k}_bytes" in table and bool((table[f"{k}_bytes"].fillna(0) > 0).any())
+
+    return tuple(k for k in BREAKDOWN if k not in _OPTIONAL or held(k))
 
 
 def _pipe(rows: list[dict[str, str]]) -> str:
@@ -352,6 +374,7 @@ def markdown(table: pd.DataFrame) -> str:
     virtual = _virtual_column(table)
     objective = _objective_column(table)
     models = _model_column(table)
+    images = _images_column(table)
     categories = _categories(table)
     rows = []
     for _, r in table.iterrows():
@@ -363,6 +386,8 @@ def markdown(table: pd.DataFrame) -> str:
             **({"batch": r["batch"]} if batches else {}),
             **({"seq": r["seq"]} if virtual else {}),
             "techniques": r["techniques"],
+            **({"images": r["images"] if isinstance(r["images"], str) else "—"}
+               if images else {}),
             **({"objective": r["objective"] if isinstance(r["objective"], str) else "sft",
                 "seqs/step": "—" if pd.isna(r["sequences_per_step"])
                 else str(int(r["sequences_per_step"]))} if objective else {}),
@@ -394,7 +419,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 CSV_COLUMNS = ["variant", "sweep_point", "batch_size", "gradient_accumulation_steps",
-               "effective_batch_size", "seq_len", "virtual_tokens", "techniques", "objective",
+               "effective_batch_size", "seq_len", "virtual_tokens", "images", "techniques",
+               "objective",
                "sequences_per_step", "parallel",
                "world_size", "max_rank", "imbalance", "status",
                "peak_allocated_bytes", "peak_reserved_bytes", "vs_baseline_pct",

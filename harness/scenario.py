@@ -98,6 +98,9 @@ class ModelSpec:
     # experts; worst: every token to the same top_k experts).
     experts: str | None = setting(None, choices=EXPERTS)
     routing: str = setting("balanced", choices=ROUTINGS)
+    # A vision-language model's image encoder trains too (full fine-tune: its weights; PEFT:
+    # adapters in it as well); false, as most recipes: frozen, and no adapter in it.
+    train_vision: bool = setting(False)
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,20 @@ class DataSpec:
     packing: bool = setting(False)
 
 
+@dataclass(frozen=True)
+class ImagesSpec:
+    """`images:` — each training sample of a vision-language model holds `count` images of
+    height × width pixels before its text (images.py): the image processor's pixel values,
+    and in the sequence of seq_len tokens each image's placeholder tokens."""
+
+    height: int = setting(minimum=1, maximum=16384)
+    width: int = setting(minimum=1, maximum=16384)
+    count: int = setting(1, minimum=1)
+
+
 # The parts of a job beyond its training steps: top-level keys a variant may override.
-JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec, "save": SaveSpec, "data": DataSpec}
+JOB_PARTS = {"eval": EvalSpec, "generate": GenerateSpec, "save": SaveSpec, "data": DataSpec,
+             "images": ImagesSpec}
 
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -253,6 +268,7 @@ class Variant:
     generate: GenerateSpec | None = None  # None: no generation
     save: tuple[SaveSpec, ...] | None = None  # None: nothing saved
     data: DataSpec | None = None  # None: fixed-shape batches of train.seq_len
+    images: ImagesSpec | None = None  # None: text only
     objective: ObjectiveSpec | None = None  # None: sft, the model's own loss (objectives.py)
     # The variant's own model (its `model:` keys on top of the scenario's); None: the scenario's.
     model: ModelSpec | None = None
@@ -571,6 +587,10 @@ def _parse_model(path, raw, variant: str | None = None) -> ModelSpec:
             raise ScenarioError(path, f"{spec.config} has no mixture of experts: experts "
                                 "applies to none of its layers", key="model.experts",
                                 variant=variant)
+    if spec.train_vision and source.kind == "file" and \
+            getattr(load_config(source, spec.trust_remote_code), "vision_config", None) is None:
+        raise ScenarioError(path, f"{spec.config} has no image encoder to train",
+                            key="model.train_vision", variant=variant)
     if "routing" in values and spec.experts != "eager":
         raise ScenarioError(path, f"routing decides what eager experts hold; with "
                             f"{spec.experts or 'grouped_mm (the default)'} every expert buffer "
@@ -721,6 +741,52 @@ def _check_save(path, save: tuple[SaveSpec, ...] | None, uses, variant: str) -> 
                                 variant=variant)
 
 
+def _check_images(path, parts: Mapping, variant: str) -> None:
+    """What images cannot be combined with yet: every batch but the training steps' is text."""
+    if parts.get("images") is None:
+        return
+    for part, what in (("data", "real lengths (data:)"), ("eval", "an evaluation (eval:)"),
+                       ("generate", "generation (generate:)")):
+        if parts.get(part) is not None:
+            raise ScenarioError(path, f"images with {what} are not built yet: its batches "
+                                "would be text only", key=part, variant=variant)
+
+
+def _check_images_fit(path, model: ModelSpec, variants) -> None:
+    """Each variant's images against its model (a committed or local config): the model has
+    an image encoder of a family whose layout is known (images.py), and the images' tokens
+    leave the text at least 2 of seq_len (one with a label)."""
+    from harness.images import ImagesError, make_images
+    from harness.models import load_config, resolve_config
+
+    made: dict[tuple, Any] = {}
+    for variant in variants:
+        if variant.images is None:
+            continue
+        spec = variant.model or model
+        source = resolve_config(spec, path)
+        if source.kind != "file":
+            continue  # a hub config we may not fetch here; the run reports what is missing
+        key = (source.location, variant.images)
+        if key not in made:
+            try:
+                made[key] = make_images(variant.images, 1, load_config(
+                    source, spec.trust_remote_code), source.location)
+            except ImagesError as e:
+                made[key] = e
+        images = made[key]
+        if isinstance(images, ImagesError):
+            raise ScenarioError(path, str(images), key="images", variant=variant.name)
+        need = images.tokens_per_sample() + 2
+        if variant.train.seq_len < need:
+            raise ScenarioError(
+                path, f"{variant.images.count} image(s) of {variant.images.height}×"
+                f"{variant.images.width} take {images.tokens_per_sample()} tokens "
+                f"({images.layout.tokens} each, {images.processor}); seq_len "
+                f"{variant.train.seq_len} leaves the text fewer than 2: seq_len ≥ {need}",
+                key="train.seq_len", variant=variant.name)
+
+
 def _check_eval(path, evaluation: EvalSpec | None, train: TrainSpec, variant: str) -> None:
     """A variant's evaluation against its own steps (sweep point included)."""
     if evaluation is not None and evaluation.every_steps is not None and \
@@ -833,6 +899,7 @@ def _parse_variant_keys(path, raw, index: int, base_train: TrainSpec, names: set
              if part in variant else job.get(part) for part in JOB_PARTS}
     _check_eval(path, parts["eval"], train, name)
     _check_save(path, parts["save"], uses, name)
+    _check_images(path, parts, name)
     # The variant's own replaces the scenario's; `sft`: the model's own loss.
     objective = _parse_objective(path, variant["objective"], "objective", name) \
         if "objective" in variant else job.get("objective")
@@ -867,7 +934,8 @@ def _check_objective(path, objective: ObjectiveSpec | None, uses, train: TrainSp
         raise ScenarioError(path, f"{objective.name} computes its own loss (TRL's trainer's); "
                             f"{loss[0]} replaces the model's loss", key="objective",
                             variant=variant)
-    for part, what in (("data", "real lengths (data:)"), ("eval", "an evaluation (eval:)")):
+    for part, what in (("data", "real lengths (data:)"), ("eval", "an evaluation (eval:)"),
+                       ("images", "images (images:)")):
         if parts.get(part) is not None:
             raise ScenarioError(path, f"{objective.name} with {what} is not built yet",
                                 key=part, variant=variant)
@@ -1053,6 +1121,7 @@ def _parse(path: Path, raw: Any, sha256: str) -> Scenario:
     sweep = _parse_sweep(path, top["sweep"], train) if "sweep" in top else ()
     if sweep:
         variants = [_at_point(path, v, point) for v in variants for point in _points(sweep)]
+    _check_images_fit(path, model, variants)
     return Scenario(name=top["name"], description=description, path=path, sha256=sha256,
                     model=model, train=train, baseline=baseline, variants=tuple(variants),
                     sweep=sweep)

@@ -18,6 +18,7 @@ peaks (the first optimizer step creates its state), not for step time.
 from __future__ import annotations
 
 import contextlib
+import re
 import statistics
 import tempfile
 import time
@@ -35,10 +36,12 @@ from torch._subclasses.fake_tensor import (
 
 from harness import data, objectives
 from harness import parallel as parallel_training
+from harness.images import Images, encoder_name, make_images, place, vision_encoder
 from harness.models import (
     ConfigSource,
     build_model,
     experts_of,
+    load_config,
     quantized_weights,
     vocab_size,
 )
@@ -48,6 +51,7 @@ from harness.probes import Kind, Probe
 from harness.scenario import (
     EvalSpec,
     GenerateSpec,
+    ImagesSpec,
     ModelSpec,
     ParallelSpec,
     SaveSpec,
@@ -73,16 +77,31 @@ class TrainResult:
     lengths: list[int] | None = None  # `data:`: the source's lengths, and the batches drawn
     drawn: list | None = None
     objective: dict[str, Any] | None = None  # objectives.Objective.record
+    images: Images | None = None  # a vision-language batch's images, made before the steps
+    vision: dict | None = None  # record.ModelPart.vision
 
 
 def make_batch(train: TrainSpec, vocab_size: int, device: torch.device,
-               micro: int = 0, shape: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Random tokens of (batch_size, seq_len) — or `shape` — labels = inputs."""
+               micro: int = 0, shape: tuple[int, int] | None = None,
+               images: Images | None = None,
+               host=contextlib.nullcontext) -> dict[str, torch.Tensor]:
+    """Random tokens of (batch_size, seq_len) — or `shape` — labels = inputs. With `images`
+    (images.py) each row begins with its images' tokens, which have no label, and the batch
+    holds their pixel values: made on the host (`host`: Probe.on_host, where a simulation
+    keeps real values), then fetched to the device, as a collator's batch is; the text's
+    tokens are drawn below the model's image tokens."""
     generator = torch.Generator().manual_seed(train.seed + micro)
-    ids = torch.randint(0, vocab_size, shape or (train.batch_size, train.seq_len),
-                        generator=generator)
-    ids = ids.to(device)
-    return {"input_ids": ids, "labels": ids}
+    shape = shape or (train.batch_size, train.seq_len)
+    if images is None:
+        ids = torch.randint(0, vocab_size, shape, generator=generator)
+        ids = ids.to(device)
+        return {"input_ids": ids, "labels": ids}
+    with host():
+        ids = torch.randint(0, min(vocab_size, images.text_ids), shape, generator=generator)
+        batch = {"input_ids": ids, **place(ids, images)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    # Copied even on the CPU: the processor's host tensors are not the batch's memory.
+    return {**batch, **{k: v.to(device, copy=True) for k, v in images.pixels.items()}}
 
 
 def _step_batches(batches: list[dict]) -> tuple[list[dict], dict]:
@@ -102,18 +121,22 @@ def label_count(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
           device: torch.device, parallel: ParallelSpec | None = None,
           train: TrainSpec | None = None,
-          objective: ObjectiveSpec | None = None) -> BuildContext:
+          objective: ObjectiveSpec | None = None,
+          images: Images | None = None) -> BuildContext:
     """The model with the techniques applied; with `parallel`, sharded or wrapped for this
     rank (parallel.py; the process group is up). A simulation builds on meta. `train`: the
     step whose micro-batches a data-driven initialisation runs on. `objective`: TRL's
     trainer around the finished model (`ctx.objective`, objectives.build) and, for a
     reference `copy`, the second model (`ctx.reference`): the base as the policy's is loaded
-    (dtype, quantization), frozen, in eval mode."""
+    (dtype, quantization), frozen, in eval mode. A vision-language model's image encoder
+    trains only with `spec.train_vision`: else it is frozen, and no adapter goes in it
+    (`ctx.frozen`); `images`: what the step's batches hold."""
     from harness.techniques import REGISTRY
 
     ctx = BuildContext(device=device)
     if train is not None:
-        ctx.batches = lambda: [make_batch(train, vocab_size(ctx.model), device, micro)
+        ctx.batches = lambda: [make_batch(train, vocab_size(ctx.model), device, micro,
+                                          images=images)
                                for micro in range(train.gradient_accumulation_steps)]
     apply_stage(Stage.LOAD, ctx, uses)
     if objective is not None:  # a reward model is a sequence classifier
@@ -124,7 +147,12 @@ def build(spec: ModelSpec, source: ConfigSource, uses: tuple[TechniqueUse, ...],
     adapters = any(REGISTRY[u.name].adapters for u in uses)
     if objective is not None and objective.reference_of(adapters) == "copy":
         ctx.reference = build_model(spec, source, ctx.load, device).requires_grad_(False).eval()
+    encoder = encoder_name(ctx.model)
+    if encoder is not None and not spec.train_vision:
+        ctx.frozen = rf"{re.escape(encoder)}(\..*)?"  # PEFT's exclude_modules: full match
     apply_stage(Stage.MODEL, ctx, uses)
+    if ctx.frozen is not None:
+        vision_encoder(ctx.model).requires_grad_(False)
     apply_stage(Stage.STEP, ctx, uses)
     if parallel is not None:
         parallel_training.wrap(ctx, parallel, device)
@@ -170,18 +198,23 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               evaluation: EvalSpec | None = None,
               generation: GenerateSpec | None = None,
               saving: tuple[SaveSpec, ...] | None = None,
-              drawn: list | None = None, objective: ObjectiveSpec | None = None) -> None:
+              drawn: list | None = None, objective: ObjectiveSpec | None = None,
+              images: Images | None = None) -> None:
     """Build, then run warm-up + measured steps under `probe`, evaluating after the steps
     `evaluation` says, generating after the last, then saving. `drawn` (data.plan): each
     step's micro-batches in their real shapes, fetched to the device as the step starts,
     instead of fixed-shape ones made once. `objective` (objectives.py): TRL's trainer's loss
     on its own batches instead of the model's, its reference log-probs, if precomputed, in a
-    phase `reference` before the steps. Fills `result` as it goes, so an OOM
+    phase `reference` before the steps. `images` (images.py): what each micro-batch's
+    samples show, made on the host before. Fills `result` as it goes, so an OOM
     midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
+    if images is not None:  # a simulation follows the batch's values through the model
+        probe.follow_values()
     with probe.phase("load"):
         ctx = probe.build(
-            lambda where: build(spec, source, uses, where, parallel, train, objective), device)
+            lambda where: build(spec, source, uses, where, parallel, train, objective, images),
+            device)
         trl_objective = ctx.objective
         model = ctx.model
         for check in ctx.after_build:
@@ -199,7 +232,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
             batches = trl_objective.batches(accumulation, device, probe.on_host)
         elif drawn is None:
             batches, loss_kwargs = _step_batches(
-                [make_batch(train, vocab, device, micro) for micro in range(accumulation)])
+                [make_batch(train, vocab, device, micro, images=images, host=probe.on_host)
+                 for micro in range(accumulation)])
             # Every token but each row's first has a label, no row pads: what TRL's fused head
             # selects (chunked_nll impl: trl), answered so in a simulation.
             probe.known.update(labels=train.batch_size * (train.seq_len - 1), unpadded=True)
@@ -218,10 +252,13 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
     result.params_trainable = sum(p.numel() for p in params)
     result.virtual_tokens = virtual_tokens(model)
     result.experts = experts_of(model, spec.routing if probe.method == "simulated" else None)
+    result.vision = _vision(model)
     if result.experts is not None and result.experts["implementation"] == "eager":
         probe.known["routing"] = spec.routing  # what a simulation's eager experts receive
     result.resolved = ctx.resolved
     grad_hooks = probe.tracker.watch_grads(model)
+    if images is not None:
+        grad_hooks += probe.watch_vision(vision_encoder(model))
     autocast = (torch.autocast(device.type, dtype=ctx.autocast_dtype) if ctx.autocast_dtype
                 else contextlib.nullcontext())
     scaler = probe.grad_scaler() if ctx.grad_scaler else None
@@ -318,6 +355,18 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
         result.paged_optimizer_bytes = paged_state_bytes(optimizer)
         for handle in grad_hooks:
             handle.remove()
+
+
+def _vision(model) -> dict | None:
+    """The record's `model.vision`: the image encoder's module, parameters, and whether it
+    trains; None for a text-only model."""
+    encoder = vision_encoder(model)
+    if encoder is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"module": encoder_name(base),
+            "params": sum(_unpacked_numel(p) for p in encoder.parameters()),
+            "trained": any(p.requires_grad for p in encoder.parameters())}
 
 
 def _checkpointing(uses: tuple[TechniqueUse, ...]) -> bool:
@@ -482,12 +531,14 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
                 result.drawn = data.plan(variant.data, result.lengths, train)
         except data.DataError as e:
             outcome = {"status": "error", "error": f"{e.key}: {e.message}"}
+        if variant.images is not None and outcome["status"] == "ok":
+            result.images = _images(variant.images, train, scenario.model_of(variant), source)
         probe.start()
         try:
             if outcome["status"] == "ok":
                 run_steps(probe, scenario.model_of(variant), source, variant.techniques, train,
                           device, result, variant.parallel, variant.eval, variant.generate,
-                          variant.save, result.drawn, variant.objective)
+                          variant.save, result.drawn, variant.objective, result.images)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:
@@ -506,6 +557,15 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
     memory["paged_optimizer_bytes"] = result.paged_optimizer_bytes
     memory["quantized_weight_bytes"] = result.quantized_weight_bytes
     return Measured(outcome, memory, result, _notes(seen))
+
+
+def _images(spec: ImagesSpec, train: TrainSpec, model: ModelSpec,
+            source: ConfigSource) -> Images:
+    """A micro-batch's images, through the model's image processor (images.py), on the host
+    before the probe starts: the processor's own tensors are not the job's device memory."""
+    config = load_config(source, model.trust_remote_code)
+    return make_images(spec, train.batch_size, config,
+                       source.location if source.kind == "file" else None)
 
 
 def _value_read(error: Exception) -> str:

@@ -26,8 +26,11 @@ GIB = 2**30
 
 # What a breakdown's bytes are (a record's `breakdown_bytes` keys, besides "unattributed"): here,
 # beside the sizes, so that reading records never imports the probes (and torch with them).
-# kv_cache: generation's key/value cache (0 where nothing generates).
-CATEGORIES = ("params", "grads", "optimizer", "activations", "kv_cache", "other")
+# kv_cache: generation's key/value cache (0 where nothing generates); vision_activations: what
+# a vision-language model's image encoder made in forward and keeps for backward (0 where no
+# encoder runs; `activations` is the rest).
+CATEGORIES = ("params", "grads", "optimizer", "activations", "vision_activations", "kv_cache",
+              "other")
 
 
 def parse_size(text: str | int) -> int:

@@ -243,6 +243,9 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.model.quantized_params = result.quantized_params
     record.model.virtual_tokens = result.virtual_tokens
     record.model.experts = result.experts
+    record.model.vision = result.vision
+    if record.images is not None and result.images is not None:
+        record.images = result.images.record(variant.images)
     record.model.params_total = result.params_total or None
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:

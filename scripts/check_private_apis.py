@@ -26,6 +26,7 @@ ATTRIBUTES = (
     "torch.cuda.memory:_record_memory_history",
     "torch.cuda.memory:_snapshot",
     "torch.distributed.fsdp._fully_shard._fsdp_param:FSDPParam",
+    "torch._ops:OpOverload",
 )
 
 

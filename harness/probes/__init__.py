@@ -50,6 +50,8 @@ class Probe(ABC):
         self.tracker = Tracker(budget_bytes if self.enforces_budget_in_tracker else None,
                                trace_allocations=self.traces_allocations)
         self.phases: list[Phase] = []
+        # When the image encoder ran forward (watch_vision): its activations' category.
+        self.windows: list[Phase] = []
         self.current: Phase | None = None
         self.extra: dict[str, Any] = {}  # device-specific fields for the record
         self._tracking = False
@@ -121,6 +123,20 @@ class Probe(ABC):
             next((out[k] for k in ("cache", "past_key_values") if out.get(k) is not None),
                  None)))
 
+    def watch_vision(self, encoder) -> list:
+        """Each forward of a vision-language model's image encoder as a window (`windows`,
+        named "vision"): what it makes and keeps for backward is `vision_activations`.
+        Returns the hooks' handles, to remove after."""
+        started: list[int] = []
+
+        def before(module, args):
+            started.append(time.time_ns())
+
+        def after(module, args, out):
+            self.windows.append(Phase("vision", None, started.pop(), time.time_ns()))
+
+        return [encoder.register_forward_pre_hook(before), encoder.register_forward_hook(after)]
+
     def sight_cache(self, cache) -> None:
         """Name a KV cache's tensors (transformers' Cache: each layer's keys and values)."""
         if cache is None:
@@ -147,6 +163,10 @@ class Probe(ABC):
         """Around what makes host tensors with values (a data collator's batch): real tensors
         everywhere, fake ones in a simulation made outside it (moved to the device after)."""
         return contextlib.nullcontext()
+
+    def follow_values(self) -> None:  # noqa: B027 - optional hook
+        """The batch's values decide shapes in the model (a vision-language batch's image
+        tokens and patch grids): a probe without them (simulation) follows them."""
 
     def build(self, make, device: torch.device):
         """`make(device)` builds the model and applies the techniques; a probe may build
@@ -179,7 +199,7 @@ class Probe(ABC):
         return blocks
 
     def _analysed(self, allocations) -> Analysis:
-        return analyse(self._named_blocks(allocations), self.phases)
+        return analyse(self._named_blocks(allocations), self.phases, self.windows)
 
     def _shape(self, phase_stats: list[tuple[Phase, dict[str, int | None]]],
                analysis: Analysis | None, breakdown_note: str | None = None) -> dict[str, Any]:

@@ -40,13 +40,18 @@ class NotAssembled(ValueError):
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The model's list of decoder layers (under PEFT's wrappers too): the list of
-    `num_hidden_layers` modules of one class (Llama's `model.layers`, GPT-2's `transformer.h`)."""
+    `num_hidden_layers` modules of one class (Llama's `model.layers`, GPT-2's `transformer.h`),
+    never the image encoder's blocks (a vision-language model's)."""
+    from harness.images import vision_encoder
+
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     count = getattr(text, "num_hidden_layers", None)  # a multimodal model's language model's
+    encoder = vision_encoder(model)
+    vision = set() if encoder is None else {id(m) for m in encoder.modules()}
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count and \
-                len({type(layer) for layer in module}) == 1:
+                len({type(layer) for layer in module}) == 1 and id(module) not in vision:
             return module
     return None
 

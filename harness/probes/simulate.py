@@ -125,6 +125,11 @@ class SimulateProbe(Probe):
     def on_host(self):
         return unset_fake_temporarily()
 
+    def follow_values(self) -> None:
+        from harness.probes.values import KnownValues
+
+        self.tracker.known_values = KnownValues()
+
     def saving(self):
         """Fake tensors hold no bytes to write: see `unwritten_files`. The host holds nothing
         of the model either: no resident memory is sampled."""
@@ -228,10 +233,12 @@ class SimulateProbe(Probe):
         for handle in self._hooks:
             handle.remove()
         if self.tracker.labels is not None:
+            # The encoder's windows travel as phases do, to the assembled clock.
             self.labelled = (self.tracker.allocations, self.tracker.labels, self.tracker.owners,
-                             list(self.phases))
+                             list(self.phases) + list(self.windows))
         named = self._named_blocks(self.tracker.allocations)
-        memory = self._memory_of(self.tracker.allocations, analyse(named, self.phases))
+        memory = self._memory_of(self.tracker.allocations,
+                                 analyse(named, self.phases, self.windows))
         if self.keep_snapshot:
             self.snapshot = snapshot_of(self.tracker.allocations)
         if self.assemble_to is not None:
@@ -269,12 +276,13 @@ class SimulateProbe(Probe):
         block named as the block it repeats (in `named`, this run's) was. Raises NotAssembled."""
         if not isinstance(self.labelled, tuple):
             raise NotAssembled(self.labelled or "the trace was not labelled by layer")
-        trace, phases, origin = assemble(*self.labelled, layers)
+        trace, marks, origin = assemble(*self.labelled, layers)
         kinds = {block.ptr: block.kind for block in named}
         blocks = build_blocks(trace)
         for block in blocks:
             block.kind = kinds.get(origin[block.ptr])
-        return trace, analyse(blocks, phases)
+        phases = [p for p in marks if p.name != "vision"]
+        return trace, analyse(blocks, phases, [p for p in marks if p.name == "vision"])
 
 
 _BLAS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,

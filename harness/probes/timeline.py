@@ -114,8 +114,10 @@ def attach_sightings(blocks: Sequence[Block], sightings: Iterable[tuple[int, int
             block.kind = kind
 
 
-def analyse(blocks: Sequence[Block], phases: Sequence[Phase]) -> Analysis:
-    """Peaks per phase and the breakdown at the overall peak."""
+def analyse(blocks: Sequence[Block], phases: Sequence[Phase],
+            windows: Sequence[Phase] = ()) -> Analysis:
+    """Peaks per phase and the breakdown at the overall peak. `windows`: when the image
+    encoder's forwards ran (Probe.windows), whose activations are its own category."""
     events = sorted([(b.t_alloc, b.size) for b in blocks] +
                     [(b.t_free, -b.size) for b in blocks if b.t_free is not None],
                     key=lambda e: (e[0], e[1] < 0))
@@ -138,12 +140,12 @@ def analyse(blocks: Sequence[Block], phases: Sequence[Phase]) -> Analysis:
     peak_bytes, peak_ns, peak_phase = best
     analysis = Analysis(phase_peaks, max(peak_bytes, 0), peak_ns, peak_phase)
     if peak_ns is not None:
-        analysis.breakdown = breakdown_at(blocks, phases, peak_ns)
-    analysis.phase_breakdowns = {name: breakdown_at(blocks, phases, t)
+        analysis.breakdown = breakdown_at(blocks, phases, peak_ns, windows)
+    analysis.phase_breakdowns = {name: breakdown_at(blocks, phases, t, windows)
                                  for name, (_, t) in best_by_name.items()}
     ends = [p.end_ns for p in phases if p.name == "optimizer"]
     if ends:
-        analysis.end_of_step = breakdown_at(blocks, phases, ends[-1])
+        analysis.end_of_step = breakdown_at(blocks, phases, ends[-1], windows)
     return analysis
 
 
@@ -158,11 +160,13 @@ def peak_within(times: Sequence[int], levels: Sequence[int], phase: Phase) -> tu
     return peak, peak_t
 
 
-def breakdown_at(blocks: Sequence[Block], phases: Sequence[Phase], t: int) -> dict[str, int]:
+def breakdown_at(blocks: Sequence[Block], phases: Sequence[Phase], t: int,
+                 vision: Sequence[Phase] = ()) -> dict[str, int]:
     """Bytes live at `t` by category, plus `unattributed` (blocks no tensor was seen in).
 
     A tensor created during a step's forward that is still alive when its backward starts is
-    held for backward (saved by autograd, or a checkpointed layer's input): an activation.
+    held for backward (saved by autograd, or a checkpointed layer's input): an activation —
+    the image encoder's (`vision_activations`) when made while it ran forward (`vision`).
     """
     fwd_bwd = {}
     for p in phases:
@@ -182,5 +186,8 @@ def breakdown_at(blocks: Sequence[Block], phases: Sequence[Phase], t: int) -> di
                 f0 <= b.t_alloc <= f1 and (b.t_free is None or b.t_free > b0)
                 for f0, f1, b0 in windows):
             category = "activations"
+        if category == "activations" and any(w.start_ns <= b.t_alloc <= w.end_ns
+                                             for w in vision):
+            category = "vision_activations"
         out[category] += b.size
     return out

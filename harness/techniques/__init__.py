@@ -100,6 +100,18 @@ class BuildContext:
     reference: Any = None
     # An objective's TRL trainer and what it says of itself (objectives.Preference); None: sft.
     objective: Any = None
+    # Modules that do not train (a frozen image encoder: model.train_vision false), as PEFT's
+    # `exclude_modules` regex: no adapter goes in them (peft_args); None: every module may.
+    frozen: str | None = None
+
+
+def peft_args(ctx: BuildContext, config_class, args: dict) -> dict:
+    """A PEFT config's arguments with what does not train kept out (`ctx.frozen`, as the
+    config's `exclude_modules`), unless the variant says its own or the method has none."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    if ctx.frozen is None or "exclude_modules" in args or "exclude_modules" not in fields:
+        return args
+    return {**args, "exclude_modules": ctx.frozen}
 
 
 # What applies before what: every registered technique once, stages in order (LOAD, MODEL,

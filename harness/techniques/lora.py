@@ -10,6 +10,7 @@ from harness.techniques import (
     Unsupported,
     dataclass_args,
     lora_label,
+    peft_args,
     said,
     technique,
 )
@@ -176,7 +177,8 @@ def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lor
         ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
                                                          use_gradient_checkpointing=False)
     try:
-        config = peft.LoraConfig(task_type=ctx.load.task_type, **args)
+        config = peft.LoraConfig(task_type=ctx.load.task_type,
+                                 **peft_args(ctx, peft.LoraConfig, args))
         if init in DATA_DRIVEN:
             ctx.model = _from_data(ctx, config, init)
         else:

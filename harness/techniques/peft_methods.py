@@ -13,6 +13,7 @@ from harness.techniques import (
     Unsupported,
     dataclass_args,
     lora_label,
+    peft_args,
     said,
     technique,
 )
@@ -155,7 +156,8 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
         ctx.model = peft.prepare_model_for_kbit_training(ctx.model,
                                                          use_gradient_checkpointing=False)
     try:
-        config = methods()[method](task_type=ctx.load.task_type, **args)
+        config = methods()[method](task_type=ctx.load.task_type,
+                                   **peft_args(ctx, methods()[method], args))
         ctx.model = peft.get_peft_model(ctx.model, config)
     except ImportError as e:  # a package the method needs (AdaMSS: scikit-learn)
         raise Unsupported(f"peft {method}: {said(e)}") from None

@@ -47,11 +47,27 @@ def test_phase_peaks_and_breakdown_at_the_peak():
     assert analysis.peak_phase.name == "backward"
     assert analysis.peak_bytes == 4096 + 2048 + 8192 + 512 + 16384
     assert analysis.breakdown == {"params": 4096, "grads": 512, "optimizer": 0,
-                                  "activations": 2048 + 8192, "kv_cache": 0, "other": 0,
+                                  "activations": 2048 + 8192, "vision_activations": 0,
+                                  "kv_cache": 0, "other": 0,
                                   "unattributed": 16384}
     assert analysis.end_of_step == {"params": 4096, "grads": 512, "optimizer": 8192,
-                                    "activations": 0, "kv_cache": 0, "other": 0,
+                                    "activations": 0, "vision_activations": 0, "kv_cache": 0,
+                                    "other": 0,
                                     "unattributed": 0}
+
+
+def test_what_the_image_encoder_made_in_forward_is_its_own_activations():
+    """A vision-language model's image encoder runs first in forward (a window, Probe.windows):
+    what it made there and backward still needs is `vision_activations`, the rest of the
+    activations stay `activations`; the parameter it saved stays a parameter."""
+    blocks = build_blocks([(1, 0xA, 4096), (11, 0xB, 2048), (14, 0xD, 8192), (22, 0xF, 512),
+                           (24, 0xB, -2048), (25, 0xD, -8192)])
+    attach_sightings(blocks, [(2, 0xA, Kind.PARAM), (11, 0xA, Kind.SAVED),
+                              (11, 0xB, Kind.SAVED), (14, 0xD, Kind.TENSOR)])
+    analysis = analyse(blocks, _phases(), [Phase("vision", None, 10, 12)])
+    assert analysis.breakdown == {"params": 4096, "grads": 0, "optimizer": 0,
+                                  "activations": 8192, "vision_activations": 2048,
+                                  "kv_cache": 0, "other": 0, "unattributed": 512}
 
 
 def test_reused_address_gets_the_kind_of_the_block_live_at_the_sighting():

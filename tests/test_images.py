@@ -1,0 +1,183 @@
+"""Vision-language models with images in their batches (images.py): the tokens and pixel values
+the models' own image processors make, the image encoder frozen or trained, and the step
+measured on CPU against its simulation, where the batch's values decide shapes.
+
+Fast: what a scenario may say of images, what the processors make, what trains; one CPU step
+and its simulation. Slow: every variant of two tiny families, measured and simulated.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.images import encoder_name, make_images, place
+from harness.models import load_config, resolve_config
+from harness.scenario import ScenarioError, load_scenario
+from tests.conftest import REPO, measured_variants, write_scenario
+
+QWEN, GEMMA = "tiny-qwen2.5-vl", "tiny-gemma3-vl"
+TRAIN = {"batch_size": 2, "seq_len": 160, "steps": 1, "warmup_steps": 1}
+IMAGE = {"count": 1, "height": 224, "width": 224}
+LORA = {"lora": {"r": 8, "target_modules": "all-linear"}}
+
+
+def _config(name: str):
+    spec = SimpleNamespace(config=name, weights="random")
+    source = resolve_config(spec, REPO / "scenarios" / "x.yaml")
+    return load_config(source), source.location
+
+
+def _images(name: str, count=1, height=224, width=224, batch=1):
+    config, path = _config(name)
+    return make_images(SimpleNamespace(count=count, height=height, width=width), batch,
+                       config, path)
+
+
+def _error(tmp_path, variants, model=QWEN, **top) -> ScenarioError:
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(write_scenario(tmp_path, "vl", variants, model={"config": model},
+                                     train=TRAIN, **top))
+    return caught.value
+
+
+def test_qwen_images_take_the_processors_grid_of_merged_patches():
+    """Qwen2.5-VL's processor resizes to multiples of 28 pixels within its committed
+    max_pixels (12,845,056, the checkpoint's, not the class's 1,003,520) and merges 2 × 2
+    patches of 14 into a token: 1024² becomes 1036², 74² patches, 37² = 1,369 tokens, between
+    <|vision_start|> and <|vision_end|>; each patch's pixels a row of 3 × 2 × 14² values."""
+    images = _images("qwen2.5-vl-7b", height=1024, width=1024, batch=2)
+    assert images.layout.tokens == 37 * 37
+    assert images.tokens_per_sample() == 37 * 37 + 2
+    assert tuple(images.pixels["pixel_values"].shape) == (2 * 74 * 74, 3 * 2 * 14 * 14)
+    assert images.pixels["image_grid_thw"].tolist() == [[1, 74, 74]] * 2
+    assert images.text_ids == 151652  # the text is drawn below every vision token
+
+
+def test_gemma_images_are_resized_to_the_encoders_size_and_pooled():
+    """Gemma-3's processor resizes any image to its SigLIP's 896² and the model pools its
+    patches to mm_tokens_per_image (256), whatever the size asked; a sample's two images
+    are two pixel tensors and two blocks of tokens."""
+    small = _images("gemma-3-4b", count=2, height=300, width=500, batch=3)
+    large = _images("gemma-3-4b", count=2, height=2000, width=1000, batch=3)
+    for images in (small, large):
+        assert images.layout.tokens == 256
+        assert images.tokens_per_sample() == 2 * 258
+        assert tuple(images.pixels["pixel_values"].shape) == (6, 3, 896, 896)
+        assert images.layout.token_type_ids
+
+
+def test_a_row_starts_with_its_images_which_have_no_label():
+    images = _images(GEMMA, count=2)
+    ids = torch.full((2, 64), 7)
+    batch = place(ids, images)
+    block = images.layout.block
+    assert ids[0, 0] == images.layout.start and ids[0, block - 1] == images.layout.end
+    assert (ids[:, 1:block - 1] == images.layout.image).all()
+    assert (batch["labels"][:, :2 * block] == -100).all()
+    assert (batch["labels"][:, 2 * block:] == 7).all()
+    assert int(batch["token_type_ids"].sum()) == 2 * 2 * images.layout.tokens
+
+
+@pytest.mark.parametrize(("variants", "top", "model", "key", "says"), [
+    ([{"name": "v"}], {"images": IMAGE}, "tiny-llama", "images", "no vision tower"),
+    ([{"name": "v", "train": {"seq_len": 60}}], {"images": IMAGE}, QWEN, "train.seq_len",
+     "take 66 tokens"),
+    ([{"name": "v", "eval": {"batches": 1}}], {"images": IMAGE}, QWEN, "eval", "not built"),
+    ([{"name": "v", "objective": "dpo", "techniques": [LORA]}], {"images": IMAGE}, QWEN,
+     "images", "dpo with images"),
+    ([{"name": "v", "model": {"train_vision": True}}], {}, "tiny-llama", "model.train_vision",
+     "no image encoder"),
+    ([{"name": "v"}], {"images": {"count": 1, "height": 224}}, QWEN, "images.width",
+     "missing"),
+])
+def test_what_images_cannot_be_is_bad_input(tmp_path, variants, top, model, key, says):
+    error = _error(tmp_path, variants, model, **top)
+    assert error.key.endswith(key) and says in error.message, str(error)
+
+
+def test_the_image_encoder_trains_only_when_asked(tmp_path):
+    """train_vision false (the default): a full fine-tune leaves the encoder's weights frozen
+    and LoRA on all-linear puts no adapter in it (PEFT's exclude_modules); true: both train
+    it, and the encoder's activations are kept for its backward."""
+    from harness.train import build
+
+    scenario = load_scenario(write_scenario(tmp_path, "vl", [
+        {"name": "full"}, {"name": "full-vision", "model": {"train_vision": True}},
+        {"name": "lora", "techniques": [LORA]},
+        {"name": "lora-vision", "techniques": [LORA], "model": {"train_vision": True}}],
+        model={"config": QWEN}, train=TRAIN, images=IMAGE))
+    trained = {}
+    for variant in scenario.variants:
+        spec = scenario.model_of(variant)
+        ctx = build(spec, resolve_config(spec, scenario.path), variant.techniques,
+                    torch.device("meta"))
+        trained[variant.name] = {name for name, p in ctx.model.named_parameters()
+                                 if p.requires_grad}
+    encoder = "model.visual."
+    assert not any(encoder in name for name in trained["full"])
+    assert {n for n in trained["full-vision"] if encoder in n} and \
+        trained["full"] == {n for n in trained["full-vision"] if encoder not in n}
+    assert not any(encoder in name for name in trained["lora"])
+    assert any(encoder in name and "lora_" in name for name in trained["lora-vision"])
+    assert trained["lora"] == {n for n in trained["lora-vision"] if encoder not in n}
+    assert encoder_name(ctx.model) == "base_model.model.model.visual"
+
+
+def test_the_simulated_step_follows_the_batchs_values_and_agrees_with_the_cpu(tmp_path):
+    """Qwen2.5-VL reads its batch's values before any weight: where the images are in the
+    token ids, each image's patch grid (positions, attention windows, sequence boundaries).
+    The simulation carries the values of the batch it made through those ops (probes/
+    values.py) and holds the CPU step's figures; a frozen encoder without checkpointing keeps
+    nothing for backward."""
+    _, got = measured_variants(tmp_path, "vl", [{"name": "lora", "techniques": [LORA]}],
+                               model={"config": QWEN}, train={**TRAIN, "batch_size": 1},
+                               images=IMAGE)
+    real, sim = got["lora", False], got["lora", True]
+    for phase in ("forward", "backward", "optimizer"):
+        figures = real.memory["phases"][phase]
+        scratch = figures["breakdown_bytes"]["unattributed"]
+        assert sim.memory["phases"][phase]["peak_allocated_bytes"] == pytest.approx(
+            figures["peak_allocated_bytes"] - scratch, rel=0.01), phase
+    assert real.memory["breakdown_bytes"]["vision_activations"] == 0 == \
+        sim.memory["breakdown_bytes"]["vision_activations"]
+    assert sim.result.vision == real.result.vision == {
+        "module": "model.visual", "params": real.result.vision["params"], "trained": False}
+
+
+VARIANTS = [{"name": "lora", "techniques": [LORA]},
+            {"name": "full-vision", "model": {"train_vision": True}},
+            {"name": "lora-gc", "techniques": [LORA, "gradient_checkpointing"]}]
+
+
+@pytest.fixture(scope="module", params=[QWEN, GEMMA])
+def family(request, tmp_path_factory):
+    _, got = measured_variants(tmp_path_factory.mktemp(request.param), "vl", VARIANTS,
+                               model={"config": request.param}, train=TRAIN, images=IMAGE)
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [v["name"] for v in VARIANTS])
+def test_each_family_simulated_agrees_with_the_cpu_step_within_one_percent(family, name):
+    real, sim = family[name, False], family[name, True]
+    for phase in ("forward", "backward", "optimizer"):
+        figures = real.memory["phases"][phase]
+        scratch = figures["breakdown_bytes"]["unattributed"]
+        assert sim.memory["phases"][phase]["peak_allocated_bytes"] == pytest.approx(
+            figures["peak_allocated_bytes"] - scratch, rel=0.01), phase
+        assert sim.memory["phases"][phase]["breakdown_bytes"]["vision_activations"] == \
+            figures["breakdown_bytes"]["vision_activations"], phase
+
+
+@pytest.mark.slow
+def test_checkpointing_makes_a_frozen_encoder_keep_activations(family):
+    """transformers' activation_checkpointing_enable calls enable_input_require_grads, which
+    hooks every sub-model's input embeddings — the image encoder's patch embedding too — so
+    its output requires grad: under checkpointing a frozen encoder keeps its (checkpointed)
+    activations and runs backward, which it does not without. Trained, it keeps more."""
+    vision = {name: family[name, False].memory["breakdown_bytes"]["vision_activations"]
+              for name in ("lora", "lora-gc", "full-vision")}
+    assert vision["lora"] == 0 < vision["lora-gc"] < vision["full-vision"]
