@@ -501,6 +501,9 @@ def estimate_record(scenario, variant, run_id: str, steps: int | None = None,
                 covers = "one fixed batch shape" if part == "data" else "the training step only"
                 raise NotModelled(f"{part}: the closed form covers {covers}; simulate it "
                                   "(--device simulate)")
+        if getattr(variant, "images", None) is not None:
+            raise NotModelled("images: the closed form has no image encoder; simulate it "
+                              "(--device simulate)")
         if getattr(variant, "objective", None) is not None:
             raise NotModelled(f"objective {variant.objective.name}: the closed form covers the "
                               "model's own loss; simulate it (--device simulate)")

@@ -115,8 +115,9 @@ def layout_of(config, pixels: dict[str, torch.Tensor], merge_size: int | None) -
     raise ImagesError(f"{kind}: images are built for {', '.join(FAMILIES)} only")
 
 
-def image_processor(config, config_path: str | None):
-    """transformers' image processor for the model (module docstring)."""
+def image_processor(config, config_path: str | None, hub: str | None = None):
+    """transformers' image processor for the model (module docstring); `hub`: the hub id the
+    config came from, whose preprocessor config is fetched with it."""
     from transformers.models.auto.image_processing_auto import (
         IMAGE_PROCESSOR_MAPPING_NAMES,
         get_image_processor_class_from_name,
@@ -131,7 +132,7 @@ def image_processor(config, config_path: str | None):
     cls = get_image_processor_class_from_name(name) if name else None
     if cls is None:
         raise ImagesError(f"{config.model_type}: its image processor {names} is not installed")
-    settings = _preprocessor_config(config_path)
+    settings = _preprocessor_config(config_path, hub)
     if settings is None:
         settings = _from_vision_config(config)
     settings = {k: v for k, v in settings.items()
@@ -139,16 +140,21 @@ def image_processor(config, config_path: str | None):
     return cls(**settings)
 
 
-def _preprocessor_config(config_path: str | None) -> dict | None:
+def _preprocessor_config(config_path: str | None, hub: str | None = None) -> dict | None:
     """The checkpoint's `preprocessor_config.json`: a committed config's as
-    `preprocessors/<name>.json` beside it, a `config.json`'s in its folder (the hub's layout,
-    the hub cache); None where there is none."""
-    if config_path is None:
-        return None
-    config = Path(config_path)
-    path = config.with_name("preprocessor_config.json") if config.name == "config.json" \
-        else config.parent / "preprocessors" / config.name
-    return json.loads(path.read_text()) if path.is_file() else None
+    `preprocessors/<name>.json` beside it, a `config.json`'s in its folder (the hub's layout),
+    a hub id's from the hub cache or fetched (`hub`); None where there is none."""
+    path = None
+    if config_path is not None:
+        config = Path(config_path)
+        path = config.with_name("preprocessor_config.json") if config.name == "config.json" \
+            else config.parent / "preprocessors" / config.name
+    if (path is None or not path.is_file()) and hub is not None:
+        from harness.models import hub_file
+
+        fetched = hub_file(hub, "preprocessor_config.json", required=False)
+        path = Path(fetched) if fetched else path
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def _from_vision_config(config) -> dict[str, Any]:
@@ -162,7 +168,8 @@ def _from_vision_config(config) -> dict[str, Any]:
     return {}
 
 
-def make_images(spec, batch_size: int, config, config_path: str | None) -> Images:
+def make_images(spec, batch_size: int, config, config_path: str | None,
+                hub: str | None = None) -> Images:
     """A micro-batch's images (`spec`: scenario.ImagesSpec), through the image processor."""
     import numpy as np
 
@@ -171,7 +178,7 @@ def make_images(spec, batch_size: int, config, config_path: str | None) -> Image
     if config.model_type not in FAMILIES:
         raise ImagesError(f"{config.model_type}: images are built for {', '.join(FAMILIES)} "
                           "only")
-    processor = image_processor(config, config_path)
+    processor = image_processor(config, config_path, hub)
     picture = np.zeros((spec.height, spec.width, 3), dtype=np.uint8)
     out = processor(images=[picture] * (batch_size * spec.count), return_tensors="pt")
     pixels = {k: v for k, v in out.items() if k in ("pixel_values", "image_grid_thw")}

@@ -80,28 +80,51 @@ def hub_config(repo_id: str) -> str:
     """The local path of a hub model's config.json: from the cache, else fetched (honouring
     HF_TOKEN and HF_HUB_OFFLINE). Fails in seconds, not after the hub library's retries,
     when the hub cannot be reached."""
+    return hub_file(repo_id, "config.json")
+
+
+def hub_file(repo_id: str, filename: str, required: bool = True) -> str | None:
+    """The local path of one file of a hub model (hub_config's way). Not `required`: None
+    where it is neither cached nor fetchable (offline, unreachable, not in the repo)."""
     from huggingface_hub import constants, get_session, hf_hub_download, try_to_load_from_cache
 
+    def missing(message: str) -> None:
+        if required:
+            raise ModelConfigError(message)
+
     try:
-        cached = try_to_load_from_cache(repo_id, "config.json")
+        cached = try_to_load_from_cache(repo_id, filename)
     except Exception as e:  # noqa: BLE001 - huggingface_hub rejects malformed ids
-        raise ModelConfigError(f"not a config name, path or valid hub id: {e}") from None
+        missing(f"not a config name, path or valid hub id: {e}")
+        return None
     if isinstance(cached, str):
         return cached
     if constants.HF_HUB_OFFLINE:
-        raise ModelConfigError(f"hub id {repo_id!r}: config.json is not in the local cache "
-                               f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
+        missing(f"hub id {repo_id!r}: {filename} is not in the local cache "
+                f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
+        return None
     try:  # one request, no retries: whether the hub answers at all
         get_session().head(constants.ENDPOINT, timeout=5)
     except Exception as e:  # noqa: BLE001 - DNS, refused, timed out: all say the same
-        raise ModelConfigError(f"hub id {repo_id!r}: not in the local cache, and "
-                               f"{constants.ENDPOINT} cannot be reached ({e})") from None
+        missing(f"hub id {repo_id!r}: not in the local cache, and {constants.ENDPOINT} cannot "
+                f"be reached ({e})")
+        return None
     try:
-        return hf_hub_download(repo_id, "config.json")
+        return hf_hub_download(repo_id, filename)
     except Exception as e:  # noqa: BLE001 - not found, gated without HF_TOKEN, …
         said = " ".join(str(e).split())
-        raise ModelConfigError(f"hub id {repo_id!r}: config.json cannot be fetched: "
-                               f"{type(e).__name__}: {said[:200]}") from None
+        missing(f"hub id {repo_id!r}: {filename} cannot be fetched: "
+                f"{type(e).__name__}: {said[:200]}")
+        return None
+
+
+def hub_id(source: ConfigSource) -> str | None:
+    """The hub id a config came from (`config: org/name`), or None for a committed name or a
+    path."""
+    text = source.label
+    if text.endswith(".json") or text.startswith(("./", "../", "/")) or _BARE_NAME.match(text):
+        return None
+    return text
 
 
 def _has_weights(folder: Path) -> bool:

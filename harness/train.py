@@ -41,6 +41,7 @@ from harness.models import (
     ConfigSource,
     build_model,
     experts_of,
+    hub_id,
     load_config,
     quantized_weights,
     vocab_size,
@@ -565,7 +566,7 @@ def _images(spec: ImagesSpec, train: TrainSpec, model: ModelSpec,
     before the probe starts: the processor's own tensors are not the job's device memory."""
     config = load_config(source, model.trust_remote_code)
     return make_images(spec, train.batch_size, config,
-                       source.location if source.kind == "file" else None)
+                       source.location if source.kind == "file" else None, hub_id(source))
 
 
 def _value_read(error: Exception) -> str:

@@ -181,3 +181,33 @@ def test_checkpointing_makes_a_frozen_encoder_keep_activations(family):
     vision = {name: family[name, False].memory["breakdown_bytes"]["vision_activations"]
               for name in ("lora", "lora-gc", "full-vision")}
     assert vision["lora"] == 0 < vision["lora-gc"] < vision["full-vision"]
+
+
+def test_a_hub_ids_images_follow_its_cached_preprocessor_config(tmp_path, monkeypatch):
+    """`config: org/name` takes its image processor's settings from the checkpoint's
+    preprocessor_config.json in the hub cache (fetched beside config.json when online): a
+    max_pixels of 200,704 caps a 1024² image at 16² merged tokens, where the class default
+    (1,003,520) would give 35²."""
+    import json
+
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--acme--tiny-vl"
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    (snapshot / "config.json").write_text(
+        (REPO / "scenarios" / "models" / f"{QWEN}.json").read_text())
+    (snapshot / "preprocessor_config.json").write_text(json.dumps(
+        {"min_pixels": 3136, "max_pixels": 200704, "patch_size": 14, "temporal_patch_size": 2,
+         "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(write_scenario(tmp_path, "vl", [{"name": "v"}],
+                                     model={"config": "acme/tiny-vl"},
+                                     train={**TRAIN, "seq_len": 200},
+                                     images={"count": 1, "height": 1024, "width": 1024}))
+    assert "take 258 tokens (256 each" in caught.value.message  # 16² + start and end
