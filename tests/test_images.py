@@ -109,13 +109,16 @@ def test_the_image_encoder_trains_only_when_asked(tmp_path):
         {"name": "lora", "techniques": [LORA]},
         {"name": "lora-vision", "techniques": [LORA], "model": {"train_vision": True}}],
         model={"config": QWEN}, train=TRAIN, images=IMAGE))
-    trained = {}
+    trained, targets = {}, {}
     for variant in scenario.variants:
         spec = scenario.model_of(variant)
         ctx = build(spec, resolve_config(spec, scenario.path), variant.techniques,
                     torch.device("meta"))
         trained[variant.name] = {name for name, p in ctx.model.named_parameters()
                                  if p.requires_grad}
+        targets[variant.name] = ctx.resolved.get("lora", {}).get("target_modules")
+    # The record names the modules that hold an adapter, not every linear PEFT considered.
+    assert "qkv" not in targets["lora"] and "qkv" in targets["lora-vision"]
     encoder = "model.visual."
     assert not any(encoder in name for name in trained["full"])
     assert {n for n in trained["full-vision"] if encoder in n} and \

@@ -105,6 +105,18 @@ class BuildContext:
     frozen: str | None = None
 
 
+def adapted_targets(model, config) -> list[str]:
+    """A PEFT config's target modules that hold an adapter: all of them, unless
+    `exclude_modules` kept some out (PEFT resolves "all-linear" before excluding)."""
+    targets = sorted(config.target_modules)
+    if not getattr(config, "exclude_modules", None):
+        return targets
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return [t for t in targets if any(a == t or a.endswith("." + t) for a in adapted)]
+
+
 def peft_args(ctx: BuildContext, config_class, args: dict) -> dict:
     """A PEFT config's arguments with what does not train kept out (`ctx.frozen`, as the
     config's `exclude_modules`), unless the variant says its own or the method has none."""

@@ -8,6 +8,7 @@ from harness.techniques import (
     BuildContext,
     Stage,
     Unsupported,
+    adapted_targets,
     dataclass_args,
     lora_label,
     peft_args,
@@ -186,7 +187,7 @@ def add_lora(ctx: BuildContext, args: dict, prepare_kbit: bool, name: str = "lor
     except ImportError as e:  # LoftQ: scipy; CorDA: attrs
         raise Unsupported(f"{name}: {said(e)}") from None
     config = ctx.model.peft_config["default"]
-    ctx.resolved[name] = {"target_modules": sorted(config.target_modules)}
+    ctx.resolved[name] = {"target_modules": adapted_targets(ctx.model, config)}
 
 
 def _from_data(ctx: BuildContext, config, init: str):

@@ -11,6 +11,7 @@ from harness.techniques import (
     Stage,
     TechniqueArgError,
     Unsupported,
+    adapted_targets,
     dataclass_args,
     lora_label,
     peft_args,
@@ -182,7 +183,7 @@ def peft_method(ctx: BuildContext, method: str, **args) -> None:
     built = ctx.model.peft_config["default"]
     targets = getattr(built, "target_modules", None)
     if isinstance(targets, (set, frozenset, list, tuple)):
-        ctx.resolved["peft"] = {"target_modules": sorted(targets)}
+        ctx.resolved["peft"] = {"target_modules": adapted_targets(ctx.model, built)}
 
 
 def _on_meta(model) -> bool:
