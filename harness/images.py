@@ -77,15 +77,20 @@ def vision_encoder(model):
     """The model's image encoder — transformers' own lookup (`get_encoder(modality="image")`:
     `visual`, `vision_tower`, …) through PEFT's wrapper — or None for a text-only model."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(inner, "get_encoder"):
-        return None
     try:
         encoder = inner.get_encoder(modality="image")
-    except (AttributeError, ValueError):
+    except TypeError:  # transformers before `modality` (5.17): its names, looked up as it does
+        encoder = next((getattr(m, name) for m in (inner, getattr(inner, "model", None))
+                        for name in _ENCODERS if m is not None and hasattr(m, name)), None)
+    except (AttributeError, ValueError):  # no get_encoder: not transformers' model
         return None
-    if encoder is inner or encoder is getattr(inner, "base_model", None):
+    if encoder is None or encoder is inner or encoder is getattr(inner, "base_model", None):
         return None
     return encoder
+
+
+# transformers' names of an image encoder (PreTrainedModel.get_encoder, modality "image").
+_ENCODERS = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
 
 
 def encoder_name(model) -> str | None:

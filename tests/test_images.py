@@ -214,3 +214,21 @@ def test_a_hub_ids_images_follow_its_cached_preprocessor_config(tmp_path, monkey
                                      train={**TRAIN, "seq_len": 200},
                                      images={"count": 1, "height": 1024, "width": 1024}))
     assert "take 258 tokens (256 each" in caught.value.message  # 16² + start and end
+
+
+def test_the_encoder_is_found_where_get_encoder_has_no_modality(monkeypatch):
+    """transformers 5.17 (the GPU machines' own) has `get_encoder()` without `modality`: the
+    encoder is then looked up by transformers' own names for it."""
+    from transformers import PreTrainedModel
+
+    from harness.images import vision_encoder
+    from harness.models import build_model
+    from harness.techniques import LoadOptions
+
+    spec = SimpleNamespace(config=QWEN, weights="random", attn_implementation="sdpa",
+                           trust_remote_code=False, experts=None)
+    model = build_model(spec, resolve_config(spec, REPO / "scenarios" / "x.yaml"),
+                        LoadOptions(), "meta")
+    found = vision_encoder(model)
+    monkeypatch.setattr(PreTrainedModel, "get_encoder", lambda self: self)
+    assert vision_encoder(model) is found is model.model.visual
