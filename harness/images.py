@@ -16,7 +16,9 @@ rather than called: the processors need a tokenizer (files) to run. Each layout 
 processor's, read from its source (transformers 5): Qwen2-VL and Qwen2.5-VL put
 `<|vision_start|>`, grid_t × grid_h × grid_w / merge_size² `<|image_pad|>` and `<|vision_end|>`;
 Gemma-3 puts `<start_of_image>`, `mm_tokens_per_image` image tokens and `<end_of_image>`, and
-marks the image tokens in `token_type_ids` (the model attends among them bidirectionally).
+marks the image tokens in `token_type_ids` (the model attends among them bidirectionally);
+LLaVA puts one `<image>` per feature its encoder hands on (a patch each, CLIP's class token
+dropped by the default strategy: 576 for LLaVA-1.5's 336² CLIP), nothing around them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 # Model types whose image layout is known (Layout below): model_type → how many placeholder
 # tokens an image takes, from the image processor's output for it.
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llava")
 
 
 class ImagesError(ValueError):
@@ -117,6 +119,16 @@ def layout_of(config, pixels: dict[str, torch.Tensor], merge_size: int | None) -
         return Layout(start=config.boi_token_index, image=config.image_token_index,
                       end=config.eoi_token_index, tokens=config.mm_tokens_per_image,
                       token_type_ids=True)
+    if kind == "llava":
+        height, width = pixels["pixel_values"].shape[-2:]
+        patch = config.vision_config.patch_size
+        # The encoder's features: a patch each, and CLIP's class token, which the default
+        # strategy drops (LlavaProcessor's num_additional_image_tokens).
+        cls = config.vision_config.model_type == "clip_vision_model"
+        default = config.vision_feature_select_strategy == "default"
+        return Layout(start=None, image=config.image_token_id, end=None,
+                      tokens=(height // patch) * (width // patch) + cls - default,
+                      token_type_ids=False)
     raise ImagesError(f"{kind}: images are built for {', '.join(FAMILIES)} only")
 
 
@@ -170,6 +182,9 @@ def _from_vision_config(config) -> dict[str, Any]:
                 vision.temporal_patch_size, "merge_size": vision.spatial_merge_size}
     if config.model_type == "gemma3":
         return {"size": {"height": vision.image_size, "width": vision.image_size}}
+    if config.model_type == "llava":  # CLIP's: the short side resized, the centre cropped
+        return {"size": {"shortest_edge": vision.image_size},
+                "crop_size": {"height": vision.image_size, "width": vision.image_size}}
     return {}
 
 

@@ -18,7 +18,7 @@ from harness.models import load_config, resolve_config
 from harness.scenario import ScenarioError, load_scenario
 from tests.conftest import REPO, measured_variants, write_scenario
 
-QWEN, GEMMA = "tiny-qwen2.5-vl", "tiny-gemma3-vl"
+QWEN, GEMMA, LLAVA = "tiny-qwen2.5-vl", "tiny-gemma3-vl", "tiny-llava"
 TRAIN = {"batch_size": 2, "seq_len": 160, "steps": 1, "warmup_steps": 1}
 IMAGE = {"count": 1, "height": 224, "width": 224}
 LORA = {"lora": {"r": 8, "target_modules": "all-linear"}}
@@ -67,6 +67,16 @@ def test_gemma_images_are_resized_to_the_encoders_size_and_pooled():
         assert images.tokens_per_sample() == 2 * 258
         assert tuple(images.pixels["pixel_values"].shape) == (6, 3, 896, 896)
         assert images.layout.token_type_ids
+
+
+def test_llava_images_are_the_patches_its_encoder_hands_on():
+    """LLaVA-1.5's processor pads and resizes any image to its CLIP's 336² and the model hands
+    on one feature per 14² patch (the class token dropped): 576 `<image>` tokens, nothing
+    around them."""
+    images = _images("llava-1.5-7b", height=1024, width=768, batch=2)
+    assert images.layout.tokens == images.tokens_per_sample() == 24 * 24
+    assert tuple(images.pixels["pixel_values"].shape) == (2, 3, 336, 336)
+    assert images.text_ids == 32000
 
 
 def test_a_row_starts_with_its_images_which_have_no_label():
@@ -153,18 +163,31 @@ def test_the_simulated_step_follows_the_batchs_values_and_agrees_with_the_cpu(tm
 VARIANTS = [{"name": "lora", "techniques": [LORA]},
             {"name": "full-vision", "model": {"train_vision": True}},
             {"name": "lora-gc", "techniques": [LORA, "gradient_checkpointing"]}]
+# Qwen2.5-VL (windowed and full attention, 3-D positions from the ids) every variant; Gemma-3
+# (interleaved sliding and global layers, bidirectional image tokens) and LLaVA (CLIP, a
+# projector) the two that run the encoder's backward.
+FAMILIES = {QWEN: VARIANTS, GEMMA: VARIANTS[1:], LLAVA: VARIANTS[1:]}
 
 
-@pytest.fixture(scope="module", params=[QWEN, GEMMA])
-def family(request, tmp_path_factory):
-    _, got = measured_variants(tmp_path_factory.mktemp(request.param), "vl", VARIANTS,
-                               model={"config": request.param}, train=TRAIN, images=IMAGE)
-    return got
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return {}
+
+
+def _family(families, tmp_path_factory, name):
+    if name not in families:
+        _, families[name] = measured_variants(
+            tmp_path_factory.mktemp(name), "vl", FAMILIES[name], model={"config": name},
+            train=TRAIN, images=IMAGE)
+    return families[name]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [v["name"] for v in VARIANTS])
-def test_each_family_simulated_agrees_with_the_cpu_step_within_one_percent(family, name):
+@pytest.mark.parametrize(("model", "name"), [(m, v["name"]) for m, vs in FAMILIES.items()
+                                             for v in vs])
+def test_each_family_simulated_agrees_with_the_cpu_step_within_one_percent(
+        families, tmp_path_factory, model, name):
+    family = _family(families, tmp_path_factory, model)
     real, sim = family[name, False], family[name, True]
     for phase in ("forward", "backward", "optimizer"):
         figures = real.memory["phases"][phase]
@@ -176,11 +199,12 @@ def test_each_family_simulated_agrees_with_the_cpu_step_within_one_percent(famil
 
 
 @pytest.mark.slow
-def test_checkpointing_makes_a_frozen_encoder_keep_activations(family):
+def test_checkpointing_makes_a_frozen_encoder_keep_activations(families, tmp_path_factory):
     """transformers' activation_checkpointing_enable calls enable_input_require_grads, which
     hooks every sub-model's input embeddings — the image encoder's patch embedding too — so
     its output requires grad: under checkpointing a frozen encoder keeps its (checkpointed)
     activations and runs backward, which it does not without. Trained, it keeps more."""
+    family = _family(families, tmp_path_factory, QWEN)
     vision = {name: family[name, False].memory["breakdown_bytes"]["vision_activations"]
               for name in ("lora", "lora-gc", "full-vision")}
     assert vision["lora"] == 0 < vision["lora-gc"] < vision["full-vision"]
