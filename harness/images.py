@@ -17,6 +17,8 @@ processor's, read from its source (transformers 5): Qwen2-VL and Qwen2.5-VL put
 `<|vision_start|>`, grid_t × grid_h × grid_w / merge_size² `<|image_pad|>` and `<|vision_end|>`;
 Gemma-3 puts `<start_of_image>`, `mm_tokens_per_image` image tokens and `<end_of_image>`, and
 marks the image tokens in `token_type_ids` (the model attends among them bidirectionally);
+the Qwen processors of transformers 5.2x mark them in `mm_token_type_ids` (Qwen3-VL's model
+requires it for its 3-D positions), older ones return none;
 LLaVA puts one `<image>` per feature its encoder hands on (a patch each, CLIP's class token
 dropped by the default strategy: 576 for LLaVA-1.5's 336² CLIP), nothing around them.
 """
@@ -32,7 +34,8 @@ import torch
 
 # Model types whose image layout is known (Layout below): model_type → how many placeholder
 # tokens an image takes, from the image processor's output for it.
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava")
+_QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 class ImagesError(ValueError):
@@ -45,7 +48,9 @@ class Layout:
     image: int  # the placeholder token, repeated `tokens` times
     end: int | None  # the token after them
     tokens: int  # placeholders per image
-    token_type_ids: bool  # the model takes token_type_ids, 1 at the placeholders (Gemma-3)
+    # The key of the per-token modality ids the processor returns, 1 at the placeholders
+    # (Gemma-3: token_type_ids; Qwen: mm_token_type_ids); None: it returns none.
+    type_ids: str | None
 
     @property
     def block(self) -> int:
@@ -110,15 +115,16 @@ def has_vision(config) -> bool:
 def layout_of(config, pixels: dict[str, torch.Tensor], merge_size: int | None) -> Layout:
     """How the family's processor lays one image into the text (module docstring)."""
     kind = config.model_type
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
+    if kind in _QWEN:
         grid = pixels["image_grid_thw"][0]
         return Layout(start=config.vision_start_token_id, image=config.image_token_id,
                       end=config.vision_end_token_id,
-                      tokens=int(grid.prod()) // merge_size ** 2, token_type_ids=False)
+                      tokens=int(grid.prod()) // merge_size ** 2,
+                      type_ids="mm_token_type_ids" if _returns_type_ids(kind) else None)
     if kind == "gemma3":
         return Layout(start=config.boi_token_index, image=config.image_token_index,
                       end=config.eoi_token_index, tokens=config.mm_tokens_per_image,
-                      token_type_ids=True)
+                      type_ids="token_type_ids")
     if kind == "llava":
         height, width = pixels["pixel_values"].shape[-2:]
         patch = config.vision_config.patch_size
@@ -128,8 +134,21 @@ def layout_of(config, pixels: dict[str, torch.Tensor], merge_size: int | None) -
         default = config.vision_feature_select_strategy == "default"
         return Layout(start=None, image=config.image_token_id, end=None,
                       tokens=(height // patch) * (width // patch) + cls - default,
-                      token_type_ids=False)
+                      type_ids=None)
     raise ImagesError(f"{kind}: images are built for {', '.join(FAMILIES)} only")
+
+
+def _returns_type_ids(model_type: str) -> bool:
+    """Whether the family's processor returns `mm_token_type_ids` by default (transformers
+    5.2x: `return_mm_token_type_ids`)."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    if not name:
+        return False
+    import transformers
+
+    return bool(getattr(getattr(transformers, name, None), "return_mm_token_type_ids", False))
 
 
 def image_processor(config, config_path: str | None, hub: str | None = None):
@@ -177,7 +196,7 @@ def _preprocessor_config(config_path: str | None, hub: str | None = None) -> dic
 def _from_vision_config(config) -> dict[str, Any]:
     """What the model's vision config fixes of its image processor's settings."""
     vision = config.vision_config
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if config.model_type in _QWEN:
         return {"patch_size": vision.patch_size, "temporal_patch_size":
                 vision.temporal_patch_size, "merge_size": vision.spatial_merge_size}
     if config.model_type == "gemma3":
@@ -213,10 +232,11 @@ def place(ids: torch.Tensor, images: Images) -> dict[str, torch.Tensor]:
     """Each row's images at its start, one after the other, as a chat template puts them
     before the question: their tokens in `ids` (host tensors, changed in place) and what the
     model takes beside them — labels -100 over the images (no loss on them, as TRL's
-    vision-language collator masks them), and `token_type_ids` where the family takes them."""
+    vision-language collator masks them), and the modality ids where the processor returns
+    them (Layout.type_ids)."""
     layout = images.layout
     labels = ids.clone()
-    types = torch.zeros_like(ids) if layout.token_type_ids else None
+    types = torch.zeros_like(ids) if layout.type_ids else None
     at = 0
     for _ in range(images.count):
         if layout.start is not None:
@@ -232,5 +252,5 @@ def place(ids: torch.Tensor, images: Images) -> dict[str, torch.Tensor]:
     labels[:, :at] = -100
     batch = {"labels": labels}
     if types is not None:
-        batch["token_type_ids"] = types
+        batch[layout.type_ids] = types
     return batch

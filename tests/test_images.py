@@ -18,7 +18,7 @@ from harness.models import load_config, resolve_config
 from harness.scenario import ScenarioError, load_scenario
 from tests.conftest import REPO, measured_variants, write_scenario
 
-QWEN, GEMMA, LLAVA = "tiny-qwen2.5-vl", "tiny-gemma3-vl", "tiny-llava"
+QWEN, GEMMA, LLAVA, QWEN3 = "tiny-qwen2.5-vl", "tiny-gemma3-vl", "tiny-llava", "tiny-qwen3-vl"
 TRAIN = {"batch_size": 2, "seq_len": 160, "steps": 1, "warmup_steps": 1}
 IMAGE = {"count": 1, "height": 224, "width": 224}
 LORA = {"lora": {"r": 8, "target_modules": "all-linear"}}
@@ -66,7 +66,16 @@ def test_gemma_images_are_resized_to_the_encoders_size_and_pooled():
         assert images.layout.tokens == 256
         assert images.tokens_per_sample() == 2 * 258
         assert tuple(images.pixels["pixel_values"].shape) == (6, 3, 896, 896)
-        assert images.layout.token_type_ids
+        assert images.layout.type_ids == "token_type_ids"
+
+
+def test_qwen3_images_merge_patches_of_16_and_carry_their_modality_ids():
+    """Qwen3-VL's patches are 16 pixels (32 a merged token) and its processor returns
+    `mm_token_type_ids`, which its model requires for its 3-D positions: 1024² is 32² tokens."""
+    images = _images("qwen3-vl-4b", height=1024, width=1024)
+    assert images.layout.tokens == 32 * 32
+    assert tuple(images.pixels["pixel_values"].shape) == (64 * 64, 3 * 2 * 16 * 16)
+    assert images.layout.type_ids == "mm_token_type_ids"
 
 
 def test_llava_images_are_the_patches_its_encoder_hands_on():
@@ -164,9 +173,10 @@ VARIANTS = [{"name": "lora", "techniques": [LORA]},
             {"name": "full-vision", "model": {"train_vision": True}},
             {"name": "lora-gc", "techniques": [LORA, "gradient_checkpointing"]}]
 # Qwen2.5-VL (windowed and full attention, 3-D positions from the ids) every variant; Gemma-3
-# (interleaved sliding and global layers, bidirectional image tokens) and LLaVA (CLIP, a
-# projector) the two that run the encoder's backward.
-FAMILIES = {QWEN: VARIANTS, GEMMA: VARIANTS[1:], LLAVA: VARIANTS[1:]}
+# (interleaved sliding and global layers, bidirectional image tokens), LLaVA (CLIP, a
+# projector) and Qwen3-VL (deepstack: image features added into early decoder layers at the
+# image positions) the two that run the encoder's backward where it has one.
+FAMILIES = {QWEN: VARIANTS, GEMMA: VARIANTS[1:], LLAVA: VARIANTS[1:], QWEN3: VARIANTS[1:]}
 
 
 @pytest.fixture(scope="module")

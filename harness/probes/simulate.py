@@ -129,6 +129,7 @@ class SimulateProbe(Probe):
         from harness.probes.values import KnownValues
 
         self.tracker.known_values = KnownValues()
+        self._device_modes.enter_context(self.tracker.known_values.tensors_from_lists())
 
     def saving(self):
         """Fake tensors hold no bytes to write: see `unwritten_files`. The host holds nothing

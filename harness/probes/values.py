@@ -14,14 +14,16 @@ value; reads of a known value are answered with it, and an op whose output's sha
 known values (`repeat_interleave` of a known count, `x[known_mask]`) gets that shape. A write
 of unknown values into a known tensor forgets it, and every view sharing its storage.
 
-Only small tensors are carried (`LIMIT` elements): token ids, masks, positions, grids —
-never activations, which are never known anyway (they come from weights). Nothing here
+Only small tensors are carried (at most `LIMIT` bytes of storage: a mask expanded over the hidden
+size is a view of a small one): token ids, masks, positions, grids — never activations, which
+are never known anyway (they come from weights). Nothing here
 allocates device memory: the real values live on the host, beside the simulation; the fake
 outputs are what the tracker counts, as for any op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -36,7 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from harness.probes.tracker import NOT_ANSWERED
 
-LIMIT = 1 << 22  # elements: a batch's ids and positions, well under any activation
+LIMIT = 1 << 25  # bytes of storage: a batch's ids, masks and positions, under any activation
 
 # Factory ops whose output holds no value until written: nothing to know.
 _UNDEFINED = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
@@ -54,7 +56,7 @@ class KnownValues:
     def value(self, t: torch.Tensor) -> torch.Tensor | None:
         """The real value of `t`, or None: a real tensor is its own value."""
         if not is_fake(t):  # a host tensor (not a meta one, which has no values either)
-            return t if t.numel() <= LIMIT and t.device.type != "meta" else None
+            return t if t.device.type != "meta" and _small(t) else None
         value = self._values.get(t)
         if value is None or (self._forgotten and t.untyped_storage() in self._forgotten):
             return None
@@ -98,11 +100,36 @@ class KnownValues:
         for fake, value in zip(tree_leaves(out), tree_leaves(real), strict=False):
             if isinstance(fake, torch.Tensor) and is_fake(fake) and \
                     isinstance(value, torch.Tensor) and \
-                    value.numel() <= LIMIT:
+                    _small(value):
                 self._values[fake] = value
                 if self._forgotten:
                     self._forgotten.pop(fake.untyped_storage(), None)
         return out
+
+    @contextlib.contextmanager
+    def tensors_from_lists(self):
+        """`torch.tensor([t, …])` of 0-dim tensors reads their values in C++, past the
+        dispatcher (Qwen3-VL gathers its position offsets so): known ones are handed over as
+        their values; an unknown one fails as before."""
+        original = torch.tensor
+
+        def plain(data):
+            if isinstance(data, (list, tuple)):
+                return type(data)(plain(d) for d in data)
+            if isinstance(data, torch.Tensor) and is_fake(data):
+                value = self.value(data)
+                if value is not None:
+                    return value.tolist()
+            return data
+
+        def tensor(data, *args, **kwargs):
+            return original(plain(data), *args, **kwargs)
+
+        torch.tensor = tensor
+        try:
+            yield
+        finally:
+            torch.tensor = original
 
     def _partly_known(self, func, args, kwargs, values):
         """Some inputs unknown: a boolean mask that is known still fixes what `x[mask]` selects
@@ -116,8 +143,12 @@ class KnownValues:
                     known = self.value(index)
                     if known is None:
                         return NOT_ANSWERED
-                    # on the mask's device, as the kernel uses them: a fake tensor there
-                    indices += [p.to(index.device) for p in known.nonzero(as_tuple=True)]
+                    with unset_fake_temporarily():  # on the host: the mask's true positions
+                        positions = known.nonzero(as_tuple=True)
+                    # on the mask's device, as the kernel uses them: a fake tensor there (a
+                    # real one moved would run a real copy to the device)
+                    indices += [index.fake_mode.from_tensor(p).to(index.device)
+                                for p in positions]
                 else:
                     indices.append(index)
             out = func(args[0], indices, *args[2:], **kwargs)
@@ -139,8 +170,12 @@ def _written(func) -> tuple[int, ...]:
                  if a.alias_info is not None and a.alias_info.is_write)
 
 
+def _small(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() <= LIMIT
+
+
 def _small_factory(func, args, kwargs) -> bool:
-    """An op that makes a tensor of at most LIMIT elements from Python values alone (arange,
+    """An op that makes a tensor of at most LIMIT bytes from Python values alone (arange,
     full, ones, zeros, scalar_tensor)."""
     packet = func.overloadpacket
     if packet in (torch.ops.aten.full, torch.ops.aten.ones, torch.ops.aten.zeros):
@@ -148,10 +183,10 @@ def _small_factory(func, args, kwargs) -> bool:
         count = 1
         for n in size:
             count *= int(n)
-        return count <= LIMIT
+        return count * 8 <= LIMIT
     if packet is torch.ops.aten.arange:
         bounds = [float(a) for a in args if isinstance(a, (int, float))]
         start, end, step = (0.0, bounds[0], 1.0) if len(bounds) == 1 else \
             (*bounds[:2], bounds[2] if len(bounds) > 2 else 1.0) if bounds else (0, 0, 1)
-        return abs((end - start) / step) <= LIMIT
+        return abs((end - start) / step) * 8 <= LIMIT
     return packet is torch.ops.aten.scalar_tensor
