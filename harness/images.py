@@ -75,6 +75,8 @@ class Images:
     def record(self, spec) -> dict[str, Any]:
         """The record's `images`: what was asked and what the processor made of it."""
         return {"count": spec.count, "height": spec.height, "width": spec.width,
+                **{k: getattr(spec, k) for k in ("min_pixels", "max_pixels")
+                   if getattr(spec, k, None) is not None},
                 "processor": self.processor, "tokens_per_image": self.layout.tokens,
                 "tokens_per_sample": self.tokens_per_sample(),
                 "pixel_values_shape": list(self.pixels["pixel_values"].shape)}
@@ -151,7 +153,8 @@ def _returns_type_ids(model_type: str) -> bool:
     return bool(getattr(getattr(transformers, name, None), "return_mm_token_type_ids", False))
 
 
-def image_processor(config, config_path: str | None, hub: str | None = None):
+def image_processor(config, config_path: str | None, hub: str | None = None,
+                    overrides: dict | None = None):
     """transformers' image processor for the model (module docstring); `hub`: the hub id the
     config came from, whose preprocessor config is fetched with it."""
     from transformers.models.auto.image_processing_auto import (
@@ -173,7 +176,7 @@ def image_processor(config, config_path: str | None, hub: str | None = None):
         settings = _from_vision_config(config)
     settings = {k: v for k, v in settings.items()
                 if k not in ("image_processor_type", "processor_class", "auto_map")}
-    return cls(**settings)
+    return cls(**{**settings, **(overrides or {})})
 
 
 def _preprocessor_config(config_path: str | None, hub: str | None = None) -> dict | None:
@@ -209,7 +212,8 @@ def _from_vision_config(config) -> dict[str, Any]:
 
 def make_images(spec, batch_size: int, config, config_path: str | None,
                 hub: str | None = None) -> Images:
-    """A micro-batch's images (`spec`: scenario.ImagesSpec), through the image processor."""
+    """A micro-batch's images (`spec`: scenario.ImagesSpec), through the image processor:
+    Qwen-VL's with the spec's min_pixels/max_pixels over its own."""
     import numpy as np
 
     if not has_vision(config):
@@ -217,7 +221,12 @@ def make_images(spec, batch_size: int, config, config_path: str | None,
     if config.model_type not in FAMILIES:
         raise ImagesError(f"{config.model_type}: images are built for {', '.join(FAMILIES)} "
                           "only")
-    processor = image_processor(config, config_path, hub)
+    bounds = {k: getattr(spec, k, None) for k in ("min_pixels", "max_pixels")}
+    bounds = {k: v for k, v in bounds.items() if v is not None}
+    if bounds and config.model_type not in _QWEN:
+        raise ImagesError(f"{', '.join(bounds)}: a Qwen-VL processor's setting; "
+                          f"{config.model_type}'s resizes every image to its encoder's size")
+    processor = image_processor(config, config_path, hub, bounds)
     picture = np.zeros((spec.height, spec.width, 3), dtype=np.uint8)
     out = processor(images=[picture] * (batch_size * spec.count), return_tensors="pt")
     pixels = {k: v for k, v in out.items() if k in ("pixel_values", "image_grid_thw")}

@@ -209,6 +209,10 @@ class ImagesSpec:
     height: int = setting(minimum=1, maximum=16384)
     width: int = setting(minimum=1, maximum=16384)
     count: int = setting(1, minimum=1)
+    # Qwen-VL's processor settings, as recipes set them to bound an image's tokens (pixels
+    # after resizing; null: the checkpoint's preprocessor config's).
+    min_pixels: int | None = setting(None, minimum=1)
+    max_pixels: int | None = setting(None, minimum=1)
 
 
 # The parts of a job beyond its training steps: top-level keys a variant may override.

@@ -56,6 +56,19 @@ def test_qwen_images_take_the_processors_grid_of_merged_patches():
     assert images.text_ids == 151652  # the text is drawn below every vision token
 
 
+def test_a_recipes_max_pixels_bounds_a_qwen_images_tokens(tmp_path):
+    """`max_pixels` (Qwen-VL's own setting, as recipes set it) over the checkpoint's: 1024² at
+    the class default's 1,003,520 becomes 980², 35² tokens; for Gemma-3, which resizes every
+    image to 896², it is refused."""
+    config, path = _config("qwen2.5-vl-7b")
+    spec = SimpleNamespace(count=1, height=1024, width=1024, min_pixels=None,
+                           max_pixels=1003520)
+    assert make_images(spec, 1, config, path).layout.tokens == 35 * 35
+    error = _error(tmp_path, [{"name": "v"}], GEMMA,
+                   images={**IMAGE, "max_pixels": 1003520})
+    assert error.key == "images" and "Qwen-VL processor's setting" in error.message
+
+
 def test_gemma_images_are_resized_to_the_encoders_size_and_pooled():
     """Gemma-3's processor resizes any image to its SigLIP's 896² and the model pools its
     patches to mm_tokens_per_image (256), whatever the size asked; a sample's two images
@@ -173,10 +186,10 @@ VARIANTS = [{"name": "lora", "techniques": [LORA]},
             {"name": "full-vision", "model": {"train_vision": True}},
             {"name": "lora-gc", "techniques": [LORA, "gradient_checkpointing"]}]
 # Qwen2.5-VL (windowed and full attention, 3-D positions from the ids) every variant; Gemma-3
-# (interleaved sliding and global layers, bidirectional image tokens), LLaVA (CLIP, a
-# projector) and Qwen3-VL (deepstack: image features added into early decoder layers at the
-# image positions) the two that run the encoder's backward where it has one.
-FAMILIES = {QWEN: VARIANTS, GEMMA: VARIANTS[1:], LLAVA: VARIANTS[1:], QWEN3: VARIANTS[1:]}
+# (interleaved sliding and global layers, bidirectional image tokens) and LLaVA (CLIP, a
+# projector) with their frozen encoder's checkpointed backward; Qwen3-VL (deepstack: image
+# features added into early decoder layers at the image positions) with its encoder trained.
+FAMILIES = {QWEN: VARIANTS, GEMMA: VARIANTS[2:], LLAVA: VARIANTS[2:], QWEN3: VARIANTS[1:2]}
 
 
 @pytest.fixture(scope="module")
