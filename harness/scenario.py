@@ -746,11 +746,11 @@ def _check_save(path, save: tuple[SaveSpec, ...] | None, uses, variant: str) -> 
 
 
 def _check_images(path, parts: Mapping, variant: str) -> None:
-    """What images cannot be combined with yet: every batch but the training steps' is text."""
+    """What images cannot be combined with yet: real lengths and generation are text only
+    (an evaluation's batches hold the same images as the steps')."""
     if parts.get("images") is None:
         return
-    for part, what in (("data", "real lengths (data:)"), ("eval", "an evaluation (eval:)"),
-                       ("generate", "generation (generate:)")):
+    for part, what in (("data", "real lengths (data:)"), ("generate", "generation (generate:)")):
         if parts.get(part) is not None:
             raise ScenarioError(path, f"images with {what} are not built yet: its batches "
                                 "would be text only", key=part, variant=variant)
@@ -782,6 +782,12 @@ def _check_images_fit(path, model: ModelSpec, variants) -> None:
         if isinstance(images, ImagesError):
             raise ScenarioError(path, str(images), key="images", variant=variant.name)
         need = images.tokens_per_sample() + 2
+        evaluation = variant.eval.resolved(variant.train)["seq_len"] if variant.eval else None
+        if evaluation is not None and evaluation < need:
+            raise ScenarioError(
+                path, f"the evaluation's seq_len {evaluation} leaves the text fewer than 2 "
+                f"tokens beside the images' {images.tokens_per_sample()}: seq_len ≥ {need}",
+                key="eval.seq_len", variant=variant.name)
         if variant.train.seq_len < need:
             raise ScenarioError(
                 path, f"{variant.images.count} image(s) of {variant.images.height}×"

@@ -79,6 +79,7 @@ class TrainResult:
     drawn: list | None = None
     objective: dict[str, Any] | None = None  # objectives.Objective.record
     images: Images | None = None  # a vision-language batch's images, made before the steps
+    eval_images: Images | None = None  # an evaluation batch's (its own batch size)
     vision: dict | None = None  # record.ModelPart.vision
 
 
@@ -200,14 +201,15 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
               generation: GenerateSpec | None = None,
               saving: tuple[SaveSpec, ...] | None = None,
               drawn: list | None = None, objective: ObjectiveSpec | None = None,
-              images: Images | None = None) -> None:
+              images: Images | None = None, eval_images: Images | None = None) -> None:
     """Build, then run warm-up + measured steps under `probe`, evaluating after the steps
     `evaluation` says, generating after the last, then saving. `drawn` (data.plan): each
     step's micro-batches in their real shapes, fetched to the device as the step starts,
     instead of fixed-shape ones made once. `objective` (objectives.py): TRL's trainer's loss
     on its own batches instead of the model's, its reference log-probs, if precomputed, in a
     phase `reference` before the steps. `images` (images.py): what each micro-batch's
-    samples show, made on the host before. Fills `result` as it goes, so an OOM
+    samples show, made on the host before (`eval_images`: an evaluation batch's). Fills
+    `result` as it goes, so an OOM
     midway still leaves what was known (params, finished step times)."""
     torch.manual_seed(train.seed)
     if images is not None:  # a simulation follows the batch's values through the model
@@ -343,7 +345,8 @@ def run_steps(probe: Probe, spec: ModelSpec, source: ConfigSource,
                     (step + 1) % evaluation.every_steps == 0 if evaluation.every_steps
                     else last_step):
                 optimizer.zero_grad(set_to_none=True)  # as Trainer does after each step
-                evaluate(probe, forward, model, evaluation, train, device, autocast, step)
+                evaluate(probe, forward, model, evaluation, train, device, autocast, step,
+                         eval_images)
         if generation is not None:
             optimizer.zero_grad(set_to_none=True)
             generate(probe, model, generation, train, device, autocast, step)
@@ -375,10 +378,11 @@ def _checkpointing(uses: tuple[TechniqueUse, ...]) -> bool:
 
 
 def evaluate(probe: Probe, forward, model, spec: EvalSpec, train: TrainSpec,
-             device: torch.device, autocast, step: int) -> None:
+             device: torch.device, autocast, step: int, images: Images | None = None) -> None:
     """One evaluation, as Trainer's evaluation loop runs it: eval mode, no grad, each batch
     fetched to the device, the model's loss detached; with `keep_logits` the logits and labels
-    concatenated over the batches on the device (transformers' own EvalLoopContainer)."""
+    concatenated over the batches on the device (transformers' own EvalLoopContainer).
+    `images`: what each evaluation batch's samples show, as the steps' do."""
     from transformers.trainer_pt_utils import EvalLoopContainer
 
     settings = spec.resolved(train)
@@ -388,7 +392,8 @@ def evaluate(probe: Probe, forward, model, spec: EvalSpec, train: TrainSpec,
     with probe.phase("eval", step), _inference(model), autocast:
         for index in range(spec.batches):
             batch = make_batch(train, vocab_size(model), device, shape=shape,
-                               micro=10_000 + index)  # not a training batch's seed
+                               micro=10_000 + index,  # not a training batch's seed
+                               images=images, host=probe.on_host)
             probe.sight(Kind.INPUT, batch)
             outputs = forward(**batch, use_cache=False)
             loss = outputs.loss.detach()
@@ -533,13 +538,19 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
         except data.DataError as e:
             outcome = {"status": "error", "error": f"{e.key}: {e.message}"}
         if variant.images is not None and outcome["status"] == "ok":
-            result.images = _images(variant.images, train, scenario.model_of(variant), source)
+            result.images = _images(variant.images, train.batch_size,
+                                    scenario.model_of(variant), source)
+            if variant.eval is not None:
+                result.eval_images = _images(
+                    variant.images, variant.eval.resolved(train)["batch_size"],
+                    scenario.model_of(variant), source)
         probe.start()
         try:
             if outcome["status"] == "ok":
                 run_steps(probe, scenario.model_of(variant), source, variant.techniques, train,
                           device, result, variant.parallel, variant.eval, variant.generate,
-                          variant.save, result.drawn, variant.objective, result.images)
+                          variant.save, result.drawn, variant.objective, result.images,
+                          result.eval_images)
         except torch.OutOfMemoryError as e:
             outcome = {"status": "oom", "error": _first_line(e)}
         except Unsupported as e:
@@ -560,12 +571,12 @@ def measure(scenario, source: ConfigSource, variant, train: TrainSpec, device: t
     return Measured(outcome, memory, result, _notes(seen))
 
 
-def _images(spec: ImagesSpec, train: TrainSpec, model: ModelSpec,
+def _images(spec: ImagesSpec, batch_size: int, model: ModelSpec,
             source: ConfigSource) -> Images:
-    """A micro-batch's images, through the model's image processor (images.py), on the host
+    """A batch's images, through the model's image processor (images.py), on the host
     before the probe starts: the processor's own tensors are not the job's device memory."""
     config = load_config(source, model.trust_remote_code)
-    return make_images(spec, train.batch_size, config,
+    return make_images(spec, batch_size, config,
                        source.location if source.kind == "file" else None, hub_id(source))
 
 

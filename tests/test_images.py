@@ -117,7 +117,10 @@ def test_a_row_starts_with_its_images_which_have_no_label():
     ([{"name": "v"}], {"images": IMAGE}, "tiny-llama", "images", "no vision tower"),
     ([{"name": "v", "train": {"seq_len": 60}}], {"images": IMAGE}, QWEN, "train.seq_len",
      "take 66 tokens"),
-    ([{"name": "v", "eval": {"batches": 1}}], {"images": IMAGE}, QWEN, "eval", "not built"),
+    ([{"name": "v", "generate": {"prompt_len": 8, "max_new_tokens": 2}}], {"images": IMAGE},
+     QWEN, "generate", "not built"),
+    ([{"name": "v", "eval": {"seq_len": 40}}], {"images": IMAGE}, QWEN, "eval.seq_len",
+     "beside the images' 66"),
     ([{"name": "v", "objective": "dpo", "techniques": [LORA]}], {"images": IMAGE}, QWEN,
      "images", "dpo with images"),
     ([{"name": "v", "model": {"train_vision": True}}], {}, "tiny-llama", "model.train_vision",
@@ -165,13 +168,13 @@ def test_the_simulated_step_follows_the_batchs_values_and_agrees_with_the_cpu(tm
     """Qwen2.5-VL reads its batch's values before any weight: where the images are in the
     token ids, each image's patch grid (positions, attention windows, sequence boundaries).
     The simulation carries the values of the batch it made through those ops (probes/
-    values.py) and holds the CPU step's figures; a frozen encoder without checkpointing keeps
-    nothing for backward."""
+    values.py) and holds the CPU step's figures, and its evaluation's (batches of 2, with
+    their images); a frozen encoder without checkpointing keeps nothing for backward."""
     _, got = measured_variants(tmp_path, "vl", [{"name": "lora", "techniques": [LORA]}],
                                model={"config": QWEN}, train={**TRAIN, "batch_size": 1},
-                               images=IMAGE)
+                               images=IMAGE, eval={"batches": 1, "batch_size": 2})
     real, sim = got["lora", False], got["lora", True]
-    for phase in ("forward", "backward", "optimizer"):
+    for phase in ("forward", "backward", "optimizer", "eval"):
         figures = real.memory["phases"][phase]
         scratch = figures["breakdown_bytes"]["unattributed"]
         assert sim.memory["phases"][phase]["peak_allocated_bytes"] == pytest.approx(
