@@ -67,7 +67,8 @@ def _name(item: Any) -> str:
 
 
 def scenario_body(name: str, model: str, techniques: list, train: dict[str, Any],
-                  variants: list[dict] | None = None) -> dict[str, Any]:
+                  variants: list[dict] | None = None,
+                  images: dict[str, int] | None = None) -> dict[str, Any]:
     config = model
     if model.endswith(".json") or model.startswith(("./", "../", "/", "~")):
         config = str(Path(model).expanduser().resolve())  # the YAML lives elsewhere
@@ -76,6 +77,7 @@ def scenario_body(name: str, model: str, techniques: list, train: dict[str, Any]
         "description": f"harness ask {model}",
         "model": {"config": config, "weights": "random"},
         "train": train,
+        **({"images": images} if images else {}),
         "baseline": ASKED,
         "variants": variants or [{"name": ASKED, "techniques": techniques}],
     }
@@ -231,6 +233,7 @@ def flag_error(e) -> str:
     flag = ("MODEL" if key.startswith("model") else
             "--batch" if key == "train.batch_size" else "--seq" if key == "train.seq_len" else
             "--optimizer" if key == "train.optimizer" else
+            "--images" if key.startswith("images") else
             "--save-scenario (its file name is the scenario's name)" if key == "name" else "")
     match = re.match(r"variants\[0\]\.techniques\[(\d+)\]", key)
     if match:
@@ -263,7 +266,7 @@ def answer(args, items: list, cards: list[gpus.Gpu], headroom: int, device: str,
             write_yaml(path, body)
             return load_scenario(path)
 
-    body = scenario_body(name, args.model, items, train)
+    body = scenario_body(name, args.model, items, train, images=getattr(args, "images", None))
     try:
         scenario = load(body)
     except ScenarioError as e:
@@ -312,7 +315,8 @@ def answer(args, items: list, cards: list[gpus.Gpu], headroom: int, device: str,
         for change in changes(items, asked.train.optimizer):
             candidate = scenario_body(name, args.model, items, train, [
                 body["variants"][0], {"name": change.variant, "techniques": change.techniques,
-                                      **({"train": change.train} if change.train else {})}])
+                                      **({"train": change.train} if change.train else {})}],
+                images=getattr(args, "images", None))
             try:
                 load(candidate)
             except ScenarioError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import shutil
 import signal
 import sys
@@ -476,6 +477,17 @@ class _Item(argparse.Action):
         namespace.items = [*(getattr(namespace, "items", None) or []), item]
 
 
+def _images_flag(text: str) -> dict[str, int]:
+    """`--images 2x768x768` → {count: 2, height: 768, width: 768} (x or ×; count 1 if left
+    out)."""
+    parts = re.split(r"[x×]", text.strip().lower())
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected H×W or N×H×W in pixels, got {text!r}")
+    numbers = [int(p) for p in parts]
+    count = numbers.pop(0) if len(numbers) == 3 else 1
+    return {"count": count, "height": numbers[0], "width": numbers[1]}
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     """The question in one line: fits or not on each card, and the cheapest change that fits."""
     from harness import ask
@@ -685,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--batch", type=int, metavar="N", help="micro-batch size")
     ask.add_argument("--seq", type=int, metavar="N", help="sequence length")
     ask.add_argument("--optimizer", help="as train.optimizer (default adamw)")
+    ask.add_argument("--images", type=_images_flag, metavar="[N×]H×W",
+                     help="each sample holds N images (default 1) of H × W pixels before its "
+                          "text, a vision-language model's (e.g. 1024x1024, 2x768x768)")
     ask.add_argument("--gpu", action="append", metavar="NAME",
                      help="repeatable: a preset (harness ls gpus) or a size such as 24GiB; "
                           "default: the smallest preset that fits")

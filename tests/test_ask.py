@@ -73,12 +73,28 @@ def test_each_suggestion_is_a_simulated_record_that_fits(tmp_path):
     assert f"{card} (" in proc.stdout and "does not fit" in proc.stdout
 
 
+@pytest.mark.slow
+def test_ask_with_images_saves_them_and_records_what_the_processor_made(tmp_path):
+    """`--images 2x224x224` is `images: {count: 2, height: 224, width: 224}` in the scenario
+    it saves; the record holds each image's tokens as the model's processor made them."""
+    saved = tmp_path / "question.yaml"
+    ask = harness("ask", "tiny-qwen2.5-vl", "--images", "2x224x224", "--seq", "160",
+                  "--target", "cpu", "--gpu", "1GiB", "--save-scenario", str(saved),
+                  "--out", str(tmp_path / "ask"))
+    assert ask.returncode == 0, ask.stderr[-3000:]
+    assert yaml.safe_load(saved.read_text())["images"] == {"count": 2, "height": 224,
+                                                           "width": 224}
+    asked = records(Path(last_json(ask.stdout)["run_dir"]))["asked"]
+    assert asked["status"] == "ok" and asked["images"]["tokens_per_sample"] == 2 * (64 + 2)
+
+
 def test_a_bad_question_is_one_line_naming_the_flag_and_writes_nothing(tmp_path, cli):
     for args, says in (
             (["--technique", "lora: {r: 0}"], "technique #1"),
             (["--technique", "bogus"], "technique #1"),
             (["--gpu", "rtx4009"], "did you mean 'rtx4090'"),
             (["--technique", "lora: [1, 2]"], "--technique"),
+            (["--images", "224x224"], "--images: llama has no vision tower"),
     ):
         proc = cli("ask", "tiny-llama", *args, "--out", str(tmp_path / "out"))
         assert proc.returncode == 2, (args, proc.stderr)
