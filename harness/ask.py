@@ -278,8 +278,11 @@ def answer(args, items: list, cards: list[gpus.Gpu], headroom: int, device: str,
     write_yaml(final, body)
     scenario = dataclasses.replace(scenario, path=final)
     options = RunOptions(device, timeout_s=args.timeout, target=args.target or "cuda")
+    images = asked.images
     head = (f"{args.model} · {stack_label(asked.techniques, asked.train.optimizer)} · batch "
-            f"{asked.train.batch_size} × seq {asked.train.seq_len} · {device} → {run_dir}")
+            f"{asked.train.batch_size} × seq {asked.train.seq_len}" +
+            (f" · {images.count} × {images.height}×{images.width} images" if images else "") +
+            f" · {device} → {run_dir}")
     progress(head)
 
     def run(variants) -> None:
