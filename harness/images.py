@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-# Model types whose image layout is known (Layout below): model_type → how many placeholder
-# tokens an image takes, from the image processor's output for it.
+# Model types whose processor's image layout is written out here (layout_of); every image of
+# a batch has the one size asked, so one image's layout is every image's.
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava")
 _QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
