@@ -72,12 +72,9 @@ class Images:
     def tokens_per_sample(self) -> int:
         return self.count * self.layout.block
 
-    def record(self, spec) -> dict[str, Any]:
-        """The record's `images`: what was asked and what the processor made of it."""
-        return {"count": spec.count, "height": spec.height, "width": spec.width,
-                **{k: getattr(spec, k) for k in ("min_pixels", "max_pixels")
-                   if getattr(spec, k, None) is not None},
-                "processor": self.processor, "tokens_per_image": self.layout.tokens,
+    def record(self) -> dict[str, Any]:
+        """What the processor made, beside what was asked in the record's `images`."""
+        return {"processor": self.processor, "tokens_per_image": self.layout.tokens,
                 "tokens_per_sample": self.tokens_per_sample(),
                 "pixel_values_shape": list(self.pixels["pixel_values"].shape)}
 

@@ -43,6 +43,7 @@ class ConfigSource:
     location: str  # absolute path to config.json, or a hub id
     label: str  # as written in the scenario
     layers: int | None = None  # build with this many decoder layers (simulation's extrapolation)
+    hub: str | None = None  # the hub id it came from (`config: org/name`); None: a name or path
 
 
 def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
@@ -72,8 +73,8 @@ def resolve_config(spec: ModelSpec, scenario_path: Path) -> ConfigSource:
     # A hub id ("org/name"): its config.json, and only that, from the local cache or the hub.
     cached = hub_config(text)
     if spec.weights != "pretrained":
-        return ConfigSource("file", cached, text)
-    return ConfigSource("hub", text, text)
+        return ConfigSource("file", cached, text, hub=text)
+    return ConfigSource("hub", text, text, hub=text)
 
 
 def hub_config(repo_id: str) -> str:
@@ -116,15 +117,6 @@ def hub_file(repo_id: str, filename: str, required: bool = True) -> str | None:
         missing(f"hub id {repo_id!r}: {filename} cannot be fetched: "
                 f"{type(e).__name__}: {said[:200]}")
         return None
-
-
-def hub_id(source: ConfigSource) -> str | None:
-    """The hub id a config came from (`config: org/name`), or None for a committed name or a
-    path."""
-    text = source.label
-    if text.endswith(".json") or text.startswith(("./", "../", "/")) or _BARE_NAME.match(text):
-        return None
-    return text
 
 
 def _has_weights(folder: Path) -> bool:

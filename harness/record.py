@@ -197,7 +197,8 @@ class Record:
     # forwards_per_generation ({generate: one a token, reference: scoring passes}).
     # null: sft, the model's own loss.
     objective: dict | None = None
-    # `images:` (harness/images.py): {count, height, width} per sample as asked and, once
+    # `images:` (harness/images.py): {count, height, width, min_pixels, max_pixels} per
+    # sample as asked (null: the processor's own bounds) and, once
     # made, processor (the image processor's class), tokens_per_image (placeholders each
     # image takes in the text), tokens_per_sample (with each image's start and end tokens:
     # of seq_len, the rest is text), pixel_values_shape (a micro-batch's). null: text only.

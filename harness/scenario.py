@@ -761,7 +761,7 @@ def _check_images_fit(path, model: ModelSpec, variants) -> None:
     an image encoder of a family whose layout is known (images.py), and the images' tokens
     leave the text at least 2 of seq_len (one with a label)."""
     from harness.images import ImagesError, make_images
-    from harness.models import hub_id, load_config, resolve_config
+    from harness.models import load_config, resolve_config
 
     made: dict[tuple, Any] = {}
     for variant in variants:
@@ -775,7 +775,7 @@ def _check_images_fit(path, model: ModelSpec, variants) -> None:
         if key not in made:
             try:
                 made[key] = make_images(variant.images, 1, load_config(
-                    source, spec.trust_remote_code), source.location, hub_id(source))
+                    source, spec.trust_remote_code), source.location, source.hub)
             except ImagesError as e:
                 made[key] = e
         images = made[key]

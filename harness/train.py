@@ -41,7 +41,6 @@ from harness.models import (
     ConfigSource,
     build_model,
     experts_of,
-    hub_id,
     load_config,
     quantized_weights,
     vocab_size,
@@ -577,7 +576,7 @@ def _images(spec: ImagesSpec, batch_size: int, model: ModelSpec,
     before the probe starts: the processor's own tensors are not the job's device memory."""
     config = load_config(source, model.trust_remote_code)
     return make_images(spec, batch_size, config,
-                       source.location if source.kind == "file" else None, hub_id(source))
+                       source.location if source.kind == "file" else None, source.hub)
 
 
 def _value_read(error: Exception) -> str:

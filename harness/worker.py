@@ -245,7 +245,7 @@ def _run_measured(job: Job, record: Record, torch_device, started: float) -> Non
     record.model.experts = result.experts
     record.model.vision = result.vision
     if record.images is not None and result.images is not None:
-        record.images = result.images.record(variant.images)
+        record.images.update(result.images.record())
     record.model.params_total = result.params_total or None
     record.model.params_trainable = result.params_trainable if result.params_total else None
     for use in record.variant.techniques:

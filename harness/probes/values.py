@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 from torch._subclasses.fake_tensor import (
@@ -180,13 +181,11 @@ def _small_factory(func, args, kwargs) -> bool:
     packet = func.overloadpacket
     if packet in (torch.ops.aten.full, torch.ops.aten.ones, torch.ops.aten.zeros):
         size = args[0] if args else kwargs.get("size", ())
-        count = 1
-        for n in size:
-            count *= int(n)
-        return count * 8 <= LIMIT
-    if packet is torch.ops.aten.arange:
-        bounds = [float(a) for a in args if isinstance(a, (int, float))]
-        start, end, step = (0.0, bounds[0], 1.0) if len(bounds) == 1 else \
-            (*bounds[:2], bounds[2] if len(bounds) > 2 else 1.0) if bounds else (0, 0, 1)
+        return math.prod(int(n) for n in size) * 8 <= LIMIT
+    if packet is torch.ops.aten.arange:  # (end), (start, end) or (start, end, step)
+        numbers = [float(a) for a in args if isinstance(a, (int, float))]
+        if not numbers:
+            return False
+        start, end, step = ([0.0] * (len(numbers) == 1) + numbers + [1.0])[:3]
         return abs((end - start) / step) * 8 <= LIMIT
     return packet is torch.ops.aten.scalar_tensor
